@@ -1,0 +1,32 @@
+"""Samplers: the sequential reference and the Picard sampler, sharing pre-drawn noise."""
+
+from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise, draw_noise
+from paradiffpolicy.sampling.picard import PicardSampler
+from paradiffpolicy.sampling.sequential import SequentialSampler
+
+__all__ = ["Denoiser", "make_sampler", "PicardSampler", "SampleStats", "SamplerNoise", "SequentialSampler", "draw_noise"]
+
+
+def make_sampler(scheduler, sampler):
+    """Build a sampler from the policy's training ``SchedulerConfig`` and a ``SamplerConfig``.
+
+    The sampler may switch the inference scheduler (``sampler.scheduler``) and step count
+    (``sampler.num_inference_steps``); the noise schedule, prediction type and clipping stay the
+    training ones.
+    """
+    import dataclasses
+
+    from paradiffpolicy.schedulers import make_step_table
+
+    sampler.validate()
+    overrides = {}
+    if sampler.scheduler is not None:
+        overrides["name"] = sampler.scheduler
+        if sampler.scheduler != scheduler.name:
+            overrides["timestep_spacing"] = None  # that scheduler's diffusers default
+    if sampler.num_inference_steps is not None:
+        overrides["num_inference_steps"] = sampler.num_inference_steps
+    table = make_step_table(dataclasses.replace(scheduler, **overrides))
+    if sampler.name == "sequential":
+        return SequentialSampler(table)
+    return PicardSampler(table, window=sampler.window, tol=sampler.tol, max_iters=sampler.max_iters, init=sampler.init)

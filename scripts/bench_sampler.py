@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Sequential vs Picard sampling latency, side by side, interleaved, in one run.
+
+    python scripts/bench_sampler.py checkpoint=random window=16 tol=0.1 out=benchmarks/results/cpu-2core.json
+    python scripts/bench_sampler.py checkpoint=checkpoints/lift device=cuda
+
+Overrides are Hydra-style ``key=value`` (see ``BenchConfig``). Each trial draws a fresh observation
+and noise, then times the sequential sampler and every Picard variant on exactly that input, in an
+order that rotates per trial. ``speedup`` is the median of the per-trial sequential/Picard latency
+ratios. ``checkpoint=random`` builds an untrained policy of the given size: fine for timing, not for
+iteration counts (an untrained network is a harder fixed point than a trained one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from paradiffpolicy import DiffusionPolicy, PolicyConfig, SamplerConfig, __version__, load_policy  # noqa: E402
+from paradiffpolicy.config import from_dict  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    checkpoint: str = "random"
+    device: str = "cpu"
+    threads: int = 2
+    batch: int = 1
+    trials: int = 20
+    warmup: int = 3
+    seed: int = 0
+    # Picard settings; one variant per entry of ``inits`` (the first is reported as ``picard``)
+    window: int = 16
+    tol: float = 0.1
+    max_iters: Optional[int] = None
+    inits: List[str] = field(default_factory=lambda: ["rollout"])
+    scheduler: Optional[str] = None
+    num_inference_steps: Optional[int] = None
+    # size of the random policy (checkpoint=random)
+    obs_dim: int = 19
+    action_dim: int = 7
+    down_dims: List[int] = field(default_factory=lambda: [64, 128, 256])
+    diffusion_step_embed_dim: int = 64
+    machine: str = ""
+    out: str = ""
+
+
+def parse(argv: list[str]) -> BenchConfig:
+    for arg in argv:
+        if "=" not in arg:
+            raise SystemExit(f"argument {arg!r} is not key=value; keys: {[f.name for f in dataclasses.fields(BenchConfig)]}")
+    try:
+        dot = OmegaConf.from_dotlist(argv)
+    except Exception as e:  # noqa: BLE001 - report the offending argument
+        raise SystemExit(f"cannot parse overrides {argv}: {e}") from None
+    try:
+        return from_dict(BenchConfig, OmegaConf.to_container(dot), name="override")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def build_policy(cfg: BenchConfig) -> DiffusionPolicy:
+    if cfg.checkpoint == "random":
+        torch.manual_seed(cfg.seed)
+        pcfg = PolicyConfig(obs_dim=cfg.obs_dim, action_dim=cfg.action_dim, down_dims=list(cfg.down_dims),
+                            diffusion_step_embed_dim=cfg.diffusion_step_embed_dim)
+        return DiffusionPolicy(pcfg).to(cfg.device).eval()
+    return load_policy(cfg.checkpoint, device=cfg.device)
+
+
+def percentiles(xs: list[float]) -> dict:
+    a = np.asarray(xs)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "min": float(a.min()), "max": float(a.max()), "iqr": float(np.percentile(a, 75) - np.percentile(a, 25))}
+
+
+def main(argv: list[str]) -> dict:
+    cfg = parse(argv)
+    torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("device=cuda but torch.cuda.is_available() is False")
+    policy = build_policy(cfg)
+    common = dict(scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps)
+    samplers = {"sequential": SamplerConfig(name="sequential", **common)}
+    for init in cfg.inits:
+        samplers[f"picard-{init}"] = SamplerConfig(name="picard", window=cfg.window, tol=cfg.tol,
+                                                   max_iters=cfg.max_iters, init=init, **common)
+    built = {}
+    for name, scfg in samplers.items():
+        policy.set_sampler(scfg)
+        built[name] = policy.sampler
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
+    pc = policy.config
+    gen = torch.Generator().manual_seed(cfg.seed)
+    names = list(built)
+    lat = {n: [] for n in names}
+    rounds = {n: [] for n in names}
+    nfe = {n: [] for n in names}
+    conv = {n: [] for n in names}
+    dev = {n: 0.0 for n in names}
+    ratios = {n: [] for n in names if n != "sequential"}
+    start = pc.n_obs_steps - 1
+    for trial in range(cfg.warmup + cfg.trials):
+        unit = torch.rand(cfg.batch, pc.n_obs_steps, pc.obs_dim, generator=gen) * 2 - 1
+        obs = policy.obs_normalizer.unnormalize(unit.to(policy.device))
+        noise = None  # drawn once per trial, shared by every sampler
+        chunks, times = {}, {}
+        order = names[trial % len(names):] + names[: trial % len(names)]
+        for name in order:
+            policy.sampler = built[name]
+            if noise is None:
+                noise = policy.draw_noise(cfg.batch, gen)
+            sync()
+            t0 = time.perf_counter()
+            _, info = policy.predict_action(obs, noise=noise)
+            sync()
+            times[name] = time.perf_counter() - t0
+            chunks[name] = info["action_pred_normalized"][:, start : start + pc.n_action_steps]
+            if trial >= cfg.warmup:
+                st = info["stats"]
+                lat[name].append(times[name] * 1e3)
+                rounds[name].append(st.rounds)
+                nfe[name].append(float(st.nfe.float().mean()))
+                conv[name].append(bool(st.converged.all()))
+        if trial >= cfg.warmup:
+            for name in ratios:
+                ratios[name].append(times["sequential"] / times[name])
+                dev[name] = max(dev[name], float((chunks[name] - chunks["sequential"]).abs().max()))
+
+    results = {}
+    for name in names:
+        results[name] = {
+            "settings": built[name].settings(),
+            "latency_ms": percentiles(lat[name]),
+            "iterations": {"mean": float(np.mean(rounds[name])), "max": int(np.max(rounds[name]))},
+            "nfe": {"mean": float(np.mean(nfe[name]))},
+            "converged_fraction": float(np.mean(conv[name])),
+        }
+        if name in ratios:
+            results[name]["speedup"] = float(np.median(ratios[name]))
+            results[name]["speedup_spread"] = percentiles(ratios[name])
+            results[name]["max_abs_dev"] = dev[name]
+    main_name = names[1]
+    report = {
+        "speedup": results[main_name]["speedup"],
+        "max_abs_dev": results[main_name]["max_abs_dev"],
+        "sequential": results["sequential"],
+        "picard": results[main_name],
+        "variants": {n: results[n] for n in names[1:]},
+        "device": cfg.device if not cfg.device.startswith("cuda") else torch.cuda.get_device_name(),
+        "machine": cfg.machine or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "paradiffpolicy_version": __version__,
+        "python": platform.python_version(),
+        "num_inference_steps": built["sequential"].table.num_steps,
+        "settings": dataclasses.asdict(cfg),
+        "policy": {"down_dims": list(pc.down_dims), "horizon": pc.horizon, "action_dim": pc.action_dim,
+                   "params_m": sum(p.numel() for p in policy.model.parameters()) / 1e6},
+    }
+    table = markdown(report)
+    print(table)
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        out.with_suffix(".md").write_text(table + "\n")
+    return report
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    head = (f"checkpoint `{s['checkpoint']}`, {report['policy']['params_m']:.1f}M params, device {report['device']}, "
+            f"{report['threads']} threads, batch {s['batch']}, {report['num_inference_steps']} steps, "
+            f"{s['trials']} trials, torch {report['torch_version']}\n\n")
+    rows = ["| sampler | window | tol | latency p50 (ms) | p95 (ms) | iterations | NFE | speedup (median) | max abs dev |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in [("sequential", report["sequential"]), *report["variants"].items()]:
+        st = r["settings"]
+        rows.append(
+            f"| {name} | {st.get('window', '-')} | {st.get('tol', '-')} | {r['latency_ms']['p50']:.1f} | "
+            f"{r['latency_ms']['p95']:.1f} | {r['iterations']['mean']:.1f} | {r['nfe']['mean']:.0f} | "
+            f"{r.get('speedup', 1.0):.2f}x | {r.get('max_abs_dev', 0.0):.1e} |"
+        )
+    return head + "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

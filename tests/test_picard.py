@@ -1,0 +1,150 @@
+"""Picard sampling returns the sequential sample for the same pre-drawn noise."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ToyDenoiser
+from paradiffpolicy.sampling import PicardSampler, SequentialSampler, draw_noise
+from paradiffpolicy.schedulers import SchedulerConfig, make_step_table
+
+SCHEDULERS = [("ddpm", 100), ("ddpm", 16), ("ddim", 16), ("ddim", 8), ("dpmsolver++", 16), ("dpmsolver++", 8)]
+
+
+def _setup(name, steps, batch=3, seed=0, strength=1.0):
+    table = make_step_table(SchedulerConfig(name=name, num_inference_steps=steps, clip_sample=name != "dpmsolver++"))
+    model = ToyDenoiser(strength=strength)
+    noise = draw_noise((batch, 8, 3), steps, torch.Generator().manual_seed(seed))
+    cond = torch.randn(batch, 4, generator=torch.Generator().manual_seed(seed + 1))
+    ref, _ = SequentialSampler(table).sample(model, noise, cond)
+    return table, model, noise, cond, ref
+
+
+@pytest.mark.parametrize("name,steps", SCHEDULERS)
+@pytest.mark.parametrize("init", ["rollout", "copy"])
+def test_window_one_is_sequential(name, steps, init):
+    table, model, noise, cond, ref = _setup(name, steps)
+    x, stats = PicardSampler(table, window=1, tol=0.5, init=init).sample(model, noise, cond)
+    assert (x - ref).abs().max() < 1e-5
+    assert stats.rounds == steps and bool(stats.converged.all())
+
+
+@pytest.mark.parametrize("name,steps", SCHEDULERS)
+@pytest.mark.parametrize("window", [2, 5, 16, 200])
+def test_zero_tolerance_is_sequential_for_any_window(name, steps, window):
+    table, model, noise, cond, ref = _setup(name, steps)
+    x, stats = PicardSampler(table, window=window, tol=0.0).sample(model, noise, cond)
+    assert (x - ref).abs().max() < 1e-4
+    assert stats.rounds <= steps and bool(stats.converged.all())
+
+
+@pytest.mark.parametrize("name,steps,tol", [("ddpm", 100, 0.1), ("ddim", 16, 1e-3), ("dpmsolver++", 16, 1e-3)])
+@pytest.mark.parametrize("init", ["rollout", "copy"])
+def test_tolerance_gives_fewer_rounds_and_small_deviation(name, steps, tol, init):
+    table, model, noise, cond, ref = _setup(name, steps)
+    x, stats = PicardSampler(table, window=16, tol=tol, init=init).sample(model, noise, cond)
+    assert stats.rounds < steps
+    assert (x - ref).abs().max() < 2e-2
+    assert bool(stats.converged.all())
+    assert (stats.residual <= tol).all()
+
+
+def test_smaller_tolerance_tracks_sequential_more_closely():
+    table, model, noise, cond, ref = _setup("ddpm", 100, strength=2.0)
+    devs, rounds = [], []
+    for tol in (0.3, 0.03, 0.003):
+        x, stats = PicardSampler(table, window=16, tol=tol).sample(model, noise, cond)
+        devs.append(float((x - ref).abs().max()))
+        rounds.append(stats.rounds)
+    assert devs[0] > devs[1] > devs[2]
+    assert rounds[0] <= rounds[1] <= rounds[2]
+
+
+def test_rows_converge_independently():
+    """An easy and a hard row in one batch: each takes its own number of iterations, each equals
+    its single-row run, and once the easy row is done the calls carry only the hard row."""
+    table = make_step_table(SchedulerConfig(num_inference_steps=100))
+    easy, hard = ToyDenoiser(strength=0.0), ToyDenoiser(strength=4.0)
+    calls = []
+
+    def routed(sample, timestep, global_cond):  # cond > 0 marks the hard row
+        calls.append(sample.shape[0])
+        out = torch.empty_like(sample)
+        is_hard = global_cond[:, 0] > 0
+        if (~is_hard).any():
+            out[~is_hard] = easy(sample[~is_hard], timestep[~is_hard])
+        if is_hard.any():
+            out[is_hard] = hard(sample[is_hard], timestep[is_hard])
+        return out
+
+    noise = draw_noise((1, 8, 3), 100, torch.Generator().manual_seed(3))
+    sampler = PicardSampler(table, window=16, tol=0.05)
+    x_easy, s_easy = sampler.sample(easy, noise)
+    x_hard, s_hard = sampler.sample(hard, noise)
+    assert s_easy.rounds < s_hard.rounds
+
+    both = type(noise)(noise.initial.repeat(2, 1, 1), noise.steps.repeat(1, 2, 1, 1))
+    x, stats = sampler.sample(routed, both, torch.tensor([[-1.0], [1.0]]))
+    assert stats.iterations.tolist() == [s_easy.rounds, s_hard.rounds]
+    assert stats.rounds == s_hard.rounds
+    assert torch.allclose(x[0], x_easy[0], atol=1e-5) and torch.allclose(x[1], x_hard[0], atol=1e-5)
+    assert max(calls[s_easy.rounds:]) <= 16
+
+
+def test_max_iters_returns_estimate_flagged_unconverged():
+    table, model, noise, cond, ref = _setup("ddpm", 100, strength=3.0)
+    x, stats = PicardSampler(table, window=8, tol=1e-4, max_iters=5).sample(model, noise, cond)
+    assert stats.rounds == 5
+    assert not bool(stats.converged.any())
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(window=0), "sampler.window"),
+    (dict(window=2.5), "sampler.window"),
+    (dict(tol=-0.1), "sampler.tol"),
+    (dict(tol=float("nan")), "sampler.tol"),
+    (dict(max_iters=0), "sampler.max_iters"),
+    (dict(init="zeros"), "sampler.init"),
+])
+def test_bad_settings_are_rejected_by_name(kwargs, match):
+    table = make_step_table(SchedulerConfig(num_inference_steps=10))
+    with pytest.raises(ValueError, match=match):
+        PicardSampler(table, **kwargs)
+
+
+def test_noise_with_wrong_step_count_is_rejected():
+    table = make_step_table(SchedulerConfig(num_inference_steps=10))
+    noise = draw_noise((1, 8, 3), 12)
+    for sampler in (SequentialSampler(table), PicardSampler(table)):
+        with pytest.raises(ValueError, match="noise has 12 steps"):
+            sampler.sample(ToyDenoiser(), noise)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(["ddpm", "ddim", "dpmsolver++"]),
+    steps=st.integers(2, 30),
+    window=st.integers(1, 40),
+    tol=st.sampled_from([0.0, 1e-6]),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 1000),
+    init=st.sampled_from(["rollout", "copy"]),
+)
+def test_property_tiny_tolerance_matches_sequential(name, steps, window, tol, batch, seed, init):
+    table, model, noise, cond, ref = _setup(name, steps, batch=batch, seed=seed)
+    x, stats = PicardSampler(table, window=window, tol=tol, init=init).sample(model, noise, cond)
+    assert (x - ref).abs().max() < 1e-4
+    assert stats.rounds <= steps
+    assert bool(stats.converged.all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(steps=st.integers(5, 60), window=st.integers(2, 32), tol=st.floats(0.01, 0.5), seed=st.integers(0, 100))
+def test_property_rounds_bounded_and_result_finite(steps, window, tol, seed):
+    table, model, noise, cond, ref = _setup("ddpm", steps, seed=seed)
+    x, stats = PicardSampler(table, window=window, tol=tol).sample(model, noise, cond)
+    assert stats.rounds <= steps
+    assert (stats.nfe <= stats.iterations * min(window, steps)).all()
+    assert torch.isfinite(x).all() and (x - ref).abs().max() < 0.5

@@ -1,0 +1,206 @@
+"""DiffusionPolicy: shapes, validation of bad input, reproducibility, save/load round trip."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from paradiffpolicy import CheckpointError, DiffusionPolicy, PolicyConfig, SamplerConfig, load_policy, save_policy
+from paradiffpolicy.checkpoint import load_foreign_state_dict
+from paradiffpolicy.config import from_dict
+
+SMALL = dict(obs_dim=5, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16, horizon=16)
+
+
+def small_policy(sampler=None, **kw):
+    cfg = PolicyConfig(**{**SMALL, **kw})
+    cfg.scheduler.num_inference_steps = 20
+    cfg.scheduler.num_train_timesteps = 20
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg, sampler or SamplerConfig(window=8, tol=0.05))
+    policy.obs_normalizer.fit(torch.randn(100, cfg.obs_dim) * 3 + 1)
+    policy.action_normalizer.fit(torch.rand(100, 2) * 4 - 2)
+    return policy.eval()
+
+
+def test_chunk_shapes_and_slice():
+    policy = small_policy()
+    obs = torch.randn(3, 2, 5)
+    actions, info = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))
+    assert actions.shape == (3, 8, 2)
+    assert info["action_pred"].shape == (3, 16, 2)
+    assert torch.equal(actions, info["action_pred"][:, 1:9])  # executed slice starts at To-1
+    # clip_sample keeps the normalised trajectory in [-1, 1] → actions within the data range
+    assert (info["action_pred_normalized"].abs() <= 1 + 1e-5).all()
+
+
+def test_same_noise_same_chunk_for_sequential_and_picard():
+    policy = small_policy()
+    obs = np.random.default_rng(0).normal(size=(2, 2, 5)).astype(np.float64)
+    noise = policy.draw_noise(2, torch.Generator().manual_seed(1))
+    _, picard = policy.predict_action(obs, noise=noise)
+    policy.set_sampler(SamplerConfig(name="sequential"))
+    seq, seq_info = policy.predict_action(obs, noise=noise)
+    policy.set_sampler(SamplerConfig(name="picard", window=8, tol=0.0))
+    exact, _ = policy.predict_action(obs, noise=noise)
+    assert (exact - seq).abs().max() < 1e-4
+    # an untrained network is a hard fixed point; tol=0.05 still lands close (normalised units)
+    assert (picard["action_pred_normalized"] - seq_info["action_pred_normalized"]).abs().max() < 0.1
+    again, _ = policy.predict_action(obs, generator=torch.Generator().manual_seed(5))
+    again2, _ = policy.predict_action(obs, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(again, again2)
+
+
+@pytest.mark.parametrize("obs,err,match", [
+    (torch.randn(2, 3, 5), ValueError, r"shape \(2, 3, 5\).*n_obs_steps=2"),
+    (torch.randn(2, 5), ValueError, "observation shape"),
+    (torch.randn(2, 2, 4), ValueError, "obs_dim=5"),
+    (torch.ones(2, 2, 5, dtype=torch.int64), TypeError, "not floating point"),
+    (np.ones((2, 2, 5), dtype=np.int32), TypeError, "not floating point"),
+    ([[0.0] * 5] * 2, TypeError, "numpy array or torch tensor"),
+])
+def test_bad_observations_name_the_problem(obs, err, match):
+    policy = small_policy()
+    with pytest.raises(err, match=match):
+        policy.predict_action(obs)
+    actions, _ = policy.predict_action(torch.zeros(1, 2, 5))  # still usable
+    assert torch.isfinite(actions).all()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_observation_is_refused(value):
+    policy = small_policy()
+    obs = torch.zeros(2, 2, 5)
+    obs[1, 0, 3] = value
+    with pytest.raises(ValueError, match=r"NaN or inf \(first at batch 1, step 0, feature 3\)"):
+        policy.predict_action(obs)
+
+
+def test_non_finite_network_output_never_reaches_the_caller():
+    policy = small_policy()
+    with torch.no_grad():
+        policy.model.final_conv[1].bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        policy.predict_action(torch.zeros(1, 2, 5))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(name="magic"), "sampler.name"), (dict(window=0), "sampler.window"), (dict(tol=-1.0), "sampler.tol"),
+    (dict(scheduler="euler"), "scheduler.name"), (dict(num_inference_steps=0), "num_inference_steps"),
+])
+def test_bad_sampler_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        small_policy(sampler=SamplerConfig(**kw))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(horizon=18, down_dims=[16, 32, 64]), "policy.horizon"), (dict(n_action_steps=16), "policy.n_action_steps"),
+    (dict(obs_dim=0), "policy.obs_dim"), (dict(down_dims=[12]), "policy.down_dims"),
+])
+def test_bad_policy_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        small_policy(**kw)
+
+
+def test_from_dict_rejects_unknown_and_mistyped_keys():
+    with pytest.raises(ValueError, match="windw"):
+        from_dict(SamplerConfig, {"windw": 3})
+    with pytest.raises(ValueError, match="window"):
+        from_dict(SamplerConfig, {"window": "big"})
+    assert from_dict(SamplerConfig, {"window": "4"}).window == 4
+
+
+def test_switching_scheduler_at_inference():
+    policy = small_policy(sampler=SamplerConfig(name="sequential", scheduler="ddim", num_inference_steps=5))
+    assert policy.num_inference_steps == 5
+    actions, info = policy.predict_action(torch.zeros(1, 2, 5))
+    assert info["stats"].rounds == 5 and torch.isfinite(actions).all()
+
+
+def test_compute_loss_is_finite_and_backpropagates():
+    policy = small_policy().train()
+    loss = policy.compute_loss(torch.randn(4, 2, 5), torch.rand(4, 16, 2), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and policy.model.final_conv[1].weight.grad is not None
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+def test_save_load_round_trip(tmp_path):
+    policy = small_policy()
+    save_policy(policy, tmp_path / "ck", metadata={"task": "test"})
+    loaded = load_policy(tmp_path / "ck", sampler=SamplerConfig(window=8, tol=0.05))
+    assert loaded.metadata == {"task": "test"}
+    for k, v in policy.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    noise = policy.draw_noise(1, torch.Generator().manual_seed(0))
+    a, _ = policy.predict_action(torch.ones(1, 2, 5), noise=noise)
+    b, _ = loaded.predict_action(torch.ones(1, 2, 5), noise=noise)
+    assert torch.equal(a, b)
+    assert not list(tmp_path.glob("ck/*.tmp"))
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_policy(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_policy(tmp_path / "empty")
+
+
+def test_truncated_and_corrupted_weights(tmp_path):
+    save_policy(small_policy(), tmp_path / "ck")
+    w = tmp_path / "ck" / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_policy(tmp_path / "ck")
+    w.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_policy(tmp_path / "ck")
+
+
+def test_corrupted_config(tmp_path):
+    save_policy(small_policy(), tmp_path / "ck")
+    c = tmp_path / "ck" / "config.json"
+    doc = json.loads(c.read_text())
+    c.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_policy(tmp_path / "ck")
+    doc["policy"]["horizonn"] = 3
+    c.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="horizonn"):
+        load_policy(tmp_path / "ck")
+    doc["policy"].pop("horizonn")
+    doc["format"] = "diffusion_policy"
+    c.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="format"):
+        load_policy(tmp_path / "ck")
+
+
+def test_weights_of_another_architecture(tmp_path):
+    save_policy(small_policy(), tmp_path / "a")
+    save_policy(small_policy(down_dims=[16, 32, 64]), tmp_path / "b")
+    (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="unexpected keys"):
+        load_policy(tmp_path / "a")
+    save_policy(small_policy(obs_dim=6), tmp_path / "c")
+    (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "c" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="wrong shapes"):
+        load_policy(tmp_path / "a")
+
+
+def test_foreign_pickle_needs_explicit_call_and_refuses_code(tmp_path):
+    import os
+    path = tmp_path / "foreign.ckpt"
+    torch.save({"state_dicts": {"model": {"w": torch.ones(2)}}}, path)
+    assert torch.equal(load_foreign_state_dict(path)["state_dicts"]["model"]["w"], torch.ones(2))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+        load_foreign_state_dict(tmp_path / "evil.ckpt")
