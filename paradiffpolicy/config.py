@@ -75,6 +75,8 @@ class SamplerConfig:
     init: str = "rollout"
     scheduler: Optional[str] = None
     num_inference_steps: Optional[int] = None
+    # closed loop only: start each tick from the previous tick's trajectory and (time-shifted) noise
+    warm_start: bool = False
 
     def validate(self) -> None:
         if self.name not in SAMPLERS:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from paradiffpolicy.config import PolicyConfig, SamplerConfig
 from paradiffpolicy.models.unet1d import ConditionalUnet1D, UnetConfig
 from paradiffpolicy.normalizer import MinMaxNormalizer
-from paradiffpolicy.sampling import SamplerNoise, draw_noise, make_sampler
+from paradiffpolicy.sampling import SamplerNoise, WarmStart, draw_noise, make_sampler
 from paradiffpolicy.schedulers import make_betas
 
 
@@ -108,6 +108,8 @@ class DiffusionPolicy(nn.Module):
         obs: Any,
         noise: SamplerNoise | None = None,
         generator: torch.Generator | None = None,
+        warm_start: WarmStart | None = None,
+        return_states: bool = False,
     ) -> tuple[Tensor, dict]:
         """Sample an action chunk.
 
@@ -115,6 +117,9 @@ class DiffusionPolicy(nn.Module):
             obs: (B, To, Do) float observations in environment units.
             noise: the call's pre-drawn noise (see :meth:`draw_noise`); drawn from ``generator``
                 if None. Same ``noise`` → same chunk, whatever the sampler.
+            warm_start: initial guess for the Picard trajectory (normalised units); changes the
+                iteration count, never the result.
+            return_states: keep the final trajectory in ``info["stats"].extra["states"]``.
         Returns:
             ``(actions (B, Ta, Da), info)`` with ``info["action_pred"]`` (B, T, Da), the full
             trajectory, ``info["action_pred_normalized"]`` and ``info["stats"]`` (SampleStats).
@@ -131,7 +136,8 @@ class DiffusionPolicy(nn.Module):
                 f"{expected} x {self.num_inference_steps} steps"
             )
         cond = self.obs_normalizer.normalize(obs).reshape(bsz, -1)
-        naction, stats = self.sampler.sample(self.model, noise.to(self.device), cond)
+        naction, stats = self.sampler.sample(self.model, noise.to(self.device), cond, warm_start=warm_start,
+                                             return_states=return_states)
         if not torch.isfinite(naction).all():
             raise FloatingPointError("the sampled action contains NaN or inf; the network output is not finite")
         action_pred = self.action_normalizer.unnormalize(naction)

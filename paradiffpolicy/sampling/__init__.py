@@ -1,10 +1,10 @@
 """Samplers: the sequential reference and the Picard sampler, sharing pre-drawn noise."""
 
-from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise, draw_noise
+from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise, WarmStart, draw_noise
 from paradiffpolicy.sampling.picard import PicardSampler
 from paradiffpolicy.sampling.sequential import SequentialSampler
 
-__all__ = ["Denoiser", "make_sampler", "PicardSampler", "SampleStats", "SamplerNoise", "SequentialSampler", "draw_noise"]
+__all__ = ["Denoiser", "make_sampler", "PicardSampler", "SampleStats", "SamplerNoise", "SequentialSampler", "WarmStart", "draw_noise"]
 
 
 def make_sampler(scheduler, sampler):

@@ -43,6 +43,18 @@ class SamplerNoise:
     def to(self, device: torch.device | str) -> "SamplerNoise":
         return SamplerNoise(self.initial.to(device), self.steps.to(device))
 
+    def shifted(self, shift: int, fresh: "SamplerNoise") -> "SamplerNoise":
+        """This noise moved ``shift`` positions earlier along the horizon (dim 1 of (B, T, Da)),
+        the vacated tail taken from ``fresh``. Used between control ticks so that the noise of an
+        action keeps following the action's time: consecutive chunks then share their noise where
+        they overlap, and the previous trajectory is a good guess for the next."""
+        horizon = self.initial.shape[1]
+        if shift <= 0 or shift >= horizon:
+            return fresh if shift >= horizon else self
+        initial = torch.cat([self.initial[:, shift:], fresh.initial[:, horizon - shift :]], dim=1)
+        steps = torch.cat([self.steps[:, :, shift:], fresh.steps[:, :, horizon - shift :]], dim=2)
+        return SamplerNoise(initial, steps)
+
 
 def draw_noise(
     shape: tuple[int, ...],
@@ -54,6 +66,30 @@ def draw_noise(
     initial = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     steps = torch.randn((num_steps, *shape), generator=generator, device=device, dtype=torch.float32)
     return SamplerNoise(initial, steps)
+
+
+@dataclass
+class WarmStart:
+    """A guess for a whole Picard trajectory: ``states`` (B, N+1, T, Da) (``states[:, 0]`` is
+    ignored: x_0 is the noise), used along the horizon where ``valid`` (T,) is True."""
+
+    states: Tensor
+    valid: Tensor
+
+    @classmethod
+    def from_previous(cls, states: Tensor, shift: int) -> "WarmStart | None":
+        """The previous trajectory (B, N+1, T, Da) moved ``shift`` positions earlier in time; the
+        last ``shift`` positions are left to the sampler's own guess."""
+        horizon = states.shape[2]
+        if shift < 0 or shift >= horizon:
+            return None
+        moved = torch.roll(states, -shift, dims=2)
+        valid = torch.arange(horizon) < horizon - shift
+        return cls(moved, valid)
+
+    def mask(self, sample_shape: tuple[int, ...], device) -> Tensor:
+        """(1, 1, T, 1) boolean mask broadcastable over the (B, N+1, T, Da) state buffer."""
+        return self.valid.to(device).view(1, 1, -1, *[1] * (len(sample_shape) - 1))
 
 
 @dataclass

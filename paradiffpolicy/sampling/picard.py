@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise
+from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise, WarmStart
 from paradiffpolicy.schedulers import StepTable
 
 INITS = ("rollout", "copy")
@@ -80,8 +80,21 @@ class PicardSampler:
         return {"name": self.name, "window": self.window, "tol": self.tol, "max_iters": self.max_iters, "init": self.init}
 
     @torch.no_grad()
-    def sample(self, model: Denoiser, noise: SamplerNoise, global_cond: Tensor | None = None) -> tuple[Tensor, SampleStats]:
-        """Return (x_N (B, T, Da), stats); same result as SequentialSampler within ``tol``."""
+    def sample(
+        self,
+        model: Denoiser,
+        noise: SamplerNoise,
+        global_cond: Tensor | None = None,
+        warm_start: WarmStart | None = None,
+        return_states: bool = False,
+    ) -> tuple[Tensor, SampleStats]:
+        """Return (x_N (B, T, Da), stats); same result as SequentialSampler within ``tol``.
+
+        ``warm_start``: a guess for the whole trajectory (e.g. the previous control tick's, shifted
+        in time); it replaces the initial guess where ``warm_start.valid`` and is never overwritten
+        by the rollout, so only the iteration count changes, not the fixed point.
+        ``return_states``: put the final trajectory (B, N+1, ...) in ``stats.extra["states"]``.
+        """
         table, n, p = self.table, self.num_steps, self.window
         if noise.num_steps != n:
             raise ValueError(f"noise has {noise.num_steps} steps, the scheduler has {n}")
@@ -101,7 +114,11 @@ class PicardSampler:
         x0buf = torch.zeros((bsz, n + 1, *shape), device=dev, dtype=torch.float32)
         # noise part of the frozen-x̂0 rollout from x_0: R_j = Σ_{l<j} Φ_{l+1,j} σ_l z_l, (B, N+1, ...)
         r_noise = torch.einsum("jl,bl...->bj...", self.noise_kernel, sz)
-        self._fill_tail(xs, x0buf[:, 0], r_noise, rows_all, torch.zeros(bsz, dtype=torch.long, device=dev), steps)
+        keep = None  # (1, 1, ...) True where the warm start's guess must be kept
+        if warm_start is not None:
+            keep = warm_start.mask(shape, dev)
+            xs[:, 1 : n + 1] = warm_start.states[:, 1:].to(dev, torch.float32)
+        self._fill_tail(xs, x0buf[:, 0], r_noise, rows_all, torch.zeros(bsz, dtype=torch.long, device=dev), steps, keep)
 
         b = torch.zeros(bsz, dtype=torch.long, device=dev)
         iterations = torch.zeros(bsz, dtype=torch.long)
@@ -150,7 +167,7 @@ class PicardSampler:
             # guesses for everything past the window end e = b + length, from the newest x̂0
             end = bb + length
             x0_last = x0[torch.arange(r, device=dev), length - 1]
-            self._fill_tail(xs, x0_last, r_noise, rows, end, steps)
+            self._fill_tail(xs, x0_last, r_noise, rows, end, steps, keep)
             b[rows] = b_new
 
             iterations[active] += 1
@@ -160,10 +177,14 @@ class PicardSampler:
 
         converged = (b >= n).cpu()
         stats = SampleStats(iterations=iterations, nfe=nfe, residual=residual.cpu(), converged=converged, rounds=rounds)
+        if return_states:
+            stats.extra["states"] = xs[:, : n + 1].clone()
         return xs[:, n].clone(), stats
 
-    def _fill_tail(self, xs: Tensor, x0: Tensor, r_noise: Tensor, rows: Tensor, end: Tensor, steps: Tensor) -> None:
-        """Overwrite states j > end[r] (j <= N) of ``rows`` with a guess from x_end and x̂0 (R, ...)."""
+    def _fill_tail(self, xs: Tensor, x0: Tensor, r_noise: Tensor, rows: Tensor, end: Tensor, steps: Tensor,
+                   keep: Tensor | None) -> None:
+        """Overwrite states j > end[r] (j <= N) of ``rows`` with a guess from x_end and x̂0 (R, ...),
+        except where ``keep`` marks warm-started entries."""
         n = self.num_steps
         x_end = xs[rows, end]  # (R, ...)
         extra = [1] * (x_end.dim() - 1)
@@ -176,6 +197,8 @@ class PicardSampler:
             r_end = r_sel[torch.arange(rows.numel(), device=rows.device), end].unsqueeze(1)
             guess = phi * (x_end.unsqueeze(1) - r_end) + psi * x0.unsqueeze(1) + r_sel
         tail = (steps[None, :] > end[:, None]).view(-1, n + 1, *extra)
+        if keep is not None:
+            tail = tail & ~keep
         xs[rows, : n + 1] = torch.where(tail, guess, xs[rows, : n + 1])
 
 

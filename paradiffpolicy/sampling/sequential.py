@@ -29,8 +29,17 @@ class SequentialSampler:
         return {"name": self.name}
 
     @torch.no_grad()
-    def sample(self, model: Denoiser, noise: SamplerNoise, global_cond: Tensor | None = None) -> tuple[Tensor, SampleStats]:
-        """Return (x_N (B, T, Da), stats)."""
+    def sample(
+        self,
+        model: Denoiser,
+        noise: SamplerNoise,
+        global_cond: Tensor | None = None,
+        warm_start=None,
+        return_states: bool = False,
+    ) -> tuple[Tensor, SampleStats]:
+        """Return (x_N (B, T, Da), stats). ``warm_start`` is accepted for interface parity and
+        ignored (there is nothing to guess); ``return_states`` stores x_0..x_N in
+        ``stats.extra["states"]`` (B, N+1, ...)."""
         table = self.table
         n = table.num_steps
         if noise.num_steps != n:
@@ -38,14 +47,19 @@ class SequentialSampler:
         x = noise.initial.clone()
         bsz = x.shape[0]
         x0_prev = torch.zeros_like(x)
+        states = [x] if return_states else None
         for k in range(n):
             kk = torch.full((bsz,), k, dtype=torch.long, device=x.device)
             out = model(x, table.timesteps[kk], global_cond=global_cond)
             x0, eps = table.predict_x0_eps(out, x, kk)
             x = table.noise_free_step(x, x0, eps, x0_prev, kk) + table.noise_std[k] * noise.steps[k]
             x0_prev = x0
+            if states is not None:
+                states.append(x)
         full = torch.full((bsz,), n, dtype=torch.long)
         stats = SampleStats(
             iterations=full, nfe=full.clone(), residual=torch.zeros(bsz), converged=torch.ones(bsz, dtype=torch.bool), rounds=n
         )
+        if states is not None:
+            stats.extra["states"] = torch.stack(states, dim=1)
         return x, stats

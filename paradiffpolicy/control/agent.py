@@ -1,0 +1,120 @@
+"""Turns a DiffusionPolicy into a per-step actor: observation history, chunk queue, noise stream,
+and per-call statistics. Used by both controllers and by PolicyRunner."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from paradiffpolicy.policy import DiffusionPolicy
+from paradiffpolicy.sampling import SamplerNoise, WarmStart
+
+
+@dataclass
+class Chunk:
+    """Actions predicted from the observation at tick ``obs_tick``: ``actions[j]`` is for tick
+    ``obs_tick + j`` (the trajectory from index To-1 on, up to the end of the horizon)."""
+
+    obs_tick: int
+    actions: np.ndarray  # (T - To + 1, Da)
+
+
+@dataclass
+class InferenceLog:
+    latency_ms: list = field(default_factory=list)
+    rounds: list = field(default_factory=list)
+    nfe: list = field(default_factory=list)
+    converged: list = field(default_factory=list)
+    max_abs_dev: float = 0.0
+    shadow_ratio: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        lat = np.asarray(self.latency_ms) if self.latency_ms else np.zeros(1)
+        out = {
+            "calls": len(self.latency_ms),
+            "latency_ms": {q: float(np.percentile(lat, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
+            "iterations_mean": float(np.mean(self.rounds)) if self.rounds else 0.0,
+            "nfe_mean": float(np.mean(self.nfe)) if self.nfe else 0.0,
+            "unconverged_calls": int(len(self.converged) - sum(self.converged)),
+        }
+        out["latency_ms"]["max"] = float(lat.max())
+        out["latency_ms"]["mean"] = float(lat.mean())
+        return out
+
+    def extend(self, other: "InferenceLog") -> None:
+        for name in ("latency_ms", "rounds", "nfe", "converged", "shadow_ratio"):
+            getattr(self, name).extend(getattr(other, name))
+        self.max_abs_dev = max(self.max_abs_dev, other.max_abs_dev)
+
+
+class PolicyAgent:
+    """Keeps the last ``To`` observations and produces chunks; one noise stream per episode.
+
+    ``shadow`` (optional): a second policy sampler (the sequential reference) run on the same
+    observation and noise after every call, to measure the deviation and per-call speed ratio.
+    """
+
+    def __init__(self, policy: DiffusionPolicy, shadow_sampler=None, warm_start: bool = False):
+        self.policy = policy
+        self.shadow_sampler = shadow_sampler
+        self.warm_start = warm_start
+        self._previous: tuple[int, SamplerNoise, torch.Tensor] | None = None
+        self.history: deque[np.ndarray] = deque(maxlen=policy.config.n_obs_steps)
+        self.log = InferenceLog()
+        self.generator = torch.Generator()
+
+    def reset(self, obs: np.ndarray, seed: int) -> None:
+        self.history.clear()
+        for _ in range(self.policy.config.n_obs_steps):  # pad the history with the first frame
+            self.history.append(np.asarray(obs, dtype=np.float32))
+        self.generator.manual_seed(seed)
+        self._previous = None
+
+    def observe(self, obs: np.ndarray) -> None:
+        self.history.append(np.asarray(obs, dtype=np.float32))
+
+    def snapshot(self) -> np.ndarray:
+        """The current history (To, Do), copied (safe to hand to another thread)."""
+        return np.stack(self.history)
+
+    def infer(self, obs_tick: int, history: np.ndarray | None = None) -> Chunk:
+        """One policy call (blocking) on ``history`` (To, Do), default the current one."""
+        policy = self.policy
+        obs = torch.from_numpy(self.snapshot() if history is None else history)[None]
+        noise = policy.draw_noise(1, self.generator)
+        warm = None
+        if self.warm_start and self._previous is not None:
+            # warm start (DESIGN: closed-loop warm start): the previous tick's noise and converged
+            # trajectory, both moved by the ticks elapsed; the sample is still exactly the
+            # sequential sample for this observation and this noise.
+            prev_tick, prev_noise, prev_states = self._previous
+            shift = obs_tick - prev_tick
+            noise = prev_noise.shifted(shift, noise)
+            warm = WarmStart.from_previous(prev_states, shift)
+        t0 = time.perf_counter()
+        _, info = policy.predict_action(obs, noise=noise, warm_start=warm, return_states=self.warm_start)
+        latency = time.perf_counter() - t0
+        stats = info["stats"]
+        if self.warm_start:
+            self._previous = (obs_tick, noise, stats.extra.pop("states"))
+        self.log.latency_ms.append(latency * 1e3)
+        self.log.rounds.append(stats.rounds)
+        self.log.nfe.append(float(stats.nfe.float().mean()))
+        self.log.converged.append(bool(stats.converged.all()))
+        if self.shadow_sampler is not None:
+            main = policy.sampler
+            policy.sampler = self.shadow_sampler
+            t1 = time.perf_counter()
+            _, ref = policy.predict_action(obs, noise=noise)
+            self.log.shadow_ratio.append((time.perf_counter() - t1) / latency)
+            policy.sampler = main
+            start = policy.config.n_obs_steps - 1
+            sl = slice(start, start + policy.config.n_action_steps)
+            dev = (info["action_pred_normalized"][:, sl] - ref["action_pred_normalized"][:, sl]).abs().max()
+            self.log.max_abs_dev = max(self.log.max_abs_dev, float(dev))
+        start = policy.config.n_obs_steps - 1
+        return Chunk(obs_tick, info["action_pred"][0, start:].cpu().numpy().astype(np.float64))

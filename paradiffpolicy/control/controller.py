@@ -1,0 +1,160 @@
+"""Closed-loop episode runners.
+
+* ``fast``: call the policy, execute ``Ta`` actions, repeat — as fast as the machine allows
+  (Diffusion Policy's simulation eval).
+* ``realtime``: one environment step per tick of the task's control clock, on the wall clock.
+  The next chunk is inferred in a background thread while the current one executes, started
+  ``lead`` ticks before the current chunk's ``Ta`` actions run out (``lead`` from the measured
+  p95 latency). A chunk predicted from the observation at tick ``s`` gives the action for tick
+  ``s + j``; actions whose tick has passed when it arrives are dropped (latency matching), and it
+  may be used past ``Ta`` up to the end of its horizon while the next one is late. A tick with no
+  valid action is a **deadline miss**: the hold action is sent and the miss is counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
+from paradiffpolicy.envs.base import PolicyEnv
+
+MODES = ("fast", "realtime")
+
+
+@dataclass
+class ControllerConfig:
+    mode: str = "fast"
+    hz: float = 0.0  # 0: the task's control rate
+    late_tolerance: float = 0.5  # a tick that starts later than this fraction of a period is late
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"controller.mode={self.mode!r} is unknown; expected one of {MODES}")
+        if self.hz < 0:
+            raise ValueError(f"controller.hz={self.hz} must be >= 0 (0 = the task's rate)")
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    success: bool = False
+    sum_reward: float = 0.0
+    max_reward: float = 0.0
+    length: int = 0
+    failure_reason: str | None = None
+    deadline_misses: int = 0
+    late_ticks: int = 0
+    wall_s: float = 0.0
+    achieved_hz: float = 0.0
+    inference: InferenceLog = field(default_factory=InferenceLog)
+    frames: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "seed": self.seed, "success": self.success, "sum_reward": self.sum_reward, "max_reward": self.max_reward,
+            "length": self.length, "failure_reason": self.failure_reason, "deadline_misses": self.deadline_misses,
+            "late_ticks": self.late_ticks, "wall_s": round(self.wall_s, 3), "achieved_hz": round(self.achieved_hz, 2),
+            "inference": self.inference.summary(),
+        }
+
+
+def hold_action(last: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "repeat":
+        return last
+    held = np.zeros_like(last)
+    held[-1] = last[-1]  # keep the gripper command
+    return held
+
+
+class EpisodeRunner:
+    def __init__(self, env: PolicyEnv, agent: PolicyAgent, cfg: ControllerConfig, hold: str, record_video: bool = False):
+        cfg.validate()
+        self.env, self.agent, self.cfg, self.hold = env, agent, cfg, hold
+        self.record_video = record_video
+        self.hz = cfg.hz or env.control_hz
+
+    def run(self, seed: int) -> EpisodeResult:
+        res = EpisodeResult(seed=seed)
+        self.agent.log = res.inference
+        t0 = time.perf_counter()
+        try:
+            obs = self.env.reset(seed)
+            self.agent.reset(obs, seed)
+            if self.cfg.mode == "fast":
+                self._fast(res)
+            else:
+                self._realtime(res)
+            if res.failure_reason is None and not res.success:
+                res.failure_reason = "time limit"
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - an env or policy fault ends this episode only
+            res.failure_reason = f"{type(e).__name__}: {e}"
+            res.success = False
+        res.wall_s = time.perf_counter() - t0
+        if not res.achieved_hz:  # fast mode: steps per second of the whole episode
+            res.achieved_hz = res.length / res.wall_s if res.wall_s > 0 else 0.0
+        return res
+
+    def _step(self, res: EpisodeResult, action: np.ndarray) -> bool:
+        step = self.env.step(action)
+        res.length += 1
+        res.sum_reward += step.reward
+        res.max_reward = max(res.max_reward, step.reward)
+        res.success = res.success or step.success
+        self.agent.observe(step.obs)
+        if self.record_video:
+            frame = self.env.render()
+            if frame is not None:
+                res.frames.append(frame)
+        return step.done
+
+    def _fast(self, res: EpisodeResult) -> None:
+        ta = self.agent.policy.config.n_action_steps
+        while True:
+            chunk = self.agent.infer(res.length)
+            for j in range(ta):
+                if self._step(res, chunk.actions[j]):
+                    return
+
+    def _realtime(self, res: EpisodeResult) -> None:
+        ta = self.agent.policy.config.n_action_steps
+        period = 1.0 / self.hz
+        chunk = self.agent.infer(0)  # the first chunk is computed before the clock starts
+        last = chunk.actions[0]
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") as pool:
+            start = time.perf_counter()
+            tick = 0
+            while True:
+                due = start + tick * period
+                now = time.perf_counter()
+                if now < due:
+                    time.sleep(due - now)
+                elif now - due > self.cfg.late_tolerance * period:
+                    res.late_ticks += 1
+                if pending is not None and pending.done():
+                    chunk, pending = pending.result(), None
+                lat = res.inference.latency_ms
+                lead = math.ceil(np.percentile(lat, 95) / 1e3 / period) + 1 if lat else ta // 2
+                if pending is None and tick >= chunk.obs_tick + max(0, ta - lead):
+                    pending = pool.submit(self.agent.infer, tick, self.agent.snapshot())
+                off = tick - chunk.obs_tick
+                if off < len(chunk.actions):
+                    action = chunk.actions[off]
+                else:
+                    action = hold_action(last, self.hold)
+                    res.deadline_misses += 1
+                last = action
+                tick += 1
+                done = self._step(res, action)
+                res.achieved_hz = tick / (time.perf_counter() - start)  # the paced loop only
+                if done:
+                    break
+            if pending is not None:
+                pending.result()  # let the thread finish before the agent is reused

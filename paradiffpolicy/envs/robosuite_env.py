@@ -1,0 +1,89 @@
+"""robosuite adapter (low-dimensional observations, OSC_POSE actions, 20 Hz)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+
+import numpy as np
+
+from paradiffpolicy.envs.base import PolicyEnv, StepResult, TaskConfig
+
+
+def _quiet_import():
+    # robosuite logs warnings about optional extras at import; they are not actionable here
+    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        import robosuite
+    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
+    return robosuite
+
+
+class RobosuiteEnv(PolicyEnv):
+    def __init__(self, task: TaskConfig, render: bool = False, render_size: int = 256):
+        suite = _quiet_import()
+        self.task = task
+        self.render_size = render_size
+        self._render = render
+        self.env = suite.make(
+            task.env_name,
+            robots=task.robots,
+            has_renderer=False,
+            has_offscreen_renderer=render,
+            use_camera_obs=False,
+            use_object_obs=True,
+            control_freq=int(task.control_hz),
+            horizon=task.max_steps + 1,  # we end episodes ourselves; robosuite must not first
+            ignore_done=True,
+            **task.env_kwargs,
+        )
+        self._raw = self.env.reset()
+        missing = [k for k in task.obs_keys if k not in self._raw]
+        if missing:
+            raise ValueError(f"task.obs_keys {missing} are not observations of {task.env_name}; available: {sorted(self._raw)}")
+        self.obs_dim = int(sum(np.asarray(self._raw[k]).size for k in task.obs_keys))
+        low, high = self.env.action_spec
+        self.action_low, self.action_high = np.asarray(low), np.asarray(high)
+        self.action_dim = int(self.action_low.shape[0])
+        self.control_hz = task.control_hz
+        self.max_steps = task.max_steps
+
+    def _seed(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.env.rng = rng
+        stack = [getattr(self.env, "placement_initializer", None)]
+        while stack:  # composite samplers hold sub-samplers, each with its own rng reference
+            s = stack.pop()
+            if s is None:
+                continue
+            s.rng = rng
+            stack.extend(getattr(s, "samplers", {}).values())
+
+    def _obs(self) -> np.ndarray:
+        return np.concatenate([np.asarray(self._raw[k], dtype=np.float32).reshape(-1) for k in self.task.obs_keys])
+
+    def reset(self, seed: int) -> np.ndarray:
+        self._seed(seed)
+        self._raw = self.env.reset()
+        self._t = 0
+        return self._obs()
+
+    def step(self, action: np.ndarray) -> StepResult:
+        a = self._check_action(action)
+        self._raw, reward, _, info = self.env.step(a)
+        self._t += 1
+        success = bool(self.env._check_success())
+        return StepResult(self._obs(), float(reward), success or self._t >= self.max_steps, success, info)
+
+    def render(self) -> np.ndarray | None:
+        if not self._render:
+            return None
+        frame = self.env.sim.render(camera_name="agentview", width=self.render_size, height=self.render_size)
+        return frame[::-1].copy()
+
+    def expert_state(self) -> dict:
+        return self._raw
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,206 @@
+"""Closed-loop evaluation of a diffusion policy.
+
+    python -m paradiffpolicy.eval                                   # shipped Lift policy, Picard
+    python -m paradiffpolicy.eval task=pusht sampler=sequential n_episodes=50
+    python -m paradiffpolicy.eval controller=realtime compare=true
+    python -m paradiffpolicy.eval -m sampler.window=4,8,16,32 sampler.tol=0.3,0.1,0.03
+
+Writes to the run directory: ``episodes.jsonl`` (one line per finished episode, flushed at once),
+``eval_info.json`` (summary; also written on Ctrl-C / SIGTERM with ``interrupted: true``) and,
+with ``video=true``, ``videos/<seed>.mp4``. Episode ``i`` uses seed ``seed + i``; the default
+``seed`` (10,000,000) is disjoint from the collection seeds (``collect.seed * 1e6 + attempt``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from paradiffpolicy.checkpoint import load_policy
+from paradiffpolicy.config import SamplerConfig, to_dict
+from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
+from paradiffpolicy.control.controller import ControllerConfig, EpisodeResult, EpisodeRunner
+from paradiffpolicy.envs import TaskConfig, make_env
+from paradiffpolicy.runtime import sigterm_as_keyboard_interrupt, versions
+from paradiffpolicy.sampling import make_sampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    checkpoint: str = "${task.checkpoint}"
+    n_episodes: int = 5
+    seed: int = 10_000_000
+    compare: bool = False
+    video: bool = False
+    device: str = "cpu"
+    threads: int = 2
+    output_dir: str = ""  # default: the Hydra run directory
+    progress: bool = True
+
+    def validate(self) -> None:
+        self.task.validate()
+        self.sampler.validate()
+        self.controller.validate()
+        if self.n_episodes < 1:
+            raise ValueError(f"n_episodes={self.n_episodes} must be >= 1")
+        if self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be >= 1")
+        if not (Path(self.checkpoint) / "config.json").is_file():
+            raise ValueError(f"checkpoint={self.checkpoint!r} is not a checkpoint directory (no config.json)")
+
+
+ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+def aggregate(results: list[EpisodeResult], wall_s: float) -> dict:
+    n = len(results)
+    inf = InferenceLog()
+    for r in results:
+        inf.extend(r.inference)
+    return {
+        "overall": {
+            "n_episodes": n,
+            "pc_success": 100.0 * sum(r.success for r in results) / n if n else 0.0,
+            "avg_sum_reward": float(np.mean([r.sum_reward for r in results])) if n else 0.0,
+            "avg_max_reward": float(np.mean([r.max_reward for r in results])) if n else 0.0,
+            "eval_s": round(wall_s, 2),
+        },
+        "inference": inf.summary(),
+        "control": {
+            "deadline_misses": int(sum(r.deadline_misses for r in results)),
+            "late_ticks": int(sum(r.late_ticks for r in results)),
+            "steps": int(sum(r.length for r in results)),
+            "achieved_hz": float(np.mean([r.achieved_hz for r in results])) if n else 0.0,
+        },
+        "_log": inf,
+    }
+
+
+class Evaluator:
+    def __init__(self, cfg: EvalConfig, out_dir: Path):
+        cfg.validate()
+        self.cfg = cfg
+        self.out = out_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(cfg.threads)
+        self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device)
+        self.env = make_env(cfg.task, render=cfg.video)
+        pc = self.policy.config
+        if (self.env.obs_dim, self.env.action_dim) != (pc.obs_dim, pc.action_dim):
+            raise ValueError(
+                f"checkpoint {cfg.checkpoint} expects obs_dim={pc.obs_dim}, action_dim={pc.action_dim}; task "
+                f"{cfg.task.name} gives obs_dim={self.env.obs_dim}, action_dim={self.env.action_dim}"
+            )
+
+    def run_all(self) -> dict:
+        cfg = self.cfg
+        info: dict = {"task": cfg.task.name, "checkpoint": cfg.checkpoint, "sampler": {**to_dict(cfg.sampler), **self.policy.sampler.settings(),
+                      "num_inference_steps": self.policy.num_inference_steps},
+                      "controller": to_dict(cfg.controller), "seeds": [cfg.seed + i for i in range(cfg.n_episodes)],
+                      "versions": versions(), "device": cfg.device, "threads": cfg.threads, "interrupted": False}
+        shadow = None
+        if cfg.compare:
+            ref = SamplerConfig(name="sequential", scheduler=cfg.sampler.scheduler, num_inference_steps=cfg.sampler.num_inference_steps)
+            shadow = make_sampler(self.policy.config.scheduler, ref).to(self.policy.device)
+        t0 = time.perf_counter()
+        results: list[EpisodeResult] = []  # filled as episodes finish, so an interrupt keeps them
+        seq_results: list[EpisodeResult] = []
+        try:
+            with sigterm_as_keyboard_interrupt():
+                self._episodes(PolicyAgent(self.policy, shadow, warm_start=cfg.sampler.warm_start),
+                               "episodes.jsonl", "eval", results)
+                if cfg.compare:
+                    self.policy.sampler = shadow
+                    self._episodes(PolicyAgent(self.policy), "episodes_sequential.jsonl", "sequential", seq_results)
+        except KeyboardInterrupt:
+            info["interrupted"] = True
+            log.warning("interrupted; summarising the finished episodes")
+        finally:
+            self.env.close()
+        main = aggregate(results, time.perf_counter() - t0)
+        inf_log = main.pop("_log")
+        info.update(main)
+        info["control"].update({"mode": cfg.controller.mode, "target_hz": cfg.controller.hz or cfg.task.control_hz})
+        info["per_episode"] = [r.to_json() for r in results]
+        if cfg.compare:
+            seq = aggregate(seq_results, 0.0)
+            seq.pop("_log")
+            info["compare"] = {
+                "speedup": float(np.median(inf_log.shadow_ratio)) if inf_log.shadow_ratio else None,
+                "speedup_p5_p95": [float(np.percentile(inf_log.shadow_ratio, q)) for q in (5, 95)] if inf_log.shadow_ratio else None,
+                "max_abs_dev": inf_log.max_abs_dev,
+                "pc_success": info["overall"]["pc_success"],
+                "pc_success_sequential": seq["overall"]["pc_success"],
+                "sequential": seq,
+            }
+        (self.out / "eval_info.json").write_text(json.dumps(info, indent=2))
+        print(summary_table(info))
+        return info
+
+    def _episodes(self, agent: PolicyAgent, filename: str, desc: str, results: list[EpisodeResult]) -> None:
+        cfg = self.cfg
+        runner = EpisodeRunner(self.env, agent, cfg.controller, cfg.task.hold, record_video=cfg.video)
+        bar = tqdm(range(cfg.n_episodes), desc=f"{desc} {cfg.task.name}", disable=not cfg.progress)
+        with open(self.out / filename, "a") as f:
+            for i in bar:
+                res = runner.run(cfg.seed + i)
+                results.append(res)
+                f.write(json.dumps(res.to_json()) + "\n")
+                f.flush()
+                if res.frames:
+                    self._save_video(res)
+                bar.set_postfix(success=f"{sum(r.success for r in results)}/{len(results)}")
+
+    def _save_video(self, res: EpisodeResult) -> None:
+        import imageio
+
+        path = self.out / "videos" / f"{res.seed}.mp4"
+        path.parent.mkdir(exist_ok=True)
+        imageio.mimsave(path, res.frames, fps=int(self.env.control_hz))
+        res.frames = []
+
+
+def summary_table(info: dict) -> str:
+    o, i, c = info["overall"], info["inference"], info["control"]
+    rows = [
+        "| task | sampler | episodes | success % | avg max reward | latency p50 / p95 ms | iterations | NFE | mode | Hz | misses |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {info['task']} | {info['sampler']['name']} | {o['n_episodes']} | {o['pc_success']:.1f} | {o['avg_max_reward']:.3f} | "
+        f"{i['latency_ms']['p50']:.1f} / {i['latency_ms']['p95']:.1f} | {i['iterations_mean']:.1f} | {i['nfe_mean']:.0f} | "
+        f"{c['mode']} | {c['achieved_hz']:.1f} | {c['deadline_misses']} |",
+    ]
+    if "compare" in info:
+        cmp = info["compare"]
+        rows.append(f"\ncompare: speedup {cmp['speedup']:.2f}x (median per call), success {cmp['pc_success']:.1f}% vs "
+                    f"sequential {cmp['pc_success_sequential']:.1f}%, max abs dev {cmp['max_abs_dev']:.2e}")
+    return "\n".join(rows)
+
+
+@hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
+def main(cfg) -> None:
+    obj: EvalConfig = OmegaConf.to_object(cfg)
+    try:
+        out = Path(obj.output_dir) if obj.output_dir else Path(HydraConfig.get().runtime.output_dir)
+        Evaluator(obj, out).run_all()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

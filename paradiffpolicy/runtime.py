@@ -1,0 +1,43 @@
+"""Process-level helpers shared by the entry points: versions, seeding, signal handling."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import random
+import signal
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the interpreter and every package that changes results."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("paradiffpolicy", "torch", "numpy", "mujoco", "robosuite", "gymnasium", "gym-pusht", "zarr", "hydra-core"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def sigterm_as_keyboard_interrupt():
+    """Treat SIGTERM like Ctrl-C inside the block, so one ``except KeyboardInterrupt`` path keeps
+    finished work for both."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

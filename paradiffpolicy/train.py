@@ -1,0 +1,225 @@
+"""Train a Diffusion Policy on a zarr ReplayBuffer.
+
+    python -m paradiffpolicy.train task=lift export=checkpoints/lift
+
+AdamW + linear warm-up and cosine decay, EMA weights (Diffusion Policy's schedule), periodic
+checkpoints in ``output_dir/last`` (safetensors + JSON, swapped in atomically), automatic resume
+from them, seeded batches and noise. The EMA policy is what gets exported and evaluated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from paradiffpolicy.checkpoint import save_policy
+from paradiffpolicy.config import PolicyConfig, to_dict
+from paradiffpolicy.data.replay_buffer import ReplayBuffer
+from paradiffpolicy.data.sequence import SequenceSampler
+from paradiffpolicy.envs import TaskConfig
+from paradiffpolicy.policy import DiffusionPolicy
+from paradiffpolicy.runtime import seed_everything, sigterm_as_keyboard_interrupt, versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    dataset: str = "data/${task.name}.zarr"
+    output_dir: str = "outputs/train/${task.name}"
+    export: Optional[str] = None
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    warmup_steps: int = 200
+    ema_power: float = 0.75
+    ema_max: float = 0.9999
+    checkpoint_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    resume: bool = True
+    progress: bool = True
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def ema_decay(step: int, power: float, max_value: float) -> float:
+    """Diffusion Policy's EMAModel: ``1 - (1 + step) ** -power``, clipped to [0, max_value]."""
+    return float(min(max(1.0 - (1.0 + step) ** -power, 0.0), max_value))
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+            raise ValueError(f"steps={cfg.steps}, batch_size={cfg.batch_size}, lr={cfg.lr} must be positive")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        seed_everything(cfg.seed)
+        buf = ReplayBuffer.open(cfg.dataset)
+        if buf.n_episodes == 0:
+            raise ValueError(f"dataset {cfg.dataset} has no episodes")
+        self.n_episodes, self.n_steps = buf.n_episodes, buf.n_steps
+        self.obs = torch.from_numpy(np.asarray(buf["obs"], dtype=np.float32))
+        self.action = torch.from_numpy(np.asarray(buf["action"], dtype=np.float32))
+        pcfg = copy.deepcopy(cfg.policy)
+        pcfg.obs_dim, pcfg.action_dim = self.obs.shape[1], self.action.shape[1]
+        self.policy = DiffusionPolicy(pcfg)
+        self.policy.obs_normalizer.fit(self.obs)
+        self.policy.action_normalizer.fit(self.action)
+        self.policy.to(self.device)
+        self.ema = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.sampler = SequenceSampler(buf.episode_ends, pcfg.horizon, pcfg.n_obs_steps - 1, pcfg.n_action_steps - 1)
+        self.opt = torch.optim.AdamW(self.policy.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.95, 0.999))
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.elapsed = 0.0
+        self.out = Path(cfg.output_dir)
+        if cfg.resume and (self.out / "last" / "state.json").exists():
+            self._load_state(self.out / "last")
+
+    # -- state --------------------------------------------------------------------------------
+
+    def _save_state(self) -> None:
+        tmp, last, old = self.out / "last.tmp", self.out / "last", self.out / "last.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.cpu().contiguous() for k, v in self.policy.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        opt_tensors = {}
+        for i, p in enumerate(self.policy.model.parameters()):
+            for k, v in self.opt.state.get(p, {}).items():
+                opt_tensors[f"{i}.{k}"] = torch.as_tensor(v).cpu().contiguous()
+        opt_tensors["torch_generator"] = self.gen.get_state()
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        state = {"step": self.step, "elapsed_s": self.elapsed, "numpy_rng": self.rng.bit_generator.state,
+                 "config": OmegaConf.to_container(OmegaConf.structured(self.cfg))}
+        (tmp / "state.json").write_text(json.dumps(state))
+        shutil.rmtree(old, ignore_errors=True)
+        if last.exists():
+            os.replace(last, old)
+        os.replace(tmp, last)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_state(self, path: Path) -> None:
+        state = json.loads((path / "state.json").read_text())
+        saved = state["config"]
+        for key in ("dataset", "batch_size", "seed", "policy"):
+            now = OmegaConf.to_container(OmegaConf.structured(self.cfg))[key]
+            if saved[key] != now:
+                raise ValueError(f"cannot resume {path}: {key} was {saved[key]!r}, now {now!r}; use another output_dir or resume=false")
+        self.policy.load_state_dict(load_file(str(path / "model.safetensors")))
+        self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+        opt = load_file(str(path / "optimizer.safetensors"))
+        self.gen.set_state(opt.pop("torch_generator"))
+        params = list(self.policy.model.parameters())
+        for key, v in opt.items():
+            i, name = key.split(".", 1)
+            self.opt.state[params[int(i)]][name] = v.to(self.device) if name != "step" else v
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.step, self.elapsed = state["step"], state["elapsed_s"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- loop ---------------------------------------------------------------------------------
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.rng.integers(0, len(self.sampler), self.cfg.batch_size)
+        pos = torch.from_numpy(self.sampler.positions(ids))
+        to = self.policy.config.n_obs_steps
+        return self.obs[pos[:, :to]].to(self.device), self.action[pos].to(self.device)
+
+    def train(self) -> DiffusionPolicy:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        logf = open(self.out / "train_log.jsonl", "a")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=f"train {cfg.task.name}")
+        try:
+            with sigterm_as_keyboard_interrupt():
+                while self.step < cfg.steps:
+                    t0 = time.perf_counter()
+                    for g in self.opt.param_groups:
+                        g["lr"] = cfg.lr * lr_factor(self.step, cfg.warmup_steps, cfg.steps)
+                    obs, action = self.batch()
+                    loss = self.policy.compute_loss(obs, action, generator=self.gen if self.device.type == "cpu" else None)
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.opt.step()
+                    decay = ema_decay(self.step, cfg.ema_power, cfg.ema_max)
+                    with torch.no_grad():
+                        for pe, p in zip(self.ema.model.parameters(), self.policy.model.parameters()):
+                            pe.mul_(decay).add_(p.detach(), alpha=1 - decay)
+                    self.step += 1
+                    self.elapsed += time.perf_counter() - t0
+                    bar.update(1)
+                    if self.step % 50 == 0 or self.step == cfg.steps:
+                        bar.set_postfix(loss=f"{loss.item():.4f}")
+                        logf.write(json.dumps({"step": self.step, "loss": loss.item(), "lr": self.opt.param_groups[0]["lr"],
+                                               "elapsed_s": round(self.elapsed, 2)}) + "\n")
+                        logf.flush()
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                        self._save_state()
+        except KeyboardInterrupt:
+            log.warning("interrupted at step %d; saving state to %s", self.step, self.out / "last")
+            self._save_state()
+            raise
+        finally:
+            bar.close()
+            logf.close()
+        if cfg.export:
+            self.export(cfg.export)
+        return self.ema
+
+    def export(self, path: str) -> None:
+        meta = {
+            "task": self.cfg.task.name,
+            "dataset": {"path": self.cfg.dataset, "episodes": self.n_episodes, "steps": self.n_steps},
+            "train": {"steps": self.step, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "lr": self.cfg.lr,
+                      "train_time_s": round(self.elapsed, 1), "device": str(self.device), "threads": torch.get_num_threads(),
+                      "machine": f"{platform.machine()} {os.cpu_count()} cpus"},
+            "command": "python -m paradiffpolicy.train " + " ".join(sys.argv[1:]),
+            "versions": versions(),
+        }
+        save_policy(self.ema, path, metadata=meta)
+        log.info("exported EMA policy to %s", path)
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg) -> None:
+    Trainer(OmegaConf.to_object(cfg)).train()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Closed-loop evaluation on real environments with tiny (untrained) checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from paradiffpolicy import DiffusionPolicy, PolicyConfig, SamplerConfig, save_policy
+from paradiffpolicy.control.agent import PolicyAgent
+from paradiffpolicy.control.controller import ControllerConfig, EpisodeRunner
+from paradiffpolicy.envs import TaskConfig, make_env
+from paradiffpolicy.eval import EvalConfig, Evaluator
+
+ROOT = Path(__file__).resolve().parents[1]
+PUSHT = TaskConfig(name="pusht", suite="gym", env_name="gym_pusht/PushT-v0", obs_keys=[], control_hz=10,
+                   max_steps=20, expert="pusht", hold="repeat", env_kwargs={"obs_type": "state"})
+
+
+def tiny_checkpoint(path, obs_dim, action_dim, obs_range, action_range, steps=10):
+    cfg = PolicyConfig(obs_dim=obs_dim, action_dim=action_dim, down_dims=[16, 32], diffusion_step_embed_dim=16)
+    cfg.scheduler.num_inference_steps = cfg.scheduler.num_train_timesteps = steps
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg)
+    policy.obs_normalizer.fit(torch.tensor([[obs_range[0]] * obs_dim, [obs_range[1]] * obs_dim]))
+    policy.action_normalizer.fit(torch.tensor([[action_range[0]] * action_dim, [action_range[1]] * action_dim]))
+    save_policy(policy, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pusht_ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "pusht", 5, 2, (0, 512), (0, 512))
+
+
+@pytest.fixture(scope="module")
+def lift_ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ck") / "lift", 19, 7, (-2, 2), (-1, 1))
+
+
+REQUIRED = {
+    "overall": ["pc_success", "avg_sum_reward", "avg_max_reward", "n_episodes", "eval_s"],
+    "inference": ["latency_ms", "iterations_mean", "nfe_mean", "calls"],
+    "control": ["mode", "target_hz", "achieved_hz", "deadline_misses"],
+}
+
+
+def check_info(info, n):
+    for section, keys in REQUIRED.items():
+        for k in keys:
+            assert k in info[section], f"{section}.{k} missing"
+    assert set(info["inference"]["latency_ms"]) >= {"p50", "p95", "p99", "max"}
+    assert info["overall"]["n_episodes"] == n == len(info["per_episode"])
+    for ep in info["per_episode"]:
+        assert {"seed", "success", "sum_reward", "max_reward", "length", "failure_reason"} <= set(ep)
+    assert info["versions"]["torch"] and info["versions"]["mujoco"] and info["versions"]["robosuite"]
+    assert info["sampler"]["name"] in ("picard", "sequential") and info["seeds"]
+
+
+@pytest.mark.slow
+def test_eval_robosuite_lift(tmp_path, lift_ckpt):
+    cfg = EvalConfig(task=TaskConfig(max_steps=16), checkpoint=lift_ckpt, n_episodes=2, output_dir=str(tmp_path), progress=False)
+    info = Evaluator(cfg, tmp_path).run_all()
+    check_info(info, 2)
+    assert json.loads((tmp_path / "eval_info.json").read_text())["overall"] == info["overall"]
+    lines = (tmp_path / "episodes.jsonl").read_text().splitlines()
+    assert [json.loads(x)["seed"] for x in lines] == [10_000_000, 10_000_001]
+    assert all(json.loads(x)["length"] == 16 for x in lines)
+
+
+@pytest.mark.slow
+def test_eval_pusht_compare_realtime(tmp_path, pusht_ckpt):
+    cfg = EvalConfig(task=PUSHT, checkpoint=pusht_ckpt, n_episodes=2, compare=True, output_dir=str(tmp_path),
+                     controller=ControllerConfig(mode="realtime"), sampler=SamplerConfig(window=4, tol=0.0), progress=False)
+    info = Evaluator(cfg, tmp_path).run_all()
+    check_info(info, 2)
+    cmp = info["compare"]
+    assert cmp["max_abs_dev"] < 1e-4  # tol=0: the Picard chunks are the sequential chunks
+    assert cmp["speedup"] > 0 and "pc_success_sequential" in cmp
+    assert info["control"]["mode"] == "realtime" and info["control"]["target_hz"] == 10
+    assert 5 < info["control"]["achieved_hz"] < 12  # paced near 10 Hz on the wall clock
+
+
+def test_realtime_counts_deadline_misses_when_the_budget_is_impossible(pusht_ckpt):
+    from paradiffpolicy import load_policy
+
+    policy = load_policy(pusht_ckpt, sampler=SamplerConfig(name="sequential"))
+    env = make_env(PUSHT)
+    agent = PolicyAgent(policy)
+    slow_infer = agent.infer
+
+    def slow(*a, **k):
+        time.sleep(0.5)  # 5 ticks at 50 Hz per call; a chunk holds 15 ticks: misses are unavoidable
+        return slow_infer(*a, **k)
+
+    agent.infer = slow
+    res = EpisodeRunner(env, agent, ControllerConfig(mode="realtime", hz=50), hold="repeat").run(seed=1)
+    assert res.length == 20 and res.deadline_misses > 0
+    assert res.failure_reason == "time limit"
+
+
+def test_env_fault_ends_episode_with_reason(pusht_ckpt):
+    from paradiffpolicy import load_policy
+
+    env = make_env(PUSHT)
+    real_step = env.step
+    calls = {"n": 0}
+
+    def flaky(action):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated MuJoCo instability")
+        return real_step(action)
+
+    env.step = flaky
+    res = EpisodeRunner(env, PolicyAgent(load_policy(pusht_ckpt)), ControllerConfig(), hold="repeat").run(seed=0)
+    assert res.failure_reason == "RuntimeError: simulated MuJoCo instability" and res.length == 4
+    res2 = EpisodeRunner(env, PolicyAgent(load_policy(pusht_ckpt)), ControllerConfig(), hold="repeat").run(seed=0)
+    assert res2.length == 20  # the next episode runs normally
+
+
+def test_warm_started_ticks_stay_exact(pusht_ckpt):
+    """Warm start changes only the iteration count: with tol=0 every chunk equals the sequential
+    chunk for the same observation and noise (the shadow comparison checks each call)."""
+    from paradiffpolicy import load_policy
+    from paradiffpolicy.sampling import make_sampler
+
+    policy = load_policy(pusht_ckpt, sampler=SamplerConfig(window=4, tol=0.0, warm_start=True))
+    shadow = make_sampler(policy.config.scheduler, SamplerConfig(name="sequential"))
+    agent = PolicyAgent(policy, shadow, warm_start=True)
+    res = EpisodeRunner(make_env(PUSHT), agent, ControllerConfig(), hold="repeat").run(seed=2)
+    assert res.inference.summary()["calls"] >= 3
+    assert res.inference.max_abs_dev < 1e-4
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+def test_hydra_composes_groups():
+    cfg = _compose("task=pusht", "sampler=sequential", "controller=realtime")
+    assert cfg.task.env_name == "gym_pusht/PushT-v0" and cfg.sampler.name == "sequential"
+    assert cfg.controller.mode == "realtime" and cfg.checkpoint == "checkpoints/pusht"
+    cfg = _compose("sampler.window=4", "sampler.tol=0.03")
+    assert (cfg.sampler.window, cfg.sampler.tol) == (4, 0.03)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["sampler.window=0", "checkpoint=x"], "sampler.window"),
+    (["sampler.tol=-1"], "sampler.tol"),
+    (["controller.mode=turbo"], "controller.mode"),
+    (["checkpoint=/nonexistent"], "checkpoint"),
+    (["n_episodes=0"], "n_episodes"),
+])
+def test_config_errors_name_the_key(overrides, match, lift_ckpt):
+    overrides = [o if o != "checkpoint=x" else f"checkpoint={lift_ckpt}" for o in overrides]
+    if not any(o.startswith("checkpoint=") for o in overrides):
+        overrides.append(f"checkpoint={lift_ckpt}")
+    cfg = _compose(*overrides)
+    with pytest.raises(ValueError, match=match):
+        cfg.validate()
+
+
+def test_unknown_task_and_key_fail_at_composition():
+    from hydra.errors import ConfigCompositionException, HydraException
+
+    with pytest.raises((ConfigCompositionException, HydraException), match="task"):
+        _compose("task=nonexistent")
+    with pytest.raises(Exception, match="windw"):
+        _compose("sampler.windw=3")
+
+
+@pytest.mark.slow
+def test_interrupted_eval_keeps_finished_episodes(tmp_path, pusht_ckpt):
+    cmd = [sys.executable, "-m", "paradiffpolicy.eval", "task=pusht", f"checkpoint={pusht_ckpt}", "n_episodes=200",
+           "task.max_steps=10", f"output_dir={tmp_path}", "progress=false"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    episodes = tmp_path / "episodes.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not episodes.exists() or len(episodes.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    finished = [json.loads(x) for x in episodes.read_text().splitlines()]
+    info = json.loads((tmp_path / "eval_info.json").read_text())
+    assert len(finished) >= 2, out.decode()[-2000:]
+    assert info["interrupted"] is True and info["overall"]["n_episodes"] == len(finished) < 200
