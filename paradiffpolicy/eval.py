@@ -30,7 +30,7 @@ from tqdm import tqdm
 from paradiffpolicy.checkpoint import load_policy
 from paradiffpolicy.config import SamplerConfig, to_dict
 from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
-from paradiffpolicy.control.controller import ControllerConfig, EpisodeResult, EpisodeRunner
+from paradiffpolicy.control.controller import ControllerConfig, EpisodeResult, EpisodeRunner, VectorRunner
 from paradiffpolicy.envs import TaskConfig, make_env
 from paradiffpolicy.runtime import sigterm_as_keyboard_interrupt, versions
 from paradiffpolicy.sampling import make_sampler
@@ -45,6 +45,9 @@ class EvalConfig:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     checkpoint: str = "${task.checkpoint}"
     n_episodes: int = 5
+    # fast mode only: environments stepped in lockstep with one batched policy call (throughput;
+    # latencies are then of batched calls: use n_envs=1 to measure latency)
+    n_envs: int = 1
     seed: int = 10_000_000
     compare: bool = False
     video: bool = False
@@ -59,6 +62,8 @@ class EvalConfig:
         self.controller.validate()
         if self.n_episodes < 1:
             raise ValueError(f"n_episodes={self.n_episodes} must be >= 1")
+        if self.n_envs < 1 or (self.n_envs > 1 and self.controller.mode != "fast"):
+            raise ValueError(f"n_envs={self.n_envs} must be >= 1, and 1 with controller.mode={self.controller.mode!r}")
         if self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1")
         if not (Path(self.checkpoint) / "config.json").is_file():
@@ -101,6 +106,7 @@ class Evaluator:
         torch.set_num_threads(cfg.threads)
         self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device)
         self.env = make_env(cfg.task, render=cfg.video)
+        self.extra_envs = [make_env(cfg.task) for _ in range(cfg.n_envs - 1)]
         pc = self.policy.config
         if (self.env.obs_dim, self.env.action_dim) != (pc.obs_dim, pc.action_dim):
             raise ValueError(
@@ -123,21 +129,22 @@ class Evaluator:
         seq_results: list[EpisodeResult] = []
         try:
             with sigterm_as_keyboard_interrupt():
-                self._episodes(PolicyAgent(self.policy, shadow, warm_start=cfg.sampler.warm_start),
+                self._episodes(lambda: PolicyAgent(self.policy, shadow, warm_start=cfg.sampler.warm_start),
                                "episodes.jsonl", "eval", results)
                 if cfg.compare:
                     self.policy.sampler = shadow
-                    self._episodes(PolicyAgent(self.policy), "episodes_sequential.jsonl", "sequential", seq_results)
+                    self._episodes(lambda: PolicyAgent(self.policy), "episodes_sequential.jsonl", "sequential", seq_results)
         except KeyboardInterrupt:
             info["interrupted"] = True
             log.warning("interrupted; summarising the finished episodes")
         finally:
-            self.env.close()
+            for env in [self.env, *self.extra_envs]:
+                env.close()
         main = aggregate(results, time.perf_counter() - t0)
         inf_log = main.pop("_log")
         info.update(main)
         info["control"].update({"mode": cfg.controller.mode, "target_hz": cfg.controller.hz or cfg.task.control_hz})
-        info["per_episode"] = [r.to_json() for r in results]
+        info["per_episode"] = [r.to_json() for r in sorted(results, key=lambda r: r.seed)]
         if cfg.compare:
             seq = aggregate(seq_results, 0.0)
             seq.pop("_log")
@@ -153,14 +160,20 @@ class Evaluator:
         print(summary_table(info))
         return info
 
-    def _episodes(self, agent: PolicyAgent, filename: str, desc: str, results: list[EpisodeResult]) -> None:
+    def _episodes(self, make_agent, filename: str, desc: str, results: list[EpisodeResult]) -> None:
         cfg = self.cfg
-        runner = EpisodeRunner(self.env, agent, cfg.controller, cfg.task.hold, record_video=cfg.video)
-        bar = tqdm(range(cfg.n_episodes), desc=f"{desc} {cfg.task.name}", disable=not cfg.progress)
+        seeds = [cfg.seed + i for i in range(cfg.n_episodes)]
+        if cfg.n_envs > 1:
+            envs = [self.env, *self.extra_envs]
+            stream = VectorRunner(envs, [make_agent() for _ in envs]).run(seeds)
+        else:
+            runner = EpisodeRunner(self.env, make_agent(), cfg.controller, cfg.task.hold, record_video=cfg.video)
+            stream = (runner.run(s) for s in seeds)
+        bar = tqdm(total=cfg.n_episodes, desc=f"{desc} {cfg.task.name}", disable=not cfg.progress)
         with open(self.out / filename, "a") as f:
-            for i in bar:
-                res = runner.run(cfg.seed + i)
+            for res in stream:
                 results.append(res)
+                bar.update(1)
                 f.write(json.dumps(res.to_json()) + "\n")
                 f.flush()
                 if res.frames:

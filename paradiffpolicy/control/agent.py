@@ -83,38 +83,60 @@ class PolicyAgent:
 
     def infer(self, obs_tick: int, history: np.ndarray | None = None) -> Chunk:
         """One policy call (blocking) on ``history`` (To, Do), default the current one."""
-        policy = self.policy
-        obs = torch.from_numpy(self.snapshot() if history is None else history)[None]
-        noise = policy.draw_noise(1, self.generator)
-        warm = None
-        if self.warm_start and self._previous is not None:
-            # warm start (DESIGN: closed-loop warm start): the previous tick's noise and converged
-            # trajectory, both moved by the ticks elapsed; the sample is still exactly the
-            # sequential sample for this observation and this noise.
-            prev_tick, prev_noise, prev_states = self._previous
-            shift = obs_tick - prev_tick
-            noise = prev_noise.shifted(shift, noise)
-            warm = WarmStart.from_previous(prev_states, shift)
-        t0 = time.perf_counter()
-        _, info = policy.predict_action(obs, noise=noise, warm_start=warm, return_states=self.warm_start)
-        latency = time.perf_counter() - t0
-        stats = info["stats"]
-        if self.warm_start:
-            self._previous = (obs_tick, noise, stats.extra.pop("states"))
-        self.log.latency_ms.append(latency * 1e3)
-        self.log.rounds.append(stats.rounds)
-        self.log.nfe.append(float(stats.nfe.float().mean()))
-        self.log.converged.append(bool(stats.converged.all()))
-        if self.shadow_sampler is not None:
-            main = policy.sampler
-            policy.sampler = self.shadow_sampler
-            t1 = time.perf_counter()
-            _, ref = policy.predict_action(obs, noise=noise)
-            self.log.shadow_ratio.append((time.perf_counter() - t1) / latency)
-            policy.sampler = main
-            start = policy.config.n_obs_steps - 1
-            sl = slice(start, start + policy.config.n_action_steps)
-            dev = (info["action_pred_normalized"][:, sl] - ref["action_pred_normalized"][:, sl]).abs().max()
-            self.log.max_abs_dev = max(self.log.max_abs_dev, float(dev))
-        start = policy.config.n_obs_steps - 1
-        return Chunk(obs_tick, info["action_pred"][0, start:].cpu().numpy().astype(np.float64))
+        return infer_batch([self], [obs_tick], None if history is None else [history])[0]
+
+
+def infer_batch(agents: list[PolicyAgent], obs_ticks: list[int], histories: list[np.ndarray] | None = None) -> list[Chunk]:
+    """One batched policy call for several agents of the same policy (vectorised evaluation).
+
+    Each agent keeps its own noise stream and warm start; Picard rows converge independently, so
+    each chunk is the one the agent would get alone. Latency is the batched call's.
+    """
+    policy = agents[0].policy
+    if histories is None:
+        histories = [a.snapshot() for a in agents]
+    obs = torch.from_numpy(np.stack(histories))
+    noises = [policy.draw_noise(1, a.generator) for a in agents]
+    warm_start = agents[0].warm_start
+    warm = None
+    prev = [a._previous for a in agents]
+    shifts = {t - p[0] for t, p in zip(obs_ticks, prev) if p is not None}
+    if warm_start and all(p is not None for p in prev) and len(shifts) == 1:
+        # closed-loop warm start: the previous tick's noise and converged trajectory, both moved
+        # by the ticks elapsed. The sample is still exactly the sequential sample for this
+        # observation and this noise; only the iteration count changes.
+        shift = shifts.pop()
+        noises = [p[1].shifted(shift, n) for p, n in zip(prev, noises)]
+        warm = WarmStart.from_previous(torch.cat([p[2] for p in prev]), shift)
+    noise = SamplerNoise(torch.cat([n.initial for n in noises]), torch.cat([n.steps for n in noises], dim=1))
+    t0 = time.perf_counter()
+    _, info = policy.predict_action(obs, noise=noise, warm_start=warm, return_states=warm_start)
+    latency = time.perf_counter() - t0
+    stats = info["stats"]
+    states = stats.extra.pop("states", None)
+    start = policy.config.n_obs_steps - 1
+    devs, ratio = None, None
+    shadow = agents[0].shadow_sampler
+    if shadow is not None:
+        main = policy.sampler
+        policy.sampler = shadow
+        t1 = time.perf_counter()
+        _, ref = policy.predict_action(obs, noise=noise)
+        ratio = (time.perf_counter() - t1) / latency
+        policy.sampler = main
+        sl = slice(start, start + policy.config.n_action_steps)
+        devs = (info["action_pred_normalized"][:, sl] - ref["action_pred_normalized"][:, sl]).abs().flatten(1).max(1).values
+    actions = info["action_pred"][:, start:].cpu().numpy().astype(np.float64)
+    chunks = []
+    for i, agent in enumerate(agents):
+        if warm_start:
+            agent._previous = (obs_ticks[i], noises[i], states[i : i + 1])
+        agent.log.latency_ms.append(latency * 1e3)
+        agent.log.rounds.append(int(stats.iterations[i]))
+        agent.log.nfe.append(float(stats.nfe[i]))
+        agent.log.converged.append(bool(stats.converged[i]))
+        if devs is not None:
+            agent.log.shadow_ratio.append(ratio)
+            agent.log.max_abs_dev = max(agent.log.max_abs_dev, float(devs[i]))
+        chunks.append(Chunk(obs_ticks[i], actions[i]))
+    return chunks

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
+from paradiffpolicy.control.agent import InferenceLog, PolicyAgent, infer_batch
 from paradiffpolicy.envs.base import PolicyEnv
 
 MODES = ("fast", "realtime")
@@ -158,3 +158,65 @@ class EpisodeRunner:
                     break
             if pending is not None:
                 pending.result()  # let the thread finish before the agent is reused
+
+
+class VectorRunner:
+    """``fast`` mode over several environments in lockstep with one batched policy call per chunk
+    (throughput for success-rate evaluation; the latencies it records are batched calls)."""
+
+    def __init__(self, envs: list[PolicyEnv], agents: list[PolicyAgent]):
+        self.envs, self.agents = envs, agents
+
+    def run(self, seeds: list[int]):
+        """Yield each EpisodeResult as its episode ends (in completion order)."""
+        queue = list(seeds)
+        slots: list[tuple[EpisodeResult, float] | None] = [None] * len(self.envs)
+
+        def start(i: int) -> None:
+            while queue:
+                res = EpisodeResult(seed=queue.pop(0))
+                self.agents[i].log = res.inference
+                try:
+                    self.agents[i].reset(self.envs[i].reset(res.seed), res.seed)
+                    slots[i] = (res, time.perf_counter())
+                    return
+                except Exception as e:  # noqa: BLE001
+                    res.failure_reason = f"{type(e).__name__}: {e}"
+                    finished.append(res)
+            slots[i] = None
+
+        finished: list[EpisodeResult] = []
+        for i in range(len(self.envs)):
+            start(i)
+        ta = self.agents[0].policy.config.n_action_steps
+        while any(slots) or finished:
+            yield from finished
+            finished.clear()
+            active = [i for i, s in enumerate(slots) if s is not None]
+            if not active:
+                break
+            chunks = infer_batch([self.agents[i] for i in active], [slots[i][0].length for i in active])
+            for i, chunk in zip(active, chunks):
+                res, t0 = slots[i]
+                done = False
+                try:
+                    for j in range(ta):
+                        step = self.envs[i].step(chunk.actions[j])
+                        res.length += 1
+                        res.sum_reward += step.reward
+                        res.max_reward = max(res.max_reward, step.reward)
+                        res.success = res.success or step.success
+                        self.agents[i].observe(step.obs)
+                        if step.done:
+                            done = True
+                            break
+                except Exception as e:  # noqa: BLE001 - an env fault ends this episode only
+                    res.failure_reason = f"{type(e).__name__}: {e}"
+                    done = True
+                if done:
+                    if res.failure_reason is None and not res.success:
+                        res.failure_reason = "time limit"
+                    res.wall_s = time.perf_counter() - t0
+                    res.achieved_hz = res.length / res.wall_s
+                    finished.append(res)
+                    start(i)
