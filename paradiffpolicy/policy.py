@@ -110,6 +110,7 @@ class DiffusionPolicy(nn.Module):
         generator: torch.Generator | None = None,
         warm_start: WarmStart | None = None,
         return_states: bool = False,
+        deadline: float | None = None,
     ) -> tuple[Tensor, dict]:
         """Sample an action chunk.
 
@@ -120,6 +121,8 @@ class DiffusionPolicy(nn.Module):
             warm_start: initial guess for the Picard trajectory (normalised units); changes the
                 iteration count, never the result.
             return_states: keep the final trajectory in ``info["stats"].extra["states"]``.
+            deadline: ``time.perf_counter()`` instant after which Picard returns its current
+                estimate, flagged ``converged=False`` (the sequential sampler ignores it).
         Returns:
             ``(actions (B, Ta, Da), info)`` with ``info["action_pred"]`` (B, T, Da), the full
             trajectory, ``info["action_pred_normalized"]`` and ``info["stats"]`` (SampleStats).
@@ -137,7 +140,7 @@ class DiffusionPolicy(nn.Module):
             )
         cond = self.obs_normalizer.normalize(obs).reshape(bsz, -1)
         naction, stats = self.sampler.sample(self.model, noise.to(self.device), cond, warm_start=warm_start,
-                                             return_states=return_states)
+                                             return_states=return_states, deadline=deadline)
         if not torch.isfinite(naction).all():
             raise FloatingPointError("the sampled action contains NaN or inf; the network output is not finite")
         action_pred = self.action_normalizer.unnormalize(naction)

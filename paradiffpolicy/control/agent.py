@@ -31,6 +31,7 @@ class InferenceLog:
     converged: list = field(default_factory=list)
     max_abs_dev: float = 0.0
     shadow_ratio: list = field(default_factory=list)
+    budget_hits: int = 0
 
     def summary(self) -> dict:
         lat = np.asarray(self.latency_ms) if self.latency_ms else np.zeros(1)
@@ -40,6 +41,7 @@ class InferenceLog:
             "iterations_mean": float(np.mean(self.rounds)) if self.rounds else 0.0,
             "nfe_mean": float(np.mean(self.nfe)) if self.nfe else 0.0,
             "unconverged_calls": int(len(self.converged) - sum(self.converged)),
+            "budget_hits": self.budget_hits,
         }
         out["latency_ms"]["max"] = float(lat.max())
         out["latency_ms"]["mean"] = float(lat.mean())
@@ -49,6 +51,7 @@ class InferenceLog:
         for name in ("latency_ms", "rounds", "nfe", "converged", "shadow_ratio"):
             getattr(self, name).extend(getattr(other, name))
         self.max_abs_dev = max(self.max_abs_dev, other.max_abs_dev)
+        self.budget_hits += other.budget_hits
 
 
 class PolicyAgent:
@@ -58,8 +61,10 @@ class PolicyAgent:
     observation and noise after every call, to measure the deviation and per-call speed ratio.
     """
 
-    def __init__(self, policy: DiffusionPolicy, shadow_sampler=None, warm_start: bool = False):
+    def __init__(self, policy: DiffusionPolicy, shadow_sampler=None, warm_start: bool = False,
+                 budget_s: float | None = None):
         self.policy = policy
+        self.budget_s = budget_s
         self.shadow_sampler = shadow_sampler
         self.warm_start = warm_start
         self._previous: tuple[int, SamplerNoise, torch.Tensor] | None = None
@@ -110,9 +115,12 @@ def infer_batch(agents: list[PolicyAgent], obs_ticks: list[int], histories: list
         warm = WarmStart.from_previous(torch.cat([p[2] for p in prev]), shift)
     noise = SamplerNoise(torch.cat([n.initial for n in noises]), torch.cat([n.steps for n in noises], dim=1))
     t0 = time.perf_counter()
-    _, info = policy.predict_action(obs, noise=noise, warm_start=warm, return_states=warm_start)
+    budget = agents[0].budget_s
+    _, info = policy.predict_action(obs, noise=noise, warm_start=warm, return_states=warm_start,
+                                    deadline=None if budget is None else t0 + budget)
     latency = time.perf_counter() - t0
     stats = info["stats"]
+    hit = bool(stats.extra.get("deadline_hit", False))
     states = stats.extra.pop("states", None)
     start = policy.config.n_obs_steps - 1
     devs, ratio = None, None
@@ -135,6 +143,7 @@ def infer_batch(agents: list[PolicyAgent], obs_ticks: list[int], histories: list
         agent.log.rounds.append(int(stats.iterations[i]))
         agent.log.nfe.append(float(stats.nfe[i]))
         agent.log.converged.append(bool(stats.converged[i]))
+        agent.log.budget_hits += hit
         if devs is not None:
             agent.log.shadow_ratio.append(ratio)
             agent.log.max_abs_dev = max(agent.log.max_abs_dev, float(devs[i]))

@@ -2,25 +2,20 @@
 
 * ``fast``: call the policy, execute ``Ta`` actions, repeat — as fast as the machine allows
   (Diffusion Policy's simulation eval).
-* ``realtime``: one environment step per tick of the task's control clock, on the wall clock.
-  The next chunk is inferred in a background thread while the current one executes, started
-  ``lead`` ticks before the current chunk's ``Ta`` actions run out (``lead`` from the measured
-  p95 latency). A chunk predicted from the observation at tick ``s`` gives the action for tick
-  ``s + j``; actions whose tick has passed when it arrives are dropped (latency matching), and it
-  may be used past ``Ta`` up to the end of its horizon while the next one is late. A tick with no
-  valid action is a **deadline miss**: the hold action is sent and the miss is counted.
+* ``realtime``: one environment step per tick of the task's control clock, on the wall clock,
+  through :class:`~paradiffpolicy.control.runner.PolicyRunner` (background inference, latency
+  matching, deadline misses counted). Ticks that start late are counted as ``late_ticks``.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from paradiffpolicy.control.agent import InferenceLog, PolicyAgent, infer_batch
+from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs.base import PolicyEnv
 
 MODES = ("fast", "realtime")
@@ -63,14 +58,6 @@ class EpisodeResult:
         }
 
 
-def hold_action(last: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "repeat":
-        return last
-    held = np.zeros_like(last)
-    held[-1] = last[-1]  # keep the gripper command
-    return held
-
-
 class EpisodeRunner:
     def __init__(self, env: PolicyEnv, agent: PolicyAgent, cfg: ControllerConfig, hold: str, record_video: bool = False):
         cfg.validate()
@@ -83,9 +70,9 @@ class EpisodeRunner:
         self.agent.log = res.inference
         t0 = time.perf_counter()
         try:
-            obs = self.env.reset(seed)
-            self.agent.reset(obs, seed)
+            self._obs = self.env.reset(seed)
             if self.cfg.mode == "fast":
+                self.agent.reset(self._obs, seed)
                 self._fast(res)
             else:
                 self._realtime(res)
@@ -107,7 +94,9 @@ class EpisodeRunner:
         res.sum_reward += step.reward
         res.max_reward = max(res.max_reward, step.reward)
         res.success = res.success or step.success
-        self.agent.observe(step.obs)
+        self._obs = step.obs
+        if self.cfg.mode == "fast":
+            self.agent.observe(step.obs)
         if self.record_video:
             frame = self.env.render()
             if frame is not None:
@@ -123,41 +112,28 @@ class EpisodeRunner:
                     return
 
     def _realtime(self, res: EpisodeResult) -> None:
-        ta = self.agent.policy.config.n_action_steps
         period = 1.0 / self.hz
-        chunk = self.agent.infer(0)  # the first chunk is computed before the clock starts
-        last = chunk.actions[0]
-        pending: Future | None = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") as pool:
+        runner = PolicyRunner(self.agent, self.hz, self.hold)
+        try:
+            runner.reset(self._obs, res.seed)  # the first chunk is computed before the clock starts
             start = time.perf_counter()
-            tick = 0
+            obs = self._obs
             while True:
-                due = start + tick * period
+                due = start + runner.tick * period
                 now = time.perf_counter()
                 if now < due:
                     time.sleep(due - now)
                 elif now - due > self.cfg.late_tolerance * period:
                     res.late_ticks += 1
-                if pending is not None and pending.done():
-                    chunk, pending = pending.result(), None
-                lat = res.inference.latency_ms
-                lead = math.ceil(np.percentile(lat, 95) / 1e3 / period) + 1 if lat else ta // 2
-                if pending is None and tick >= chunk.obs_tick + max(0, ta - lead):
-                    pending = pool.submit(self.agent.infer, tick, self.agent.snapshot())
-                off = tick - chunk.obs_tick
-                if off < len(chunk.actions):
-                    action = chunk.actions[off]
-                else:
-                    action = hold_action(last, self.hold)
-                    res.deadline_misses += 1
-                last = action
-                tick += 1
+                action = runner.step(obs)
                 done = self._step(res, action)
-                res.achieved_hz = tick / (time.perf_counter() - start)  # the paced loop only
+                obs = self._obs
+                res.achieved_hz = runner.tick / (time.perf_counter() - start)  # the paced loop only
                 if done:
                     break
-            if pending is not None:
-                pending.result()  # let the thread finish before the agent is reused
+        finally:
+            runner.close()
+            res.deadline_misses = runner.deadline_misses
 
 
 class VectorRunner:

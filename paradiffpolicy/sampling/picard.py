@@ -24,6 +24,8 @@ closed-form expression, ``x_j = Φ_ej x_e + Ψ_ej x̂0 + R_j - Φ_ej R_e``.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -87,6 +89,7 @@ class PicardSampler:
         global_cond: Tensor | None = None,
         warm_start: WarmStart | None = None,
         return_states: bool = False,
+        deadline: float | None = None,
     ) -> tuple[Tensor, SampleStats]:
         """Return (x_N (B, T, Da), stats); same result as SequentialSampler within ``tol``.
 
@@ -94,6 +97,8 @@ class PicardSampler:
         in time); it replaces the initial guess where ``warm_start.valid`` and is never overwritten
         by the rollout, so only the iteration count changes, not the fixed point.
         ``return_states``: put the final trajectory (B, N+1, ...) in ``stats.extra["states"]``.
+        ``deadline``: a ``time.perf_counter()`` instant; past it, stop after the current iteration
+        and return the current estimate with ``converged=False`` and ``extra["deadline_hit"]``.
         """
         table, n, p = self.table, self.num_steps, self.window
         if noise.num_steps != n:
@@ -125,7 +130,11 @@ class PicardSampler:
         nfe = torch.zeros(bsz, dtype=torch.long)
         residual = torch.zeros(bsz, device=dev)
         rounds = 0
+        deadline_hit = False
         while rounds < self.max_iters:
+            if deadline is not None and time.perf_counter() > deadline:
+                deadline_hit = bool((b < n).any())
+                break
             # One small host read per iteration decides which rows still run and the window size;
             # it lets finished rows drop out (a batch does not wait for its slowest member).
             b_host = b.cpu()
@@ -177,6 +186,8 @@ class PicardSampler:
 
         converged = (b >= n).cpu()
         stats = SampleStats(iterations=iterations, nfe=nfe, residual=residual.cpu(), converged=converged, rounds=rounds)
+        if deadline is not None:
+            stats.extra["deadline_hit"] = deadline_hit
         if return_states:
             stats.extra["states"] = xs[:, : n + 1].clone()
         return xs[:, n].clone(), stats

@@ -36,9 +36,11 @@ class SequentialSampler:
         global_cond: Tensor | None = None,
         warm_start=None,
         return_states: bool = False,
+        deadline: float | None = None,
     ) -> tuple[Tensor, SampleStats]:
         """Return (x_N (B, T, Da), stats). ``warm_start`` is accepted for interface parity and
-        ignored (there is nothing to guess); ``return_states`` stores x_0..x_N in
+        ignored (there is nothing to guess), so is ``deadline`` (a partly denoised sample is no
+        action); ``return_states`` stores x_0..x_N in
         ``stats.extra["states"]`` (B, N+1, ...)."""
         table = self.table
         n = table.num_steps
