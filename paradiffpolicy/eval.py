@@ -85,6 +85,8 @@ def aggregate(results: list[EpisodeResult], wall_s: float) -> dict:
             "avg_sum_reward": float(np.mean([r.sum_reward for r in results])) if n else 0.0,
             "avg_max_reward": float(np.mean([r.max_reward for r in results])) if n else 0.0,
             "eval_s": round(wall_s, 2),
+            **({"avg_max_coverage": float(np.mean([r.max_coverage for r in results]))}
+               if n and all(r.max_coverage is not None for r in results) else {}),
         },
         "inference": inf.summary(),
         "control": {
@@ -116,7 +118,7 @@ class Evaluator:
 
     def run_all(self) -> dict:
         cfg = self.cfg
-        info: dict = {"task": cfg.task.name, "checkpoint": cfg.checkpoint, "sampler": {**to_dict(cfg.sampler), **self.policy.sampler.settings(),
+        info: dict = {"task": cfg.task.name, "checkpoint": cfg.checkpoint, "n_envs": cfg.n_envs, "sampler": {**to_dict(cfg.sampler), **self.policy.sampler.settings(),
                       "num_inference_steps": self.policy.num_inference_steps},
                       "controller": to_dict(cfg.controller), "seeds": [cfg.seed + i for i in range(cfg.n_episodes)],
                       "versions": versions(), "device": cfg.device, "threads": cfg.threads, "interrupted": False}

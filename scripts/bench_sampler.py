@@ -42,6 +42,7 @@ class BenchConfig:
     seed: int = 0
     # Picard settings; one variant per entry of ``inits`` (the first is reported as ``picard``)
     window: int = 16
+    windows: List[int] = field(default_factory=list)  # several windows in one run (overrides window)
     tol: float = 0.1
     max_iters: Optional[int] = None
     inits: List[str] = field(default_factory=lambda: ["rollout"])
@@ -54,6 +55,9 @@ class BenchConfig:
     diffusion_step_embed_dim: int = 64
     machine: str = ""
     out: str = ""
+    # observations: "dataset" (real observation windows from the checkpoint's training data, when
+    # known) or "uniform" (uniform over the normaliser's range)
+    obs: str = "dataset"
 
 
 def parse(argv: list[str]) -> BenchConfig:
@@ -79,6 +83,33 @@ def build_policy(cfg: BenchConfig) -> DiffusionPolicy:
     return load_policy(cfg.checkpoint, device=cfg.device)
 
 
+def observation_source(cfg: BenchConfig, policy: DiffusionPolicy, gen: torch.Generator):
+    """A function returning one (batch, To, Do) observation tensor per call."""
+    pc = policy.config
+    dataset = (getattr(policy, "metadata", None) or {}).get("dataset", {}).get("path")
+    if cfg.obs == "dataset" and dataset and Path(dataset).exists():
+        from paradiffpolicy.data.replay_buffer import ReplayBuffer
+
+        buf = ReplayBuffer.open(dataset)
+        data, ends = torch.from_numpy(np.asarray(buf["obs"], dtype=np.float32)), buf.episode_ends
+        starts = np.concatenate([[0], ends[:-1]])
+
+        def draw():
+            ep = torch.randint(len(ends), (cfg.batch,), generator=gen).numpy()
+            t = [int(torch.randint(int(starts[e]), int(ends[e]) - pc.n_obs_steps + 1, (1,), generator=gen)) for e in ep]
+            return torch.stack([data[i : i + pc.n_obs_steps] for i in t]).to(policy.device)
+
+        draw.kind = f"dataset {dataset}"
+        return draw
+
+    def draw_uniform():
+        unit = torch.rand(cfg.batch, pc.n_obs_steps, pc.obs_dim, generator=gen) * 2 - 1
+        return policy.obs_normalizer.unnormalize(unit.to(policy.device))
+
+    draw_uniform.kind = "uniform over the normaliser range"
+    return draw_uniform
+
+
 def percentiles(xs: list[float]) -> dict:
     a = np.asarray(xs)
     return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
@@ -93,9 +124,12 @@ def main(argv: list[str]) -> dict:
     policy = build_policy(cfg)
     common = dict(scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps)
     samplers = {"sequential": SamplerConfig(name="sequential", **common)}
-    for init in cfg.inits:
-        samplers[f"picard-{init}"] = SamplerConfig(name="picard", window=cfg.window, tol=cfg.tol,
-                                                   max_iters=cfg.max_iters, init=init, **common)
+    windows = list(cfg.windows) or [cfg.window]
+    for window in windows:
+        for init in cfg.inits:
+            name = f"picard-{init}" + (f"-p{window}" if len(windows) > 1 else "")
+            samplers[name] = SamplerConfig(name="picard", window=window, tol=cfg.tol, max_iters=cfg.max_iters,
+                                           init=init, **common)
     built = {}
     for name, scfg in samplers.items():
         policy.set_sampler(scfg)
@@ -111,9 +145,9 @@ def main(argv: list[str]) -> dict:
     dev = {n: 0.0 for n in names}
     ratios = {n: [] for n in names if n != "sequential"}
     start = pc.n_obs_steps - 1
+    draw_obs = observation_source(cfg, policy, gen)
     for trial in range(cfg.warmup + cfg.trials):
-        unit = torch.rand(cfg.batch, pc.n_obs_steps, pc.obs_dim, generator=gen) * 2 - 1
-        obs = policy.obs_normalizer.unnormalize(unit.to(policy.device))
+        obs = draw_obs()
         noise = None  # drawn once per trial, shared by every sampler
         chunks, times = {}, {}
         order = names[trial % len(names):] + names[: trial % len(names)]
@@ -165,6 +199,7 @@ def main(argv: list[str]) -> dict:
         "paradiffpolicy_version": __version__,
         "python": platform.python_version(),
         "num_inference_steps": built["sequential"].table.num_steps,
+        "observations": draw_obs.kind,
         "settings": dataclasses.asdict(cfg),
         "policy": {"down_dims": list(pc.down_dims), "horizon": pc.horizon, "action_dim": pc.action_dim,
                    "params_m": sum(p.numel() for p in policy.model.parameters()) / 1e6},

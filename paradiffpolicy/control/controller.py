@@ -40,6 +40,7 @@ class EpisodeResult:
     success: bool = False
     sum_reward: float = 0.0
     max_reward: float = 0.0
+    max_coverage: float | None = None  # PushT: the env's coverage of the goal region
     length: int = 0
     failure_reason: str | None = None
     deadline_misses: int = 0
@@ -49,9 +50,19 @@ class EpisodeResult:
     inference: InferenceLog = field(default_factory=InferenceLog)
     frames: list = field(default_factory=list)
 
+    def record(self, step) -> None:
+        """Account one environment step (a StepResult)."""
+        self.length += 1
+        self.sum_reward += step.reward
+        self.max_reward = max(self.max_reward, step.reward)
+        self.success = self.success or step.success
+        if "coverage" in step.info:
+            self.max_coverage = max(self.max_coverage or 0.0, float(step.info["coverage"]))
+
     def to_json(self) -> dict:
         return {
             "seed": self.seed, "success": self.success, "sum_reward": self.sum_reward, "max_reward": self.max_reward,
+            **({} if self.max_coverage is None else {"max_coverage": self.max_coverage}),
             "length": self.length, "failure_reason": self.failure_reason, "deadline_misses": self.deadline_misses,
             "late_ticks": self.late_ticks, "wall_s": round(self.wall_s, 3), "achieved_hz": round(self.achieved_hz, 2),
             "inference": self.inference.summary(),
@@ -90,10 +101,7 @@ class EpisodeRunner:
 
     def _step(self, res: EpisodeResult, action: np.ndarray) -> bool:
         step = self.env.step(action)
-        res.length += 1
-        res.sum_reward += step.reward
-        res.max_reward = max(res.max_reward, step.reward)
-        res.success = res.success or step.success
+        res.record(step)
         self._obs = step.obs
         if self.cfg.mode == "fast":
             self.agent.observe(step.obs)
@@ -178,10 +186,7 @@ class VectorRunner:
                 try:
                     for j in range(ta):
                         step = self.envs[i].step(chunk.actions[j])
-                        res.length += 1
-                        res.sum_reward += step.reward
-                        res.max_reward = max(res.max_reward, step.reward)
-                        res.success = res.success or step.success
+                        res.record(step)
                         self.agents[i].observe(step.obs)
                         if step.done:
                             done = True
