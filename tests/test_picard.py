@@ -148,3 +148,32 @@ def test_property_rounds_bounded_and_result_finite(steps, window, tol, seed):
     assert stats.rounds <= steps
     assert (stats.nfe <= stats.iterations * min(window, steps)).all()
     assert torch.isfinite(x).all() and (x - ref).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("name,steps", [("ddpm", 100), ("ddim", 16), ("dpmsolver++", 16)])
+def test_warm_start_changes_iterations_not_the_sample(name, steps):
+    """Any warm start (here: the converged trajectory for another observation, time-shifted, and
+    pure garbage) leaves the fixed point — the sequential sample — unchanged."""
+    from paradiffpolicy.sampling import WarmStart
+
+    table, model, noise, cond, ref = _setup(name, steps, batch=2)
+    _, first = PicardSampler(table, window=8, tol=0.0).sample(model, noise, cond + 0.3, return_states=True)
+    states = first.extra["states"]
+    assert states.shape == (2, steps + 1, 8, 3)
+    garbage = torch.randn_like(states) * 5
+    for warm in (WarmStart(states, torch.ones(8, dtype=torch.bool)), WarmStart.from_previous(states, 3),
+                 WarmStart(garbage, torch.ones(8, dtype=torch.bool))):
+        x, stats = PicardSampler(table, window=8, tol=0.0).sample(model, noise, cond, warm_start=warm)
+        assert (x - ref).abs().max() < 1e-4 and bool(stats.converged.all())
+    # the same observation's own trajectory is a perfect guess: one pass over the windows suffices
+    own = PicardSampler(table, window=8, tol=0.0).sample(model, noise, cond, return_states=True)[1].extra["states"]
+    x, stats = PicardSampler(table, window=8, tol=1e-3).sample(model, noise, cond, warm_start=WarmStart(own, torch.ones(8, dtype=torch.bool)))
+    assert stats.rounds <= -(-steps // 8) + 1 and (x - ref).abs().max() < 1e-4
+
+
+def test_noise_shift_moves_the_horizon_and_keeps_the_overlap():
+    a, b = draw_noise((1, 8, 3), 5, torch.Generator().manual_seed(0)), draw_noise((1, 8, 3), 5, torch.Generator().manual_seed(1))
+    s = a.shifted(3, b)
+    assert torch.equal(s.initial[:, :5], a.initial[:, 3:]) and torch.equal(s.initial[:, 5:], b.initial[:, 5:])
+    assert torch.equal(s.steps[:, :, :5], a.steps[:, :, 3:]) and torch.equal(s.steps[:, :, 5:], b.steps[:, :, 5:])
+    assert a.shifted(8, b) is b and a.shifted(0, b) is a

@@ -94,8 +94,8 @@ class PicardSampler:
         """Return (x_N (B, T, Da), stats); same result as SequentialSampler within ``tol``.
 
         ``warm_start``: a guess for the whole trajectory (e.g. the previous control tick's, shifted
-        in time); it replaces the initial guess where ``warm_start.valid`` and is never overwritten
-        by the rollout, so only the iteration count changes, not the fixed point.
+        in time); where ``warm_start.valid``, it replaces the rollout guess (corrected as the
+        window moves, see ``_fill_tail``). Only the iteration count changes, not the fixed point.
         ``return_states``: put the final trajectory (B, N+1, ...) in ``stats.extra["states"]``.
         ``deadline``: a ``time.perf_counter()`` instant; past it, stop after the current iteration
         and return the current estimate with ``converged=False`` and ``extra["deadline_hit"]``.
@@ -119,11 +119,11 @@ class PicardSampler:
         x0buf = torch.zeros((bsz, n + 1, *shape), device=dev, dtype=torch.float32)
         # noise part of the frozen-x̂0 rollout from x_0: R_j = Σ_{l<j} Φ_{l+1,j} σ_l z_l, (B, N+1, ...)
         r_noise = torch.einsum("jl,bl...->bj...", self.noise_kernel, sz)
-        keep = None  # (1, 1, ...) True where the warm start's guess must be kept
+        warm = None  # (states (B, N+1, ...), mask (1, 1, ...)) of the warm start
         if warm_start is not None:
-            keep = warm_start.mask(shape, dev)
-            xs[:, 1 : n + 1] = warm_start.states[:, 1:].to(dev, torch.float32)
-        self._fill_tail(xs, x0buf[:, 0], r_noise, rows_all, torch.zeros(bsz, dtype=torch.long, device=dev), steps, keep)
+            warm = (warm_start.states.to(dev, torch.float32), warm_start.mask(shape, dev))
+            xs[:, 1 : n + 1] = warm[0][:, 1:]
+        self._fill_tail(xs, x0buf[:, 0], r_noise, rows_all, torch.zeros(bsz, dtype=torch.long, device=dev), steps, warm)
 
         b = torch.zeros(bsz, dtype=torch.long, device=dev)
         iterations = torch.zeros(bsz, dtype=torch.long)
@@ -176,7 +176,7 @@ class PicardSampler:
             # guesses for everything past the window end e = b + length, from the newest x̂0
             end = bb + length
             x0_last = x0[torch.arange(r, device=dev), length - 1]
-            self._fill_tail(xs, x0_last, r_noise, rows, end, steps, keep)
+            self._fill_tail(xs, x0_last, r_noise, rows, end, steps, warm)
             b[rows] = b_new
 
             iterations[active] += 1
@@ -193,23 +193,28 @@ class PicardSampler:
         return xs[:, n].clone(), stats
 
     def _fill_tail(self, xs: Tensor, x0: Tensor, r_noise: Tensor, rows: Tensor, end: Tensor, steps: Tensor,
-                   keep: Tensor | None) -> None:
-        """Overwrite states j > end[r] (j <= N) of ``rows`` with a guess from x_end and x̂0 (R, ...),
-        except where ``keep`` marks warm-started entries."""
+                   warm: tuple[Tensor, Tensor] | None) -> None:
+        """Overwrite states j > end[r] (j <= N) of ``rows`` with a guess from x_end and x̂0 (R, ...).
+
+        Warm-started entries instead get the warm trajectory corrected by how far the window end
+        has moved from it, propagated linearly: ``w_j + Φ_ej (x_e - w_e)`` (same noise, so the
+        noise terms cancel; exact for the frozen-x̂0 dynamics)."""
         n = self.num_steps
         x_end = xs[rows, end]  # (R, ...)
         extra = [1] * (x_end.dim() - 1)
+        phi = self.phi[end].view(-1, n + 1, *extra)  # Φ_{e,j}, (R, N+1, 1...)
         if self.init == "copy":
             guess = x_end.unsqueeze(1).expand(-1, n + 1, *x_end.shape[1:])
         else:
-            phi = self.phi[end].view(-1, n + 1, *extra)  # Φ_{e,j}, (R, N+1, 1...)
             psi = self.psi[end].view(-1, n + 1, *extra)
             r_sel = r_noise[rows]
             r_end = r_sel[torch.arange(rows.numel(), device=rows.device), end].unsqueeze(1)
             guess = phi * (x_end.unsqueeze(1) - r_end) + psi * x0.unsqueeze(1) + r_sel
+        if warm is not None:
+            w = warm[0][rows]
+            w_end = w[torch.arange(rows.numel(), device=rows.device), end].unsqueeze(1)
+            guess = torch.where(warm[1], w + phi * (x_end.unsqueeze(1) - w_end), guess)
         tail = (steps[None, :] > end[:, None]).view(-1, n + 1, *extra)
-        if keep is not None:
-            tail = tail & ~keep
         xs[rows, : n + 1] = torch.where(tail, guess, xs[rows, : n + 1])
 
 
