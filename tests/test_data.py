@@ -110,3 +110,34 @@ def test_collect_train_load_end_to_end(tmp_path):
     assert trainer.step == 6
     trainer.train()
     assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 8
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_keeps_a_resumable_state(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    buf = ReplayBuffer.create(tmp_path / "d.zarr")
+    for i in range(3):
+        buf.add_episode({"obs": np.random.default_rng(i).normal(size=(20, 19)).astype(np.float32),
+                         "action": np.random.default_rng(i).uniform(-1, 1, size=(20, 7)).astype(np.float32)})
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "paradiffpolicy.train", f"dataset={tmp_path / 'd.zarr'}", f"output_dir={out}",
+           "steps=100000", "batch_size=4", "checkpoint_every=100000", "policy.down_dims=[16,32]",
+           "policy.diffusion_step_embed_dim=16", "progress=false", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().strip()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    state = json.loads((out / "last" / "state.json").read_text())
+    assert state["step"] >= 50  # saved on the signal although no periodic checkpoint was due
+    assert not (out / "last.tmp").exists()
