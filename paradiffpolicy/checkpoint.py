@@ -27,17 +27,26 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not match its configuration."""
 
 
-def save_policy(policy, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+def save_policy(policy, directory: str | os.PathLike, metadata: dict[str, Any] | None = None,
+                weights_dtype: str = "float32") -> Path:
     """Write ``policy`` to ``directory``; files are written to temporaries and renamed, so an
-    interrupted save never leaves a half-written checkpoint under the final names."""
+    interrupted save never leaves a half-written checkpoint under the final names.
+
+    ``weights_dtype="float16"`` halves the file (network weights only; normaliser statistics stay
+    float32). Loading casts back to float32, so what is evaluated is exactly what is shipped."""
     from paradiffpolicy import __version__
 
+    if weights_dtype not in ("float32", "float16"):
+        raise ValueError(f"weights_dtype={weights_dtype!r} must be 'float32' or 'float16'")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    if weights_dtype == "float16":
+        tensors = {k: v.half() if k.startswith("model.") and v.is_floating_point() else v for k, v in tensors.items()}
     tmp_w, tmp_c = out / (WEIGHTS + ".tmp"), out / (CONFIG + ".tmp")
     save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
-    doc = {"format": FORMAT, "version": __version__, "policy": to_dict(policy.config), "metadata": metadata or {}}
+    doc = {"format": FORMAT, "version": __version__, "policy": to_dict(policy.config), "weights_dtype": weights_dtype,
+           "metadata": metadata or {}}
     tmp_c.write_text(json.dumps(doc, indent=2))
     os.replace(tmp_w, out / WEIGHTS)
     os.replace(tmp_c, out / CONFIG)

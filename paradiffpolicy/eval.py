@@ -150,12 +150,14 @@ class Evaluator:
         if cfg.compare:
             seq = aggregate(seq_results, 0.0)
             seq.pop("_log")
+            if not seq_results:  # interrupted before any sequential episode finished
+                seq["overall"]["pc_success"] = None
             info["compare"] = {
                 "speedup": float(np.median(inf_log.shadow_ratio)) if inf_log.shadow_ratio else None,
                 "speedup_p5_p95": [float(np.percentile(inf_log.shadow_ratio, q)) for q in (5, 95)] if inf_log.shadow_ratio else None,
                 "max_abs_dev": inf_log.max_abs_dev,
                 "pc_success": info["overall"]["pc_success"],
-                "pc_success_sequential": seq["overall"]["pc_success"],
+                "pc_success_sequential": seq["overall"]["pc_success"],  # None: no sequential episode finished
                 "sequential": seq,
             }
         (self.out / "eval_info.json").write_text(json.dumps(info, indent=2))
@@ -202,8 +204,9 @@ def summary_table(info: dict) -> str:
     ]
     if "compare" in info:
         cmp = info["compare"]
+        seq = "n/a" if cmp["pc_success_sequential"] is None else f"{cmp['pc_success_sequential']:.1f}%"
         rows.append(f"\ncompare: speedup {cmp['speedup']:.2f}x (median per call), success {cmp['pc_success']:.1f}% vs "
-                    f"sequential {cmp['pc_success_sequential']:.1f}%, max abs dev {cmp['max_abs_dev']:.2e}")
+                    f"sequential {seq}, max abs dev {cmp['max_abs_dev']:.2e}")
     return "\n".join(rows)
 
 

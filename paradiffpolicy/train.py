@@ -48,6 +48,7 @@ class TrainConfig:
     dataset: str = "data/${task.name}.zarr"
     output_dir: str = "outputs/train/${task.name}"
     export: Optional[str] = None
+    export_dtype: str = "float16"  # weights in the exported checkpoint (training state stays float32)
     steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-4
@@ -212,7 +213,7 @@ class Trainer:
             "command": "python -m paradiffpolicy.train " + " ".join(sys.argv[1:]),
             "versions": versions(),
         }
-        save_policy(self.ema, path, metadata=meta)
+        save_policy(self.ema, path, metadata=meta, weights_dtype=self.cfg.export_dtype)
         log.info("exported EMA policy to %s", path)
 
 

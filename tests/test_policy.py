@@ -141,6 +141,19 @@ def test_save_load_round_trip(tmp_path):
     assert not list(tmp_path.glob("ck/*.tmp"))
 
 
+def test_float16_weights_halve_the_file_and_load_as_float32(tmp_path):
+    policy = small_policy()
+    save_policy(policy, tmp_path / "a")
+    save_policy(policy, tmp_path / "b", weights_dtype="float16")
+    size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("b") < 0.6 * size("a")
+    loaded = load_policy(tmp_path / "b")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert torch.equal(loaded.obs_normalizer.scale, policy.obs_normalizer.scale)  # stats stay float32
+    w = policy.model.final_conv[1].weight
+    assert torch.equal(loaded.model.final_conv[1].weight, w.half().float())
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_policy(tmp_path / "nope")
