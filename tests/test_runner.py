@@ -27,7 +27,7 @@ def test_loop_at_fixed_rate_returns_actions_and_reports(tmp_path):
             actions.append(runner.step(np.full(3, 0.01 * tick)))
         stats = runner.stats()
     assert np.isfinite(np.stack(actions)).all() and len(actions) == 40
-    assert stats["ticks"] == 40 and stats["calls"] >= 3
+    assert stats["ticks"] == 40 and stats["calls"] >= 2  # the first chunk plus at least one in the background
     assert {"p50", "p95", "p99"} <= set(stats["latency_ms"]) and "deadline_misses" in stats
 
 
