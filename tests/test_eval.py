@@ -182,8 +182,9 @@ def test_unknown_task_and_key_fail_at_composition():
 
 @pytest.mark.slow
 def test_interrupted_eval_keeps_finished_episodes(tmp_path, pusht_ckpt):
-    cmd = [sys.executable, "-m", "paradiffpolicy.eval", "task=pusht", f"checkpoint={pusht_ckpt}", "n_episodes=200",
-           "task.max_steps=10", f"output_dir={tmp_path}", "progress=false"]
+    # far more episodes than can finish before the signal, even if this test is slow to poll
+    cmd = [sys.executable, "-m", "paradiffpolicy.eval", "task=pusht", f"checkpoint={pusht_ckpt}", "n_episodes=100000",
+           "task.max_steps=40", f"output_dir={tmp_path}", "progress=false"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     episodes = tmp_path / "episodes.jsonl"
@@ -195,7 +196,7 @@ def test_interrupted_eval_keeps_finished_episodes(tmp_path, pusht_ckpt):
     finished = [json.loads(x) for x in episodes.read_text().splitlines()]
     info = json.loads((tmp_path / "eval_info.json").read_text())
     assert len(finished) >= 2, out.decode()[-2000:]
-    assert info["interrupted"] is True and info["overall"]["n_episodes"] == len(finished) < 200
+    assert info["interrupted"] is True and info["overall"]["n_episodes"] == len(finished) < 100000
 
 
 def test_vector_envs_give_the_single_env_episodes(tmp_path, pusht_ckpt):
