@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from paradiffpolicy.checkpoint import save_policy
-from paradiffpolicy.config import PolicyConfig, to_dict
+from paradiffpolicy.config import PolicyConfig
 from paradiffpolicy.data.replay_buffer import ReplayBuffer
 from paradiffpolicy.data.sequence import SequenceSampler
 from paradiffpolicy.envs import TaskConfig

@@ -19,7 +19,6 @@ dropped (latency matching). While the next chunk is late, the current chunk's re
 from __future__ import annotations
 
 import math
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -55,7 +54,6 @@ class PolicyRunner:
         self.period = 1.0 / hz
         self.hold = hold
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-inference")
-        self._lock = threading.Lock()
         self._pending: Future | None = None
         self._chunk: Chunk | None = None
         self.tick = 0
@@ -65,11 +63,10 @@ class PolicyRunner:
     def reset(self, obs: np.ndarray, seed: int = 0) -> None:
         """Start an episode: compute the first chunk synchronously from ``obs``."""
         obs = self._check_obs(obs)
-        self._drain()
-        with self._lock:
-            self.agent.reset(obs, seed)
-            self.tick = 0
-            self.deadline_misses = 0
+        self._drain()  # no inference is running past this point
+        self.agent.reset(obs, seed)
+        self.tick = 0
+        self.deadline_misses = 0
         self._chunk = self.agent.infer(0)
         self._last = self._chunk.actions[0]
 
