@@ -148,13 +148,11 @@ def main(argv: list[str]) -> dict:
     draw_obs = observation_source(cfg, policy, gen)
     for trial in range(cfg.warmup + cfg.trials):
         obs = draw_obs()
-        noise = None  # drawn once per trial, shared by every sampler
+        noise = policy.draw_noise(cfg.batch, gen)  # one draw per trial, shared by every sampler
         chunks, times = {}, {}
         order = names[trial % len(names):] + names[: trial % len(names)]
         for name in order:
             policy.sampler = built[name]
-            if noise is None:
-                noise = policy.draw_noise(cfg.batch, gen)
             sync()
             t0 = time.perf_counter()
             _, info = policy.predict_action(obs, noise=noise)
