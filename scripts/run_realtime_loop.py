@@ -2,20 +2,29 @@
 """A robot-style control loop: robosuite at 20 Hz on the wall clock, driven by PolicyRunner.
 
     python scripts/run_realtime_loop.py checkpoint=checkpoints/lift seconds=60 window=16 tol=0.1
+    # soak: 20,000 ticks, one row of memory and latency every 60 s, appended as it goes
+    python scripts/run_realtime_loop.py ticks=20000 interval_s=60 out=benchmarks/results/cpu-2core-soak.json
 
 Episodes restart when they end. Prints latency percentiles, deadline misses and late ticks, and
 writes them as JSON (``out=...``). The loop itself is what a user writes around PolicyRunner.
+With ``interval_s`` > 0, a row per interval (resident memory, latency percentiles of that
+interval's calls, misses) is appended to ``<out>.intervals.jsonl`` as it is measured, so an
+interrupted soak keeps its rows; the report compares the first and last intervals.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -33,6 +42,8 @@ class LoopConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seconds: float = 60.0
+    ticks: int = 0  # stop after this many control ticks instead (0: use ``seconds``)
+    interval_s: float = 0.0  # > 0: report memory and latency every interval (soak)
     threads: int = 1  # leave a core to the simulator
     budget_s: Optional[float] = None
     seed: int = 20_000_000
@@ -42,46 +53,93 @@ class LoopConfig:
 def main(argv: list[str]) -> dict:
     # short forms: window=, tol=, warm_start= go to the sampler
     argv = [f"sampler.{a}" if a.split("=")[0] in ("window", "tol", "warm_start", "name") else a for a in argv]
-    cfg = from_dict(LoopConfig, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
+    given = OmegaConf.to_container(OmegaConf.from_dotlist(argv))
+    if isinstance(given.get("task"), str):  # task=pusht: the task preset from conf/task/
+        preset = Path(__file__).resolve().parents[1] / "conf" / "task" / f"{given['task']}.yaml"
+        if not preset.exists():
+            raise SystemExit(f"task={given['task']!r}: no preset {preset}")
+        given["task"] = OmegaConf.to_container(OmegaConf.load(preset))
+    if given.get("checkpoint") is None and "task" in given:
+        given["checkpoint"] = given["task"].get("checkpoint", LoopConfig.checkpoint)
+    cfg = from_dict(LoopConfig, given, name="override")
     torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.checkpoint, sampler=cfg.sampler)
     env = make_env(cfg.task)
     period = 1.0 / cfg.task.control_hz
-    late = episodes = successes = 0
+    late = episodes = successes = total_ticks = 0
+    series_path = Path(cfg.out + ".intervals.jsonl") if cfg.out and cfg.interval_s > 0 else None
+    if series_path is not None:
+        series_path.parent.mkdir(parents=True, exist_ok=True)
+        series_path.write_text("")
+    series: list[dict] = []
     with PolicyRunner(policy, hz=cfg.task.control_hz, hold=cfg.task.hold, budget_s=cfg.budget_s,
                       warm_start=cfg.sampler.warm_start) as runner:
         misses = 0
         obs = env.reset(cfg.seed)
         runner.reset(obs, seed=cfg.seed)
-        t_end = time.perf_counter() + cfg.seconds
+        t0 = time.perf_counter()
+        t_end = t0 + cfg.seconds
+        next_report, seen_calls, seen_misses = t0 + cfg.interval_s, 0, 0
         start, tick = time.perf_counter(), 0
-        while time.perf_counter() < t_end:
-            due = start + tick * period
-            now = time.perf_counter()
-            if now < due:
-                time.sleep(due - now)
-            elif now - due > period / 2:
-                late += 1
-            step = env.step(runner.step(obs))
-            obs, tick = step.obs, tick + 1
-            if step.done:
-                episodes += 1
-                successes += step.success
-                misses += runner.deadline_misses
-                obs = env.reset(cfg.seed + episodes)
-                runner.reset(obs, seed=cfg.seed + episodes)  # synchronous first chunk: restart the clock
-                start, tick = time.perf_counter(), 0
+        try:
+            while (total_ticks < cfg.ticks) if cfg.ticks > 0 else (time.perf_counter() < t_end):
+                due = start + tick * period
+                now = time.perf_counter()
+                if now < due:
+                    time.sleep(due - now)
+                elif now - due > period / 2:
+                    late += 1
+                step = env.step(runner.step(obs))
+                obs, tick, total_ticks = step.obs, tick + 1, total_ticks + 1
+                if step.done:
+                    episodes += 1
+                    successes += step.success
+                    misses += runner.deadline_misses
+                    obs = env.reset(cfg.seed + episodes)
+                    runner.reset(obs, seed=cfg.seed + episodes)  # synchronous first chunk: restart the clock
+                    start, tick = time.perf_counter(), 0
+                if cfg.interval_s > 0 and time.perf_counter() >= next_report:
+                    lat = runner.agent.log.latency_ms[seen_calls:]
+                    row = {"elapsed_s": round(time.perf_counter() - t0, 1), "ticks": total_ticks, "rss_mb": rss_mb(),
+                           "calls": len(lat), "deadline_misses": misses + runner.deadline_misses - seen_misses,
+                           "late_ticks_total": late, **{f"latency_{q}_ms": float(np.percentile(lat, v)) if lat else None
+                                                       for q, v in (("p50", 50), ("p99", 99), ("max", 100))}}
+                    series.append(row)
+                    if series_path is not None:
+                        with open(series_path, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    seen_calls, seen_misses = len(runner.agent.log.latency_ms), misses + runner.deadline_misses
+                    next_report += cfg.interval_s
+        except KeyboardInterrupt:
+            print("interrupted; reporting what was measured", file=sys.stderr)
         misses += runner.deadline_misses
         stats = runner.stats()
-    report = {"seconds": cfg.seconds, "hz": cfg.task.control_hz, "deadline_misses": misses, "late_ticks": late,
+    report = {"seconds": round(time.perf_counter() - t0, 1), "ticks": total_ticks, "hz": cfg.task.control_hz,
+              "deadline_misses": misses, "late_ticks": late,
               "episodes_finished": episodes, "successes": successes, "latency_ms": stats["latency_ms"],
               "calls": stats["calls"], "iterations_mean": stats["iterations_mean"], "sampler": OmegaConf.to_container(OmegaConf.structured(cfg.sampler)),
-              "threads": cfg.threads, "versions": versions()}
+              "threads": cfg.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus", "versions": versions()}
+    if len(series) >= 2:
+        first, last = series[0], series[-1]
+        report["soak"] = {"intervals": len(series), "interval_s": cfg.interval_s,
+                          "rss_mb_first": first["rss_mb"], "rss_mb_last": last["rss_mb"],
+                          "rss_growth_mb": round(last["rss_mb"] - first["rss_mb"], 1),
+                          "latency_p99_ms_first": first["latency_p99_ms"], "latency_p99_ms_last": last["latency_p99_ms"],
+                          "rows": series}
     print(json.dumps(report, indent=2))
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(report, indent=2))
     return report
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc), else the peak (getrusage)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 if __name__ == "__main__":

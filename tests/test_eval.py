@@ -230,3 +230,18 @@ def test_two_by_two_sweep_produces_table_and_plot(tmp_path, pusht_ckpt):
     assert sorted((r["window"], r["tol"]) for r in table) == [("2", "0.0"), ("2", "0.1"), ("4", "0.0"), ("4", "0.1")]
     assert all(float(r["speedup"]) > 0 for r in table)
     assert (sweep / "sweep.png").stat().st_size > 1000 and "| picard |" in (sweep / "sweep.md").read_text()
+
+
+def test_realtime_loop_script_writes_soak_rows_as_it_goes(tmp_path, pusht_ckpt):
+    """The example control loop (PolicyRunner around a real PushT env at 10 Hz) with interval
+    reporting: rows land in the JSONL while running; the report has memory and latency drift."""
+    out = tmp_path / "soak.json"
+    cmd = [sys.executable, "scripts/run_realtime_loop.py", f"checkpoint={pusht_ckpt}", "task=pusht",
+           "ticks=25", "interval_s=0.5", f"out={out}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=env, timeout=300)
+    report = json.loads(out.read_text())
+    rows = [json.loads(line) for line in Path(str(out) + ".intervals.jsonl").read_text().splitlines()]
+    assert report["ticks"] == 25 and report["hz"] == 10 and len(rows) >= 2
+    assert all(r["rss_mb"] > 0 and r["ticks"] <= 25 for r in rows)
+    assert report["soak"]["intervals"] == len(rows) and "rss_growth_mb" in report["soak"]

@@ -162,6 +162,7 @@ def test_warm_start_changes_iterations_not_the_sample(name, steps):
     assert states.shape == (2, steps + 1, 8, 3)
     garbage = torch.randn_like(states) * 5
     for warm in (WarmStart(states, torch.ones(8, dtype=torch.bool)), WarmStart.from_previous(states, 3),
+                 WarmStart.from_previous(states, 3, first.extra["x0"]),
                  WarmStart(garbage, torch.ones(8, dtype=torch.bool))):
         x, stats = PicardSampler(table, window=8, tol=0.0).sample(model, noise, cond, warm_start=warm)
         assert (x - ref).abs().max() < 1e-4 and bool(stats.converged.all())

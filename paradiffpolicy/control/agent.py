@@ -67,7 +67,7 @@ class PolicyAgent:
         self.budget_s = budget_s
         self.shadow_sampler = shadow_sampler
         self.warm_start = warm_start
-        self._previous: tuple[int, SamplerNoise, torch.Tensor] | None = None
+        self._previous: tuple[int, SamplerNoise, torch.Tensor, torch.Tensor] | None = None
         self.history: deque[np.ndarray] = deque(maxlen=policy.config.n_obs_steps)
         self.log = InferenceLog()
         self.generator = torch.Generator()
@@ -112,7 +112,7 @@ def infer_batch(agents: list[PolicyAgent], obs_ticks: list[int], histories: list
         # observation and this noise; only the iteration count changes.
         shift = shifts.pop()
         noises = [p[1].shifted(shift, n) for p, n in zip(prev, noises)]
-        warm = WarmStart.from_previous(torch.cat([p[2] for p in prev]), shift)
+        warm = WarmStart.from_previous(torch.cat([p[2] for p in prev]), shift, None if prev[0][3] is None else torch.cat([p[3] for p in prev]))
     noise = SamplerNoise(torch.cat([n.initial for n in noises]), torch.cat([n.steps for n in noises], dim=1))
     t0 = time.perf_counter()
     budget = agents[0].budget_s
@@ -122,6 +122,7 @@ def infer_batch(agents: list[PolicyAgent], obs_ticks: list[int], histories: list
     stats = info["stats"]
     hit = bool(stats.extra.get("deadline_hit", False))
     states = stats.extra.pop("states", None)
+    x0s = stats.extra.pop("x0", None)
     start = policy.config.n_obs_steps - 1
     devs, ratio = None, None
     shadow = agents[0].shadow_sampler
@@ -138,7 +139,7 @@ def infer_batch(agents: list[PolicyAgent], obs_ticks: list[int], histories: list
     chunks = []
     for i, agent in enumerate(agents):
         if warm_start:
-            agent._previous = (obs_ticks[i], noises[i], states[i : i + 1])
+            agent._previous = (obs_ticks[i], noises[i], states[i : i + 1], None if x0s is None else x0s[i : i + 1])
         agent.log.latency_ms.append(latency * 1e3)
         agent.log.rounds.append(int(stats.iterations[i]))
         agent.log.nfe.append(float(stats.nfe[i]))

@@ -71,21 +71,27 @@ def draw_noise(
 @dataclass
 class WarmStart:
     """A guess for a whole Picard trajectory: ``states`` (B, N+1, T, Da) (``states[:, 0]`` is
-    ignored: x_0 is the noise), used along the horizon where ``valid`` (T,) is True."""
+    ignored: x_0 is the noise), used along the horizon where ``valid`` (T,) is True.
+
+    ``x0`` (optional, (B, N+1, T, Da)): the data prediction x̂0 made at each state of that
+    trajectory (``x0[:, k]`` at state k). With it the sampler also moves the guess by how much the
+    new x̂0 differs from the old one (see ``PicardSampler._fill_tail``).
+    """
 
     states: Tensor
     valid: Tensor
+    x0: Tensor | None = None
 
     @classmethod
-    def from_previous(cls, states: Tensor, shift: int) -> "WarmStart | None":
-        """The previous trajectory (B, N+1, T, Da) moved ``shift`` positions earlier in time; the
-        last ``shift`` positions are left to the sampler's own guess."""
+    def from_previous(cls, states: Tensor, shift: int, x0: Tensor | None = None) -> "WarmStart | None":
+        """The previous trajectory (B, N+1, T, Da) (and its x̂0) moved ``shift`` positions earlier
+        in time; the last ``shift`` positions are left to the sampler's own guess."""
         horizon = states.shape[2]
         if shift < 0 or shift >= horizon:
             return None
-        moved = torch.roll(states, -shift, dims=2)
         valid = torch.arange(horizon) < horizon - shift
-        return cls(moved, valid)
+        moved_x0 = None if x0 is None else torch.roll(x0, -shift, dims=2)
+        return cls(torch.roll(states, -shift, dims=2), valid, moved_x0)
 
     def mask(self, sample_shape: tuple[int, ...], device) -> Tensor:
         """(1, 1, T, 1) boolean mask broadcastable over the (B, N+1, T, Da) state buffer."""

@@ -119,9 +119,10 @@ class PicardSampler:
         x0buf = torch.zeros((bsz, n + 1, *shape), device=dev, dtype=torch.float32)
         # noise part of the frozen-x̂0 rollout from x_0: R_j = Σ_{l<j} Φ_{l+1,j} σ_l z_l, (B, N+1, ...)
         r_noise = torch.einsum("jl,bl...->bj...", self.noise_kernel, sz)
-        warm = None  # (states (B, N+1, ...), mask (1, 1, ...)) of the warm start
+        warm = None  # (states (B, N+1, ...), mask (1, 1, ...), x̂0 (B, N+1, ...) | None) of the warm start
         if warm_start is not None:
-            warm = (warm_start.states.to(dev, torch.float32), warm_start.mask(shape, dev))
+            wx0 = None if warm_start.x0 is None else warm_start.x0.to(dev, torch.float32)
+            warm = (warm_start.states.to(dev, torch.float32), warm_start.mask(shape, dev), wx0)
             xs[:, 1 : n + 1] = warm[0][:, 1:]
         self._fill_tail(xs, x0buf[:, 0], r_noise, rows_all, torch.zeros(bsz, dtype=torch.long, device=dev), steps, warm)
 
@@ -190,15 +191,19 @@ class PicardSampler:
             stats.extra["deadline_hit"] = deadline_hit
         if return_states:
             stats.extra["states"] = xs[:, : n + 1].clone()
+            stats.extra["x0"] = x0buf.clone()  # slot N is unused
         return xs[:, n].clone(), stats
 
     def _fill_tail(self, xs: Tensor, x0: Tensor, r_noise: Tensor, rows: Tensor, end: Tensor, steps: Tensor,
-                   warm: tuple[Tensor, Tensor] | None) -> None:
-        """Overwrite states j > end[r] (j <= N) of ``rows`` with a guess from x_end and x̂0 (R, ...).
+                   warm: tuple[Tensor, Tensor, Tensor | None] | None) -> None:
+        """Overwrite states j > end[r] (j <= N) of ``rows`` with a guess from x_end and x̂0 (R, ...),
+        the data prediction made at state end-1.
 
-        Warm-started entries instead get the warm trajectory corrected by how far the window end
-        has moved from it, propagated linearly: ``w_j + Φ_ej (x_e - w_e)`` (same noise, so the
-        noise terms cancel; exact for the frozen-x̂0 dynamics)."""
+        Warm-started entries instead get the warm trajectory w moved by how far the window end and
+        the data prediction have moved from it, propagated through the frozen-x̂0 dynamics:
+        ``w_j + Φ_ej (x_e - w_e) + Ψ_ej (x̂0 - ŵ0_{e-1})`` (same noise, so the noise terms cancel).
+        The x̂0 term needs the warm trajectory's own predictions ŵ0 and is skipped before the
+        first network call (end = 0)."""
         n = self.num_steps
         x_end = xs[rows, end]  # (R, ...)
         extra = [1] * (x_end.dim() - 1)
@@ -211,9 +216,14 @@ class PicardSampler:
             r_end = r_sel[torch.arange(rows.numel(), device=rows.device), end].unsqueeze(1)
             guess = phi * (x_end.unsqueeze(1) - r_end) + psi * x0.unsqueeze(1) + r_sel
         if warm is not None:
+            idx = torch.arange(rows.numel(), device=rows.device)
             w = warm[0][rows]
-            w_end = w[torch.arange(rows.numel(), device=rows.device), end].unsqueeze(1)
-            guess = torch.where(warm[1], w + phi * (x_end.unsqueeze(1) - w_end), guess)
+            moved = w + phi * (x_end.unsqueeze(1) - w[idx, end].unsqueeze(1))
+            if warm[2] is not None:
+                psi = self.psi[end].view(-1, n + 1, *extra)
+                dx0 = (x0 - warm[2][rows][idx, (end - 1).clamp(min=0)]) * (end >= 1).view(-1, *extra)
+                moved = moved + psi * dx0.unsqueeze(1)
+            guess = torch.where(warm[1], moved, guess)
         tail = (steps[None, :] > end[:, None]).view(-1, n + 1, *extra)
         xs[rows, : n + 1] = torch.where(tail, guess, xs[rows, : n + 1])
 
