@@ -73,6 +73,8 @@ class SamplerConfig:
     tol: float = 0.1
     max_iters: Optional[int] = None
     init: str = "rollout"
+    # Picard only: Anderson acceleration with this many past iterations (0: plain Picard)
+    anderson: int = 0
     scheduler: Optional[str] = None
     num_inference_steps: Optional[int] = None
     # closed loop only: start each tick from the previous tick's trajectory and (time-shifted) noise
@@ -87,6 +89,8 @@ class SamplerConfig:
             raise ValueError(f"sampler.tol={self.tol} must be a finite number >= 0")
         if self.max_iters is not None and self.max_iters < 1:
             raise ValueError(f"sampler.max_iters={self.max_iters} must be >= 1 or null")
+        if self.anderson < 0:
+            raise ValueError(f"sampler.anderson={self.anderson} must be >= 0 (0 turns it off)")
 
 
 def from_dict(cls: type[T], data: Any, name: str = "config") -> T:

@@ -13,6 +13,7 @@ with ``video=true``, ``videos/<seed>.mp4``. Episode ``i`` uses seed ``seed + i``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ from paradiffpolicy.checkpoint import load_policy
 from paradiffpolicy.config import SamplerConfig, to_dict
 from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
 from paradiffpolicy.control.controller import ControllerConfig, EpisodeResult, EpisodeRunner, VectorRunner
+from paradiffpolicy.control.worker import ProcessAgent
 from paradiffpolicy.envs import TaskConfig, make_env
 from paradiffpolicy.runtime import sigterm_as_keyboard_interrupt, versions
 from paradiffpolicy.sampling import make_sampler
@@ -64,6 +66,8 @@ class EvalConfig:
             raise ValueError(f"n_episodes={self.n_episodes} must be >= 1")
         if self.n_envs < 1 or (self.n_envs > 1 and self.controller.mode != "fast"):
             raise ValueError(f"n_envs={self.n_envs} must be >= 1, and 1 with controller.mode={self.controller.mode!r}")
+        if self.compare and self.controller.inference_process:
+            raise ValueError("compare=true needs controller.inference_process=false (the shadow sampler runs in-process)")
         if self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1")
         if not (Path(self.checkpoint) / "config.json").is_file():
@@ -131,8 +135,7 @@ class Evaluator:
         seq_results: list[EpisodeResult] = []
         try:
             with sigterm_as_keyboard_interrupt():
-                self._episodes(lambda: PolicyAgent(self.policy, shadow, warm_start=cfg.sampler.warm_start),
-                               "episodes.jsonl", "eval", results)
+                self._episodes(lambda: self._agent(shadow, cfg.sampler.warm_start), "episodes.jsonl", "eval", results)
                 if cfg.compare:
                     self.policy.sampler = shadow
                     self._episodes(lambda: PolicyAgent(self.policy), "episodes_sequential.jsonl", "sequential", seq_results)
@@ -164,17 +167,25 @@ class Evaluator:
         print(summary_table(info))
         return info
 
+    def _agent(self, shadow, warm_start: bool) -> PolicyAgent:
+        if self.cfg.controller.inference_process:
+            return ProcessAgent(self.policy, warm_start=warm_start, threads=self.cfg.threads)
+        return PolicyAgent(self.policy, shadow, warm_start=warm_start)
+
     def _episodes(self, make_agent, filename: str, desc: str, results: list[EpisodeResult]) -> None:
         cfg = self.cfg
         seeds = [cfg.seed + i for i in range(cfg.n_episodes)]
+        agents = [make_agent() for _ in range(cfg.n_envs)]
         if cfg.n_envs > 1:
-            envs = [self.env, *self.extra_envs]
-            stream = VectorRunner(envs, [make_agent() for _ in envs]).run(seeds)
+            stream = VectorRunner([self.env, *self.extra_envs], agents).run(seeds)
         else:
-            runner = EpisodeRunner(self.env, make_agent(), cfg.controller, cfg.task.hold, record_video=cfg.video)
+            runner = EpisodeRunner(self.env, agents[0], cfg.controller, cfg.task.hold, record_video=cfg.video)
             stream = (runner.run(s) for s in seeds)
         bar = tqdm(total=cfg.n_episodes, desc=f"{desc} {cfg.task.name}", disable=not cfg.progress)
-        with open(self.out / filename, "a") as f:
+        with contextlib.ExitStack() as stack, open(self.out / filename, "a") as f:
+            for agent in agents:
+                if isinstance(agent, ProcessAgent):
+                    stack.callback(agent.close)
             for res in stream:
                 results.append(res)
                 bar.update(1)

@@ -46,6 +46,7 @@ class BenchConfig:
     tol: float = 0.1
     max_iters: Optional[int] = None
     inits: List[str] = field(default_factory=lambda: ["rollout"])
+    andersons: List[int] = field(default_factory=lambda: [0])  # Anderson memories (0: plain Picard)
     scheduler: Optional[str] = None
     num_inference_steps: Optional[int] = None
     # size of the random policy (checkpoint=random)
@@ -127,9 +128,10 @@ def main(argv: list[str]) -> dict:
     windows = list(cfg.windows) or [cfg.window]
     for window in windows:
         for init in cfg.inits:
-            name = f"picard-{init}" + (f"-p{window}" if len(windows) > 1 else "")
-            samplers[name] = SamplerConfig(name="picard", window=window, tol=cfg.tol, max_iters=cfg.max_iters,
-                                           init=init, **common)
+            for m in cfg.andersons:
+                name = f"picard-{init}" + (f"-aa{m}" if m else "") + (f"-p{window}" if len(windows) > 1 else "")
+                samplers[name] = SamplerConfig(name="picard", window=window, tol=cfg.tol, max_iters=cfg.max_iters,
+                                               init=init, anderson=m, **common)
     built = {}
     for name, scfg in samplers.items():
         policy.set_sampler(scfg)

@@ -45,6 +45,7 @@ class LoopConfig:
     ticks: int = 0  # stop after this many control ticks instead (0: use ``seconds``)
     interval_s: float = 0.0  # > 0: report memory and latency every interval (soak)
     threads: int = 1  # leave a core to the simulator
+    inference_process: bool = False  # run the policy in a worker process (no GIL sharing with the loop)
     budget_s: Optional[float] = None
     seed: int = 20_000_000
     out: str = ""
@@ -73,7 +74,8 @@ def main(argv: list[str]) -> dict:
         series_path.write_text("")
     series: list[dict] = []
     with PolicyRunner(policy, hz=cfg.task.control_hz, hold=cfg.task.hold, budget_s=cfg.budget_s,
-                      warm_start=cfg.sampler.warm_start) as runner:
+                      warm_start=cfg.sampler.warm_start, inference_process=cfg.inference_process,
+                      threads=cfg.threads) as runner:
         misses = 0
         obs = env.reset(cfg.seed)
         runner.reset(obs, seed=cfg.seed)
@@ -118,7 +120,7 @@ def main(argv: list[str]) -> dict:
               "deadline_misses": misses, "late_ticks": late,
               "episodes_finished": episodes, "successes": successes, "latency_ms": stats["latency_ms"],
               "calls": stats["calls"], "iterations_mean": stats["iterations_mean"], "sampler": OmegaConf.to_container(OmegaConf.structured(cfg.sampler)),
-              "threads": cfg.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpus", "versions": versions()}
+              "threads": cfg.threads, "inference_process": cfg.inference_process, "machine": f"{platform.machine()} {os.cpu_count()} cpus", "versions": versions()}
     if len(series) >= 2:
         first, last = series[0], series[-1]
         report["soak"] = {"intervals": len(series), "interval_s": cfg.interval_s,

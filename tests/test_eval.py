@@ -88,6 +88,19 @@ def test_eval_pusht_compare_realtime(tmp_path, pusht_ckpt):
     assert 5 < info["control"]["achieved_hz"] < 12  # paced near 10 Hz on the wall clock
 
 
+def test_realtime_with_inference_process(tmp_path, pusht_ckpt):
+    """controller.inference_process: the policy runs in a worker process; episodes, statistics
+    and pacing are reported as with a thread, and the worker is shut down afterwards."""
+    import multiprocessing
+
+    cfg = EvalConfig(task=PUSHT, checkpoint=pusht_ckpt, n_episodes=2, output_dir=str(tmp_path), progress=False,
+                     controller=ControllerConfig(mode="realtime", inference_process=True), sampler=SamplerConfig(window=4, tol=0.1))
+    info = Evaluator(cfg, tmp_path).run_all()
+    check_info(info, 2)
+    assert info["inference"]["calls"] >= 4 and info["control"]["mode"] == "realtime"
+    assert not [p for p in multiprocessing.active_children() if p.name == "policy-inference"]
+
+
 def test_realtime_counts_deadline_misses_when_the_budget_is_impossible(pusht_ckpt):
     from paradiffpolicy import load_policy
 
@@ -160,6 +173,8 @@ def test_hydra_composes_groups():
     (["controller.mode=turbo"], "controller.mode"),
     (["checkpoint=/nonexistent"], "checkpoint"),
     (["n_episodes=0"], "n_episodes"),
+    (["controller=realtime", "controller.inference_process=true", "compare=true"], "inference_process"),
+    (["controller.inference_process=true"], "controller.inference_process"),
 ])
 def test_config_errors_name_the_key(overrides, match, lift_ckpt):
     overrides = [o if o != "checkpoint=x" else f"checkpoint={lift_ckpt}" for o in overrides]

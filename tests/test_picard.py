@@ -50,6 +50,19 @@ def test_tolerance_gives_fewer_rounds_and_small_deviation(name, steps, tol, init
     assert (stats.residual <= tol).all()
 
 
+@pytest.mark.parametrize("name,steps", SCHEDULERS)
+@pytest.mark.parametrize("memory", [1, 3])
+def test_anderson_keeps_the_sequential_fixed_point(name, steps, memory):
+    """Anderson-accelerated Picard: exact at tol=0 (any window), never more than N iterations,
+    and within tolerance of the sequential sample at the default τ."""
+    table, model, noise, cond, ref = _setup(name, steps, strength=2.0)
+    x, stats = PicardSampler(table, window=8, tol=0.0, anderson=memory).sample(model, noise, cond)
+    assert (x - ref).abs().max() < 1e-4 and stats.rounds <= steps and bool(stats.converged.all())
+    tol = 0.1 if name == "ddpm" else 1e-3
+    x, stats = PicardSampler(table, window=16, tol=tol, anderson=memory).sample(model, noise, cond)
+    assert (x - ref).abs().max() < 2e-2 and bool(stats.converged.all())
+
+
 def test_smaller_tolerance_tracks_sequential_more_closely():
     table, model, noise, cond, ref = _setup("ddpm", 100, strength=2.0)
     devs, rounds = [], []
@@ -107,6 +120,7 @@ def test_max_iters_returns_estimate_flagged_unconverged():
     (dict(tol=float("nan")), "sampler.tol"),
     (dict(max_iters=0), "sampler.max_iters"),
     (dict(init="zeros"), "sampler.init"),
+    (dict(anderson=-1), "sampler.anderson"),
 ])
 def test_bad_settings_are_rejected_by_name(kwargs, match):
     table = make_step_table(SchedulerConfig(num_inference_steps=10))

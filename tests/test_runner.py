@@ -74,3 +74,29 @@ def test_step_before_reset_and_bad_settings():
     for kw, match in ((dict(hz=0), "hz"), (dict(hz=10, hold="freeze"), "hold"), (dict(hz=10, budget_s=-1), "budget_s")):
         with pytest.raises(ValueError, match=match):
             PolicyRunner(policy(), **kw)
+
+
+def test_inference_process_gives_the_thread_runners_chunks_and_survives_bad_input():
+    """The worker process holds its own copy of the policy: same seed, same chunks and the same
+    statistics as in-process inference; an error inside the worker comes back as the same error
+    type, and the worker answers the next valid call."""
+    from paradiffpolicy.control.worker import ProcessAgent
+
+    pol = policy()
+    chunks = []
+    for proc in (False, True):
+        with PolicyRunner(pol, hz=1000, hold="repeat", inference_process=proc) as runner:
+            runner.reset(np.full(3, 0.1), seed=7)
+            first = runner._chunk.actions.copy()
+            for tick in range(12):  # long enough for a background call
+                runner.step(np.full(3, 0.1))
+            runner.close()
+            chunks.append((first, runner.stats()))
+    assert np.abs(chunks[0][0] - chunks[1][0]).max() < 1e-5
+    assert chunks[1][1]["calls"] >= 1 and chunks[1][1]["iterations_mean"] > 0
+    with ProcessAgent(pol) as agent:
+        agent.reset(np.zeros(3, dtype=np.float32), seed=0)
+        with pytest.raises(ValueError, match="inference process: .*shape"):
+            agent.infer(0, np.zeros((2, 5), dtype=np.float32))
+        assert np.isfinite(agent.infer(0).actions).all() and len(agent.log.latency_ms) == 1
+    assert not agent._proc.is_alive()

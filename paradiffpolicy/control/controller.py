@@ -26,12 +26,16 @@ class ControllerConfig:
     mode: str = "fast"
     hz: float = 0.0  # 0: the task's control rate
     late_tolerance: float = 0.5  # a tick that starts later than this fraction of a period is late
+    # realtime only: run the policy in a worker process (see control/worker.py), not a thread
+    inference_process: bool = False
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"controller.mode={self.mode!r} is unknown; expected one of {MODES}")
         if self.hz < 0:
             raise ValueError(f"controller.hz={self.hz} must be >= 0 (0 = the task's rate)")
+        if self.inference_process and self.mode != "realtime":
+            raise ValueError("controller.inference_process=true needs controller.mode=realtime")
 
 
 @dataclass

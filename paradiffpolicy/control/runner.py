@@ -14,6 +14,11 @@ dropped (latency matching). While the next chunk is late, the current chunk's re
 (up to its horizon) are used; after that the hold action is sent and a deadline miss counted.
 ``budget_s`` caps each Picard call: past it the sampler returns its current estimate (counted in
 ``budget_hits``). Everything is reported by :meth:`stats`.
+
+``inference_process=True`` runs the policy in a separate worker process
+(:class:`~paradiffpolicy.control.worker.ProcessAgent`, ``threads`` torch threads) instead of a
+thread of yours: on a small CPU the inference then does not queue for the GIL behind your loop's
+Python code. The background thread stays; it only waits on the worker.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from paradiffpolicy.control.agent import Chunk, PolicyAgent
+from paradiffpolicy.control.worker import ProcessAgent
 from paradiffpolicy.policy import DiffusionPolicy
 
 HOLDS = ("zero_motion", "repeat")
@@ -41,16 +47,25 @@ def hold_action(last: np.ndarray, kind: str) -> np.ndarray:
 
 class PolicyRunner:
     def __init__(self, policy: DiffusionPolicy | PolicyAgent, hz: float, hold: str = "zero_motion",
-                 budget_s: float | None = None, warm_start: bool = False):
+                 budget_s: float | None = None, warm_start: bool = False, inference_process: bool = False,
+                 threads: int = 1):
         if hz <= 0:
             raise ValueError(f"hz={hz} must be > 0")
         if hold not in HOLDS:
             raise ValueError(f"hold={hold!r} must be one of {HOLDS}")
         if budget_s is not None and budget_s <= 0:
             raise ValueError(f"budget_s={budget_s} must be > 0 or None")
-        self.agent = policy if isinstance(policy, PolicyAgent) else PolicyAgent(policy, warm_start=warm_start, budget_s=budget_s)
-        if budget_s is not None:
-            self.agent.budget_s = budget_s
+        self._owns_agent = not isinstance(policy, PolicyAgent)
+        if isinstance(policy, PolicyAgent):
+            self.agent = policy
+            if budget_s is not None:
+                if isinstance(policy, ProcessAgent) and policy.budget_s != budget_s:
+                    raise ValueError(f"budget_s={budget_s}: a ProcessAgent's budget is fixed when it starts ({policy.budget_s})")
+                self.agent.budget_s = budget_s
+        elif inference_process:
+            self.agent = ProcessAgent(policy, warm_start=warm_start, budget_s=budget_s, threads=threads)
+        else:
+            self.agent = PolicyAgent(policy, warm_start=warm_start, budget_s=budget_s)
         self.period = 1.0 / hz
         self.hold = hold
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-inference")
@@ -119,9 +134,14 @@ class PolicyRunner:
                 self._pending = None
 
     def close(self) -> None:
-        """Wait for a running inference and stop the thread."""
-        self._drain()
-        self._pool.shutdown(wait=True)
+        """Wait for a running inference and stop the thread (and the worker process, if this
+        runner started one)."""
+        try:
+            self._drain()
+        finally:
+            self._pool.shutdown(wait=True)
+            if self._owns_agent and isinstance(self.agent, ProcessAgent):
+                self.agent.close()
 
     def __enter__(self) -> "PolicyRunner":
         return self

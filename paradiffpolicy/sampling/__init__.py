@@ -29,4 +29,5 @@ def make_sampler(scheduler, sampler):
     table = make_step_table(dataclasses.replace(scheduler, **overrides))
     if sampler.name == "sequential":
         return SequentialSampler(table)
-    return PicardSampler(table, window=sampler.window, tol=sampler.tol, max_iters=sampler.max_iters, init=sampler.init)
+    return PicardSampler(table, window=sampler.window, tol=sampler.tol, max_iters=sampler.max_iters, init=sampler.init,
+                         anderson=sampler.anderson)

@@ -20,6 +20,15 @@ States beyond the window need a guess. ``init="copy"`` repeats the window's last
 scheduler with the pre-drawn noise and no network call (ParaSolver, Lu et al. 2025): with x̂0
 frozen, each step is affine, ``x_{k+1} = α_k x_k + β_k x̂0 + σ_k z_k``, so the whole tail is one
 closed-form expression, ``x_j = Φ_ej x_e + Ψ_ej x̂0 + R_j - Φ_ej R_e``.
+
+``anderson=m`` > 0 replaces the plain update of the window's unconverged states by a triangular
+Anderson step over the last m iterations (ParaTAA, Tang et al. 2024): with residuals
+``F = G(X) - X`` and their differences ΔF, ΔX across iterations, state i takes
+``x_i + F_i - (ΔX_i + ΔF_i) γ_i``, ``γ_i = argmin ‖F_{≤i} - ΔF_{≤i} γ‖²`` over the window states up
+to i (G is lower-triangular: state i depends only on earlier states). Safeguard: the states
+accepted in an iteration (the leading converged ones and the exact one after them, at least the
+window's first state) keep the plain Picard value, so x_{b+1} is still exact after every
+iteration, the iteration count stays ≤ N and the fixed point is unchanged.
 """
 
 from __future__ import annotations
@@ -46,17 +55,21 @@ class PicardSampler:
         max_iters: cap on batched network calls (default N, which always suffices). A sample that
             hits the cap is returned as its current estimate with ``converged=False``.
         init: guess for states beyond the window: ``"rollout"`` or ``"copy"``.
+        anderson: Anderson memory m (0: plain Picard updates).
     """
 
     name = "picard"
 
-    def __init__(self, table: StepTable, window: int = 16, tol: float = 0.1, max_iters: int | None = None, init: str = "rollout"):
+    def __init__(self, table: StepTable, window: int = 16, tol: float = 0.1, max_iters: int | None = None, init: str = "rollout",
+                 anderson: int = 0):
         if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
             raise ValueError(f"sampler.window={window!r} must be an integer >= 1")
         if not np.isfinite(tol) or tol < 0:
             raise ValueError(f"sampler.tol={tol!r} must be a finite number >= 0")
         if max_iters is not None and max_iters < 1:
             raise ValueError(f"sampler.max_iters={max_iters!r} must be >= 1 (or null for N)")
+        if not isinstance(anderson, (int, np.integer)) or anderson < 0:
+            raise ValueError(f"sampler.anderson={anderson!r} must be an integer >= 0")
         if init not in INITS:
             raise ValueError(f"sampler.init={init!r} is unknown; expected one of {INITS}")
         self.table = table
@@ -65,6 +78,7 @@ class PicardSampler:
         self.tol = float(tol)
         self.max_iters = n if max_iters is None else int(max_iters)
         self.init = init
+        self.anderson = int(anderson)
         # convergence scale of state k+1; 1 where no noise is injected (ODE steps, DDPM's last step)
         sig = table.noise_std
         self.scale = torch.where(sig > 0, sig, torch.ones_like(sig)) if table.stochastic else torch.ones_like(sig)
@@ -79,7 +93,8 @@ class PicardSampler:
         return self
 
     def settings(self) -> dict:
-        return {"name": self.name, "window": self.window, "tol": self.tol, "max_iters": self.max_iters, "init": self.init}
+        return {"name": self.name, "window": self.window, "tol": self.tol, "max_iters": self.max_iters, "init": self.init,
+                "anderson": self.anderson}
 
     @torch.no_grad()
     def sample(
@@ -126,6 +141,7 @@ class PicardSampler:
             xs[:, 1 : n + 1] = warm[0][:, 1:]
         self._fill_tail(xs, x0buf[:, 0], r_noise, rows_all, torch.zeros(bsz, dtype=torch.long, device=dev), steps, warm)
 
+        acc = _AndersonHistory(bsz, n, int(np.prod(shape)), self.anderson, dev) if self.anderson else None
         b = torch.zeros(bsz, dtype=torch.long, device=dev)
         iterations = torch.zeros(bsz, dtype=torch.long)
         nfe = torch.zeros(bsz, dtype=torch.long)
@@ -172,6 +188,10 @@ class PicardSampler:
             b_new = bb + 1 + torch.minimum(lead, length - 1)
 
             write = torch.where(valid, k + 1, torch.full_like(k, n + 1))
+            if acc is not None:
+                # plain updates for the states accepted this iteration (the leading converged ones
+                # and the exact one after them; always the window's first state: the safeguard)
+                new = acc.step(new, old, valid, offsets[:w][None, :] <= lead[:, None], rr, write, rounds)
             xs[rr, write] = new
             x0buf[rr, torch.where(valid, k, torch.full_like(k, n))] = x0
             # guesses for everything past the window end e = b + length, from the newest x̂0
@@ -226,6 +246,39 @@ class PicardSampler:
             guess = torch.where(warm[1], moved, guess)
         tail = (steps[None, :] > end[:, None]).view(-1, n + 1, *extra)
         xs[rows, : n + 1] = torch.where(tail, guess, xs[rows, : n + 1])
+
+
+class _AndersonHistory:
+    """Per-state (absolute step index) memory of the last m Picard iterates and residuals."""
+
+    def __init__(self, bsz: int, n: int, dim: int, m: int, device):
+        self.m = m
+        # slot N+1 absorbs the window's padding positions, as in the state buffer
+        self.x_prev = torch.zeros((bsz, n + 2, dim), device=device)
+        self.f_prev = torch.zeros_like(self.x_prev)
+        self.seen = torch.zeros((bsz, n + 2), dtype=torch.bool, device=device)
+        self.dx = torch.zeros((bsz, n + 2, m, dim), device=device)
+        self.df = torch.zeros_like(self.dx)
+
+    def step(self, new: Tensor, old: Tensor, valid: Tensor, plain: Tensor, rr: Tensor, write: Tensor, rounds: int) -> Tensor:
+        """Anderson-extrapolated window states (R, w, ...); ``plain`` (R, w) positions keep ``new``."""
+        r, w = new.shape[:2]
+        x = old.reshape(r, w, -1)
+        f = (new - old).reshape(r, w, -1)
+        had = (self.seen[rr, write] & valid).unsqueeze(-1)  # a state's first visit has no difference yet
+        slot = rounds % self.m
+        self.dx[rr, write, slot] = (x - self.x_prev[rr, write]) * had
+        self.df[rr, write, slot] = (f - self.f_prev[rr, write]) * had
+        self.x_prev[rr, write], self.f_prev[rr, write], self.seen[rr, write] = x, f, valid
+        dx, df = self.dx[rr, write], self.df[rr, write]  # (R, w, m, D)
+        # triangular least squares: normal equations summed over the window states up to i
+        gram = torch.einsum("rwmd,rwnd->rwmn", df, df).cumsum(dim=1)
+        rhs = torch.einsum("rwmd,rwd->rwm", df, f).cumsum(dim=1)
+        ridge = 1e-4 * gram.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-12  # keeps empty histories solvable
+        gamma = torch.linalg.solve(gram + ridge[..., None, None] * torch.eye(self.m, device=new.device), rhs.unsqueeze(-1))
+        step = x + f - torch.einsum("rwmd,rwm->rwd", dx + df, gamma.squeeze(-1))
+        keep = plain | ~torch.isfinite(step).all(-1)
+        return torch.where(keep.view(r, w, *[1] * (new.dim() - 2)), new, step.view_as(new))
 
 
 def _frozen_rollout_tables(table: StepTable) -> tuple[Tensor, Tensor]:
