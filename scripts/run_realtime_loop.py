@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """A robot-style control loop: robosuite at 20 Hz on the wall clock, driven by PolicyRunner.
 
-    python scripts/run_realtime_loop.py checkpoint=checkpoints/lift seconds=60 window=16 tol=0.1
+    python scripts/run_realtime_loop.py seconds=60        # Lift, ParaDDIM-16 p=4, worker process
+    python scripts/run_realtime_loop.py seconds=60 sampler.scheduler=null sampler.num_inference_steps=null window=8 tol=0.1
     # soak: 20,000 ticks, one row of memory and latency every 60 s, appended as it goes
     python scripts/run_realtime_loop.py ticks=20000 interval_s=60 out=benchmarks/results/cpu-2core-soak.json
 
@@ -40,12 +41,13 @@ from paradiffpolicy.runtime import versions  # noqa: E402
 class LoopConfig:
     checkpoint: str = "checkpoints/lift"
     task: TaskConfig = field(default_factory=TaskConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # ParaDDIM-16 (conf/sampler/paraddim.yaml): a DDPM-100 chunk is too slow for 20 Hz on 2 cores
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(scheduler="ddim", num_inference_steps=16, window=4, tol=1e-3))
     seconds: float = 60.0
     ticks: int = 0  # stop after this many control ticks instead (0: use ``seconds``)
     interval_s: float = 0.0  # > 0: report memory and latency every interval (soak)
     threads: int = 1  # leave a core to the simulator
-    inference_process: bool = False  # run the policy in a worker process (no GIL sharing with the loop)
+    inference_process: bool = True  # run the policy in a worker process (no GIL sharing with the loop)
     budget_s: Optional[float] = None
     seed: int = 20_000_000
     out: str = ""
@@ -103,6 +105,7 @@ def main(argv: list[str]) -> dict:
                 if cfg.interval_s > 0 and time.perf_counter() >= next_report:
                     lat = runner.agent.log.latency_ms[seen_calls:]
                     row = {"elapsed_s": round(time.perf_counter() - t0, 1), "ticks": total_ticks, "rss_mb": rss_mb(),
+                           "worker_rss_mb": rss_mb(getattr(runner.agent, "pid", None)) if cfg.inference_process else None,
                            "calls": len(lat), "deadline_misses": misses + runner.deadline_misses - seen_misses,
                            "late_ticks_total": late, **{f"latency_{q}_ms": float(np.percentile(lat, v)) if lat else None
                                                        for q, v in (("p50", 50), ("p99", 99), ("max", 100))}}
@@ -126,22 +129,54 @@ def main(argv: list[str]) -> dict:
         report["soak"] = {"intervals": len(series), "interval_s": cfg.interval_s,
                           "rss_mb_first": first["rss_mb"], "rss_mb_last": last["rss_mb"],
                           "rss_growth_mb": round(last["rss_mb"] - first["rss_mb"], 1),
+                          "worker_rss_mb_first": first["worker_rss_mb"], "worker_rss_mb_last": last["worker_rss_mb"],
+                          "worker_rss_growth_mb": None if first["worker_rss_mb"] is None else round(last["worker_rss_mb"] - first["worker_rss_mb"], 1),
                           "latency_p99_ms_first": first["latency_p99_ms"], "latency_p99_ms_last": last["latency_p99_ms"],
                           "rows": series}
     print(json.dumps(report, indent=2))
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(report, indent=2))
+        Path(cfg.out).with_suffix(".md").write_text(markdown(report))
     return report
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now (Linux /proc), else the peak (getrusage)."""
+def markdown(report: dict) -> str:
+    """The report as a short Markdown summary plus one row per soak interval."""
+    s, lat = report["sampler"], report["latency_ms"]
+    sched = f"{s.get('scheduler') or 'training scheduler'}-{s.get('num_inference_steps') or 'N'}"
+    lines = [f"# Realtime loop: {report['ticks']} ticks at {report['hz']} Hz, {report['seconds']} s",
+             "",
+             f"Sampler {s['name']} p={s['window']} τ={s['tol']} ({sched}); {report['threads']} torch thread(s), "
+             f"inference {'in a worker process' if report.get('inference_process') else 'in a thread'}; {report['machine']}; "
+             f"torch {report['versions'].get('torch')}, mujoco {report['versions'].get('mujoco')}, robosuite {report['versions'].get('robosuite')}.",
+             "",
+             f"Deadline misses **{report['deadline_misses']}**, late ticks {report['late_ticks']}, {report['calls']} calls "
+             f"(iterations mean {report['iterations_mean']:.1f}), episodes {report['episodes_finished']} "
+             f"({report['successes']} successes). Latency ms: p50 {lat['p50']:.0f}, p95 {lat['p95']:.0f}, "
+             f"p99 {lat['p99']:.0f}, max {lat['max']:.0f}."]
+    soak = report.get("soak")
+    if soak:
+        worker = "" if soak.get("worker_rss_mb_first") is None else (
+            f"; the inference worker {soak['worker_rss_mb_first']} → {soak['worker_rss_mb_last']} MB (growth {soak['worker_rss_growth_mb']} MB)")
+        lines += ["", f"Resident memory of the loop process {soak['rss_mb_first']} MB after the first interval, {soak['rss_mb_last']} MB after the last "
+                  f"(growth {soak['rss_growth_mb']} MB){worker}; latency p99 {soak['latency_p99_ms_first']:.0f} ms first interval, "
+                  f"{soak['latency_p99_ms_last']:.0f} ms last.", "",
+                  "| elapsed s | ticks | RSS MB | worker RSS MB | calls | misses | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in soak["rows"]:
+            lines.append(f"| {r['elapsed_s']} | {r['ticks']} | {r['rss_mb']} | {r['worker_rss_mb'] or '-'} | {r['calls']} | {r['deadline_misses']} | "
+                         f"{r['latency_p50_ms'] or 0:.0f} | {r['latency_p99_ms'] or 0:.0f} | {r['latency_max_ms'] or 0:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def rss_mb(pid: int | None = None) -> float | None:
+    """Resident memory of this process (or ``pid``) now, from Linux /proc; else this process's peak
+    (getrusage), or None for another process."""
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        pages = int(Path(f"/proc/{pid or 'self'}/statm").read_text().split()[1])
         return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
     except (OSError, ValueError, IndexError):
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        return None if pid else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 if __name__ == "__main__":

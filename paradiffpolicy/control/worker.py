@@ -29,6 +29,7 @@ def _serve(conn, payload: dict) -> None:
     try:
         policy = DiffusionPolicy(payload["config"], payload["sampler"]).eval()
         policy.load_state_dict(payload["state"])
+        policy.to(payload["device"])
         agent = PolicyAgent(policy, warm_start=payload["warm_start"], budget_s=payload["budget_s"])
         conn.send(("ready",))
     except Exception as e:  # noqa: BLE001 - report to the parent
@@ -77,7 +78,7 @@ class ProcessAgent(PolicyAgent):
         self._conn, child = ctx.Pipe()
         payload = {"config": policy.config, "sampler": policy.sampler_config, "threads": threads,
                    "state": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
-                   "warm_start": warm_start, "budget_s": budget_s}
+                   "warm_start": warm_start, "budget_s": budget_s, "device": str(policy.device)}
         self._proc = ctx.Process(target=_serve, args=(child, payload), daemon=True, name="policy-inference")
         self._proc.start()
         child.close()
@@ -85,6 +86,11 @@ class ProcessAgent(PolicyAgent):
             self.close()
             raise RuntimeError(f"the inference process did not start within {start_timeout_s} s")
         self._reply()
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id (e.g. to watch its memory)."""
+        return self._proc.pid
 
     def _reply(self) -> tuple:
         try:

@@ -228,10 +228,10 @@ class PicardSampler:
         x_end = xs[rows, end]  # (R, ...)
         extra = [1] * (x_end.dim() - 1)
         phi = self.phi[end].view(-1, n + 1, *extra)  # Φ_{e,j}, (R, N+1, 1...)
+        psi = self.psi[end].view(-1, n + 1, *extra)  # Ψ_{e,j}
         if self.init == "copy":
             guess = x_end.unsqueeze(1).expand(-1, n + 1, *x_end.shape[1:])
         else:
-            psi = self.psi[end].view(-1, n + 1, *extra)
             r_sel = r_noise[rows]
             r_end = r_sel[torch.arange(rows.numel(), device=rows.device), end].unsqueeze(1)
             guess = phi * (x_end.unsqueeze(1) - r_end) + psi * x0.unsqueeze(1) + r_sel
@@ -240,7 +240,6 @@ class PicardSampler:
             w = warm[0][rows]
             moved = w + phi * (x_end.unsqueeze(1) - w[idx, end].unsqueeze(1))
             if warm[2] is not None:
-                psi = self.psi[end].view(-1, n + 1, *extra)
                 dx0 = (x0 - warm[2][rows][idx, (end - 1).clamp(min=0)]) * (end >= 1).view(-1, *extra)
                 moved = moved + psi * dx0.unsqueeze(1)
             guess = torch.where(warm[1], moved, guess)
