@@ -18,12 +18,12 @@ import multiprocessing as mp
 import numpy as np
 import torch
 
-from paradiffpolicy.control.agent import Chunk, PolicyAgent, infer_batch
+from paradiffpolicy.control.agent import Chunk, InferenceLog, PolicyAgent, infer_batch
 from paradiffpolicy.policy import DiffusionPolicy
 
 
 def _serve(conn, payload: dict) -> None:
-    """Worker main: build the policy, then answer ("reset", seed) / ("infer", tick, history) /
+    """Worker main: build the policy, then answer ("reset", obs, seed) / ("infer", tick, history) /
     ("close",) messages until closed. Errors are sent back, never raised here."""
     torch.set_num_threads(payload["threads"])
     try:
@@ -44,16 +44,12 @@ def _serve(conn, payload: dict) -> None:
             return
         try:
             if msg[0] == "reset":
-                agent.generator.manual_seed(msg[1])
-                agent._previous = None
+                agent.reset(msg[1], msg[2])
                 conn.send(("ok",))
             elif msg[0] == "infer":
-                n_before = len(agent.log.latency_ms)
-                hits_before = agent.log.budget_hits
+                agent.log = InferenceLog()  # this call's statistics only; the caller keeps the history
                 chunk = infer_batch([agent], [msg[1]], [msg[2]])[0]
-                log = agent.log
-                conn.send(("ok", chunk.obs_tick, chunk.actions, log.latency_ms[n_before:], log.rounds[n_before:],
-                           log.nfe[n_before:], log.converged[n_before:], log.budget_hits - hits_before))
+                conn.send(("ok", chunk, agent.log))
             else:
                 conn.send(("error", "ValueError", f"unknown message {msg[0]!r}"))
         except Exception as e:  # noqa: BLE001 - the caller decides; the worker stays usable
@@ -104,18 +100,14 @@ class ProcessAgent(PolicyAgent):
 
     def reset(self, obs: np.ndarray, seed: int) -> None:
         super().reset(obs, seed)
-        self._conn.send(("reset", int(seed)))
+        self._conn.send(("reset", np.asarray(obs, dtype=np.float32), int(seed)))
         self._reply()
 
     def infer(self, obs_tick: int, history: np.ndarray | None = None) -> Chunk:
         self._conn.send(("infer", obs_tick, self.snapshot() if history is None else np.asarray(history)))
-        _, tick, actions, latency, rounds, nfe, converged, hits = self._reply()
-        self.log.latency_ms.extend(latency)
-        self.log.rounds.extend(rounds)
-        self.log.nfe.extend(nfe)
-        self.log.converged.extend(converged)
-        self.log.budget_hits += hits
-        return Chunk(tick, actions)
+        _, chunk, log = self._reply()
+        self.log.extend(log)
+        return chunk
 
     def close(self) -> None:
         if self._proc.is_alive():
