@@ -19,6 +19,7 @@ from paradiffpolicy.schedulers import SchedulerConfig
 T = TypeVar("T")
 
 SAMPLERS = ("sequential", "picard")
+BACKENDS = ("eager", "jit")
 
 
 @dataclass
@@ -79,6 +80,9 @@ class SamplerConfig:
     num_inference_steps: Optional[int] = None
     # closed loop only: start each tick from the previous tick's trajectory and (time-shifted) noise
     warm_start: bool = False
+    # how the network runs: "eager" (PyTorch modules) or "jit" (a traced TorchScript graph, same
+    # numbers, less Python per call; see models/jit.py)
+    backend: str = "eager"
 
     def validate(self) -> None:
         if self.name not in SAMPLERS:
@@ -91,6 +95,8 @@ class SamplerConfig:
             raise ValueError(f"sampler.max_iters={self.max_iters} must be >= 1 or null")
         if self.anderson < 0:
             raise ValueError(f"sampler.anderson={self.anderson} must be >= 0 (0 turns it off)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"sampler.backend={self.backend!r} is unknown; expected one of {BACKENDS}")
 
 
 def from_dict(cls: type[T], data: Any, name: str = "config") -> T:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from paradiffpolicy.config import PolicyConfig, SamplerConfig
+from paradiffpolicy.models.jit import TracedDenoiser
 from paradiffpolicy.models.unet1d import ConditionalUnet1D, UnetConfig
 from paradiffpolicy.normalizer import MinMaxNormalizer
 from paradiffpolicy.sampling import SamplerNoise, WarmStart, draw_noise, make_sampler
@@ -50,6 +51,8 @@ class DiffusionPolicy(nn.Module):
         """Switch the inference sampler (sequential, Picard, other scheduler or step count)."""
         self.sampler_config = sampler
         self.sampler = make_sampler(self.config.scheduler, sampler)
+        # a plain attribute, not a submodule: the checkpoint's keys stay the model's
+        self._traced = None if sampler.backend == "eager" else TracedDenoiser(self.model)
         self._move_sampler()
 
     def _move_sampler(self) -> None:
@@ -60,6 +63,11 @@ class DiffusionPolicy(nn.Module):
         if hasattr(self, "sampler"):
             self._move_sampler()
         return out
+
+    @property
+    def denoiser(self):
+        """What the sampler calls: the U-Net, or its traced graph with ``sampler.backend=jit``."""
+        return self.model if self._traced is None else self._traced
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +147,7 @@ class DiffusionPolicy(nn.Module):
                 f"{expected} x {self.num_inference_steps} steps"
             )
         cond = self.obs_normalizer.normalize(obs).reshape(bsz, -1)
-        naction, stats = self.sampler.sample(self.model, noise.to(self.device), cond, warm_start=warm_start,
+        naction, stats = self.sampler.sample(self.denoiser, noise.to(self.device), cond, warm_start=warm_start,
                                              return_states=return_states, deadline=deadline)
         if not torch.isfinite(naction).all():
             raise FloatingPointError("the sampled action contains NaN or inf; the network output is not finite")

@@ -47,6 +47,8 @@ class BenchConfig:
     max_iters: Optional[int] = None
     inits: List[str] = field(default_factory=lambda: ["rollout"])
     andersons: List[int] = field(default_factory=lambda: [0])  # Anderson memories (0: plain Picard)
+    # network backends (eager, jit); each adds a sequential-<backend> reference and Picard variants
+    backends: List[str] = field(default_factory=lambda: ["eager"])
     scheduler: Optional[str] = None
     num_inference_steps: Optional[int] = None
     # size of the random policy (checkpoint=random)
@@ -124,18 +126,24 @@ def main(argv: list[str]) -> dict:
         raise SystemExit("device=cuda but torch.cuda.is_available() is False")
     policy = build_policy(cfg)
     common = dict(scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps)
+    # "sequential" (eager) is the reference every speedup is measured against
     samplers = {"sequential": SamplerConfig(name="sequential", **common)}
+    for backend in cfg.backends:
+        if backend != "eager":
+            samplers[f"sequential-{backend}"] = SamplerConfig(name="sequential", backend=backend, **common)
     windows = list(cfg.windows) or [cfg.window]
     for window in windows:
         for init in cfg.inits:
             for m in cfg.andersons:
-                name = f"picard-{init}" + (f"-aa{m}" if m else "") + (f"-p{window}" if len(windows) > 1 else "")
-                samplers[name] = SamplerConfig(name="picard", window=window, tol=cfg.tol, max_iters=cfg.max_iters,
-                                               init=init, anderson=m, **common)
+                for backend in cfg.backends:
+                    name = (f"picard-{init}" + (f"-aa{m}" if m else "") + (f"-p{window}" if len(windows) > 1 else "")
+                            + (f"-{backend}" if backend != "eager" else ""))
+                    samplers[name] = SamplerConfig(name="picard", window=window, tol=cfg.tol, max_iters=cfg.max_iters,
+                                                   init=init, anderson=m, backend=backend, **common)
     built = {}
     for name, scfg in samplers.items():
         policy.set_sampler(scfg)
-        built[name] = policy.sampler
+        built[name] = (policy.sampler, policy._traced)  # sampler and network backend, switched per call below
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     pc = policy.config
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -146,6 +154,8 @@ def main(argv: list[str]) -> dict:
     conv = {n: [] for n in names}
     dev = {n: 0.0 for n in names}
     ratios = {n: [] for n in names if n != "sequential"}
+    refs = [n for n in names if n.startswith("sequential-")]  # other sequential references (e.g. jit)
+    ratios_ref = {(n, r): [] for n in names if not n.startswith("sequential") for r in refs}
     start = pc.n_obs_steps - 1
     draw_obs = observation_source(cfg, policy, gen)
     for trial in range(cfg.warmup + cfg.trials):
@@ -154,7 +164,7 @@ def main(argv: list[str]) -> dict:
         chunks, times = {}, {}
         order = names[trial % len(names):] + names[: trial % len(names)]
         for name in order:
-            policy.sampler = built[name]
+            policy.sampler, policy._traced = built[name]
             sync()
             t0 = time.perf_counter()
             _, info = policy.predict_action(obs, noise=noise)
@@ -170,12 +180,14 @@ def main(argv: list[str]) -> dict:
         if trial >= cfg.warmup:
             for name in ratios:
                 ratios[name].append(times["sequential"] / times[name])
+            for name, ref in ratios_ref:
+                ratios_ref[name, ref].append(times[ref] / times[name])
                 dev[name] = max(dev[name], float((chunks[name] - chunks["sequential"]).abs().max()))
 
     results = {}
     for name in names:
         results[name] = {
-            "settings": built[name].settings(),
+            "settings": {**built[name][0].settings(), "backend": samplers[name].backend},
             "latency_ms": percentiles(lat[name]),
             "iterations": {"mean": float(np.mean(rounds[name])), "max": int(np.max(rounds[name]))},
             "nfe": {"mean": float(np.mean(nfe[name]))},
@@ -185,6 +197,9 @@ def main(argv: list[str]) -> dict:
             results[name]["speedup"] = float(np.median(ratios[name]))
             results[name]["speedup_spread"] = percentiles(ratios[name])
             results[name]["max_abs_dev"] = dev[name]
+        for ref in refs:
+            if (name, ref) in ratios_ref:
+                results[name].setdefault("speedup_vs", {})[ref] = float(np.median(ratios_ref[name, ref]))
     main_name = names[1]
     report = {
         "speedup": results[main_name]["speedup"],
@@ -198,7 +213,7 @@ def main(argv: list[str]) -> dict:
         "torch_version": torch.__version__,
         "paradiffpolicy_version": __version__,
         "python": platform.python_version(),
-        "num_inference_steps": built["sequential"].table.num_steps,
+        "num_inference_steps": built["sequential"][0].table.num_steps,
         "observations": draw_obs.kind,
         "settings": dataclasses.asdict(cfg),
         "policy": {"down_dims": list(pc.down_dims), "horizon": pc.horizon, "action_dim": pc.action_dim,
@@ -219,14 +234,17 @@ def markdown(report: dict) -> str:
     head = (f"checkpoint `{s['checkpoint']}`, {report['policy']['params_m']:.1f}M params, device {report['device']}, "
             f"{report['threads']} threads, batch {s['batch']}, {report['num_inference_steps']} steps, "
             f"{s['trials']} trials, torch {report['torch_version']}\n\n")
-    rows = ["| sampler | window | tol | latency p50 (ms) | p95 (ms) | iterations | NFE | speedup (median) | max abs dev |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    refs = sorted({ref for r in report["variants"].values() for ref in r.get("speedup_vs", {})})
+    rows = ["| sampler | window | tol | latency p50 (ms) | p95 (ms) | iterations | NFE | speedup (median) | "
+            + "".join(f"vs {ref} | " for ref in refs) + "max abs dev |",
+            "|---|---|---|---|---|---|---|---|" + "---|" * len(refs) + "---|"]
     for name, r in [("sequential", report["sequential"]), *report["variants"].items()]:
         st = r["settings"]
+        vs = "".join(f"{r['speedup_vs'][ref]:.2f}x | " if ref in r.get("speedup_vs", {}) else "- | " for ref in refs)
         rows.append(
             f"| {name} | {st.get('window', '-')} | {st.get('tol', '-')} | {r['latency_ms']['p50']:.1f} | "
             f"{r['latency_ms']['p95']:.1f} | {r['iterations']['mean']:.1f} | {r['nfe']['mean']:.0f} | "
-            f"{r.get('speedup', 1.0):.2f}x | {r.get('max_abs_dev', 0.0):.1e} |"
+            f"{r.get('speedup', 1.0):.2f}x | {vs}{r.get('max_abs_dev', 0.0):.1e} |"
         )
     return head + "\n".join(rows)
 

@@ -52,6 +52,28 @@ def test_same_noise_same_chunk_for_sequential_and_picard():
     assert torch.equal(again, again2)
 
 
+def test_jit_backend_gives_the_eager_chunk():
+    """The traced graph computes what the modules compute:
+    same chunk as eager for the sequential and the Picard sampler, same checkpoint keys, and it
+    follows in-place weight updates."""
+    policy = small_policy()
+    keys = set(policy.state_dict())
+    obs = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    noise = policy.draw_noise(3, torch.Generator().manual_seed(1))
+    for name in ("sequential", "picard"):
+        policy.set_sampler(SamplerConfig(name=name, window=8, tol=0.05))
+        eager, _ = policy.predict_action(obs, noise=noise)
+        policy.set_sampler(SamplerConfig(name=name, window=8, tol=0.05, backend="jit"))
+        jit, info = policy.predict_action(obs, noise=noise)
+        assert (jit - eager).abs().max() < 1e-5, name
+        assert policy.denoiser is not policy.model
+    assert set(policy.state_dict()) == keys  # the traced graph is not a submodule
+    x, t, c = torch.randn(5, 16, 2), torch.arange(5), torch.randn(5, 10)
+    with torch.no_grad():
+        policy.model.final_conv[1].bias.add_(0.5)
+        assert torch.allclose(policy.denoiser(x, t, global_cond=c), policy.model(x, t, global_cond=c), atol=1e-6)
+
+
 @pytest.mark.parametrize("obs,err,match", [
     (torch.randn(2, 3, 5), ValueError, r"shape \(2, 3, 5\).*n_obs_steps=2"),
     (torch.randn(2, 5), ValueError, "observation shape"),
@@ -88,6 +110,7 @@ def test_non_finite_network_output_never_reaches_the_caller():
 @pytest.mark.parametrize("kw,match", [
     (dict(name="magic"), "sampler.name"), (dict(window=0), "sampler.window"), (dict(tol=-1.0), "sampler.tol"),
     (dict(scheduler="euler"), "scheduler.name"), (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(backend="onnx"), "sampler.backend"),
 ])
 def test_bad_sampler_config(kw, match):
     with pytest.raises(ValueError, match=match):
