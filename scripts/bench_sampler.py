@@ -180,9 +180,9 @@ def main(argv: list[str]) -> dict:
         if trial >= cfg.warmup:
             for name in ratios:
                 ratios[name].append(times["sequential"] / times[name])
+                dev[name] = max(dev[name], float((chunks[name] - chunks["sequential"]).abs().max()))
             for name, ref in ratios_ref:
                 ratios_ref[name, ref].append(times[ref] / times[name])
-                dev[name] = max(dev[name], float((chunks[name] - chunks["sequential"]).abs().max()))
 
     results = {}
     for name in names:
