@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -117,6 +118,24 @@ def test_realtime_counts_deadline_misses_when_the_budget_is_impossible(pusht_ckp
     res = EpisodeRunner(env, agent, ControllerConfig(mode="realtime", hz=50), hold="repeat").run(seed=1)
     assert res.length == 20 and res.deadline_misses > 0
     assert res.failure_reason == "time limit"
+
+
+def test_pusht_keypoints_flattens_the_dict_observation_and_keeps_the_expert_state():
+    keypoints = TaskConfig(**{**PUSHT.__dict__, "obs_keys": ["agent_pos", "environment_state"],
+                              "env_kwargs": {"obs_type": "environment_state_agent_pos"}})
+    env, state_env = make_env(keypoints), make_env(PUSHT)
+    try:
+        obs, state = env.reset(seed=3), state_env.reset(seed=3)
+        assert env.obs_dim == obs.shape[0] == 18 and obs.dtype == np.float32
+        assert np.allclose(obs[:2], state[:2])  # agent xy first, then the T's 8 keypoints
+        assert np.allclose(env.expert_state(), state_env.expert_state())  # the expert sees the same state
+        a = np.array([300.0, 200.0])
+        assert np.allclose(env.step(a).obs[:2], state_env.step(a).obs[:2])
+    finally:
+        env.close()
+        state_env.close()
+    with pytest.raises(ValueError, match="obs_keys"):
+        make_env(TaskConfig(**{**keypoints.__dict__, "obs_keys": ["agent_pos", "pixels"]}))
 
 
 def test_env_fault_ends_episode_with_reason(pusht_ckpt):

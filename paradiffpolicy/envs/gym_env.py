@@ -1,4 +1,5 @@
-"""Gymnasium adapter (PushT with state observations, 10 Hz)."""
+"""Gymnasium adapter (PushT, 10 Hz): flat observations, or dict observations flattened in
+``task.obs_keys`` order (PushT keypoints: ``obs_type=environment_state_agent_pos``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ class GymEnv(PolicyEnv):
         self.task = task
         self._render = render
         space = self.env.observation_space
-        self.obs_dim = int(np.prod(space.shape))
+        if isinstance(space, gym.spaces.Dict):
+            keys = list(space.spaces)
+            if not task.obs_keys or any(k not in keys for k in task.obs_keys):
+                raise ValueError(f"task.obs_keys={list(task.obs_keys)}: {task.env_name} with {dict(task.env_kwargs)} "
+                                 f"has dict observations; list the keys to concatenate, from {keys}")
+            self.obs_dim = int(sum(np.prod(space[k].shape) for k in task.obs_keys))
+        else:
+            self.obs_dim = int(np.prod(space.shape))
         self.action_low = np.asarray(self.env.action_space.low, dtype=np.float64)
         self.action_high = np.asarray(self.env.action_space.high, dtype=np.float64)
         self.action_dim = int(self.action_low.shape[0])
@@ -30,19 +38,29 @@ class GymEnv(PolicyEnv):
     def reset(self, seed: int) -> np.ndarray:
         obs, _ = self.env.reset(seed=int(seed))
         self._last = obs
-        return np.asarray(obs, dtype=np.float32).reshape(-1)
+        return self._flat(obs)
 
     def step(self, action: np.ndarray) -> StepResult:
         a = self._check_action(action)
         obs, reward, terminated, truncated, info = self.env.step(a.astype(np.float32))
         self._last = obs
         success = bool(info.get("is_success", False))
-        return StepResult(np.asarray(obs, dtype=np.float32).reshape(-1), float(reward), bool(terminated or truncated or success), success, info)
+        return StepResult(self._flat(obs), float(reward), bool(terminated or truncated or success), success, info)
 
     def render(self) -> np.ndarray | None:
         return self.env.render() if self._render else None
 
+    def _flat(self, obs) -> np.ndarray:
+        if isinstance(obs, dict):
+            return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(-1) for k in self.task.obs_keys])
+        return np.asarray(obs, dtype=np.float32).reshape(-1)
+
     def expert_state(self) -> np.ndarray:
+        sim = self.env.unwrapped
+        if hasattr(sim, "block") and hasattr(sim, "agent"):
+            # PushT: the scripted expert plans on (agent xy, block xy, block angle), whatever the
+            # policy observes (gym-pusht's obs_type=state vector)
+            return np.array([*sim.agent.position, *sim.block.position, sim.block.angle % (2 * np.pi)], dtype=np.float64)
         return np.asarray(self._last, dtype=np.float64)
 
     def close(self) -> None:
