@@ -84,6 +84,7 @@ def test_eval_pusht_compare_realtime(tmp_path, pusht_ckpt):
     check_info(info, 2)
     cmp = info["compare"]
     assert cmp["max_abs_dev"] < 1e-4  # tol=0: the Picard chunks are the sequential chunks
+    assert cmp["calls_over_1e-2"] == 0 and 0 <= cmp["abs_dev_p50_p95"][0] <= cmp["abs_dev_p50_p95"][1] <= cmp["max_abs_dev"]
     assert cmp["speedup"] > 0 and "pc_success_sequential" in cmp
     assert info["control"]["mode"] == "realtime" and info["control"]["target_hz"] == 10
     assert 5 < info["control"]["achieved_hz"] < 12  # paced near 10 Hz on the wall clock

@@ -29,9 +29,13 @@ class InferenceLog:
     rounds: list = field(default_factory=list)
     nfe: list = field(default_factory=list)
     converged: list = field(default_factory=list)
-    max_abs_dev: float = 0.0
+    shadow_dev: list = field(default_factory=list)  # per call: max |chunk - sequential chunk| (normalised)
     shadow_ratio: list = field(default_factory=list)
     budget_hits: int = 0
+
+    @property
+    def max_abs_dev(self) -> float:
+        return max(self.shadow_dev, default=0.0)
 
     def summary(self) -> dict:
         lat = np.asarray(self.latency_ms) if self.latency_ms else np.zeros(1)
@@ -48,9 +52,8 @@ class InferenceLog:
         return out
 
     def extend(self, other: "InferenceLog") -> None:
-        for name in ("latency_ms", "rounds", "nfe", "converged", "shadow_ratio"):
+        for name in ("latency_ms", "rounds", "nfe", "converged", "shadow_dev", "shadow_ratio"):
             getattr(self, name).extend(getattr(other, name))
-        self.max_abs_dev = max(self.max_abs_dev, other.max_abs_dev)
         self.budget_hits += other.budget_hits
 
 
@@ -147,6 +150,6 @@ def infer_batch(agents: list[PolicyAgent], obs_ticks: list[int], histories: list
         agent.log.budget_hits += hit
         if devs is not None:
             agent.log.shadow_ratio.append(ratio)
-            agent.log.max_abs_dev = max(agent.log.max_abs_dev, float(devs[i]))
+            agent.log.shadow_dev.append(float(devs[i]))
         chunks.append(Chunk(obs_ticks[i], actions[i]))
     return chunks
