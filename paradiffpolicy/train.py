@@ -152,7 +152,21 @@ class Trainer:
             self.opt.state[params[int(i)]][name] = v.to(self.device) if name != "step" else v
         self.rng.bit_generator.state = state["numpy_rng"]
         self.step, self.elapsed = state["step"], state["elapsed_s"]
+        self._truncate_log()
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _truncate_log(self) -> None:
+        """Drop log lines written after the saved step (the run died before its next checkpoint); those
+        steps are trained again, and a log with repeated steps would misstate the loss curve and time."""
+        path = self.out / "train_log.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        if len(keep) != len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, path)
 
     # -- loop ---------------------------------------------------------------------------------
 

@@ -106,9 +106,13 @@ def test_collect_train_load_end_to_end(tmp_path):
     assert actions.shape == (1, 8, 7)
     # resume continues from the saved step with the same weights
     cfg.steps = 8
+    with open(tmp_path / "run" / "train_log.jsonl", "a") as f:  # as if a run had died after step 6's checkpoint
+        f.write(json.dumps({"step": 7, "loss": 1.0, "lr": 0.0, "elapsed_s": 0.0}) + "\n")
     trainer = Trainer(cfg)
     assert trainer.step == 6
     trainer.train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [6, 8]  # the stale step-7 line is gone; step 8 logged once
     assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 8
 
 
