@@ -79,6 +79,15 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def _logged_step(line: str) -> float:
+    """Step of one ``train_log.jsonl`` line; a blank or half-written line (killed mid-write) counts as
+    after every step, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -162,7 +171,7 @@ class Trainer:
         if not path.exists():
             return
         lines = path.read_text().splitlines()
-        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        keep = [line for line in lines if _logged_step(line) <= self.step]
         if len(keep) != len(lines):
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in keep))

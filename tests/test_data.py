@@ -108,6 +108,7 @@ def test_collect_train_load_end_to_end(tmp_path):
     cfg.steps = 8
     with open(tmp_path / "run" / "train_log.jsonl", "a") as f:  # as if a run had died after step 6's checkpoint
         f.write(json.dumps({"step": 7, "loss": 1.0, "lr": 0.0, "elapsed_s": 0.0}) + "\n")
+        f.write('{"step": 7, "lo')  # and was killed in the middle of the next line
     trainer = Trainer(cfg)
     assert trainer.step == 6
     trainer.train()
