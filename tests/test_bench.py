@@ -34,6 +34,21 @@ def test_bench_reports_deviation_and_speedups_for_every_variant(tmp_path):
         assert ("speedup_vs" in r) == (not name.startswith("sequential"))
     assert json.loads(out.read_text())["variants"].keys() == variants.keys()
     assert "vs sequential-jit" in out.with_suffix(".md").read_text()
+    # deviation per sample over the 2 timed trials and the default 64-sample untimed batch
+    assert all(r["abs_dev"]["samples"] == 2 + 64 for r in variants.values())
+
+
+def test_bench_sweeps_tolerances_and_counts_deviating_samples(tmp_path):
+    report = _bench().main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
+                            "trials=1", "warmup=0", "window=8", "tols=[0.0,2.0]", "dev_samples=16", "threads=1",
+                            f"out={tmp_path / 'bench.json'}"])
+    exact, loose = report["variants"]["picard-rollout-tol0"], report["variants"]["picard-rollout-tol2"]
+    assert (exact["settings"]["tol"], loose["settings"]["tol"]) == (0.0, 2.0)
+    assert exact["abs_dev"]["samples"] == loose["abs_dev"]["samples"] == 17
+    assert exact["max_abs_dev"] < 1e-5 and exact["abs_dev"]["over_1e-2"] == 0
+    # a tolerance of 2 noise standard deviations accepts the first guess: most samples are off
+    assert loose["abs_dev"]["over_1e-2"] > 8 and loose["iterations"]["mean"] < exact["iterations"]["mean"]
+    assert loose["abs_dev"]["p50"] <= loose["abs_dev"]["p95"] <= loose["max_abs_dev"]
 
 
 def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
