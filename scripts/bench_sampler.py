@@ -166,19 +166,24 @@ def main(argv: list[str]) -> dict:
     ratios_ref = {(n, r): [] for n in names if not n.startswith("sequential") for r in refs}
     start = pc.n_obs_steps - 1
     draw_obs = observation_source(cfg, policy, gen)
+
+    def run(name: str, obs: torch.Tensor, noise) -> tuple[torch.Tensor, dict]:
+        """(executed action chunk (B, Ta, Da) in normalised units, info) of sampler ``name``."""
+        policy.sampler, policy._traced = built[name]
+        _, info = policy.predict_action(obs, noise=noise)
+        return info["action_pred_normalized"][:, start : start + pc.n_action_steps], info
+
     for trial in range(cfg.warmup + cfg.trials):
         obs = draw_obs()
         noise = policy.draw_noise(cfg.batch, gen)  # one draw per trial, shared by every sampler
         chunks, times = {}, {}
         order = names[trial % len(names):] + names[: trial % len(names)]
         for name in order:
-            policy.sampler, policy._traced = built[name]
             sync()
             t0 = time.perf_counter()
-            _, info = policy.predict_action(obs, noise=noise)
+            chunks[name], info = run(name, obs, noise)
             sync()
             times[name] = time.perf_counter() - t0
-            chunks[name] = info["action_pred_normalized"][:, start : start + pc.n_action_steps]
             if trial >= cfg.warmup:
                 st = info["stats"]
                 lat[name].append(times[name] * 1e3)
@@ -194,12 +199,9 @@ def main(argv: list[str]) -> dict:
 
     if cfg.dev_samples > 0:
         obs, noise = draw_obs(cfg.dev_samples), policy.draw_noise(cfg.dev_samples, gen)
-        chunks = {}
-        for name in names:
-            policy.sampler, policy._traced = built[name]
-            chunks[name] = policy.predict_action(obs, noise=noise)[1]["action_pred_normalized"][:, start : start + pc.n_action_steps]
-            if name != "sequential":
-                devs[name].extend(_sample_dev(chunks[name], chunks["sequential"]))
+        ref = run("sequential", obs, noise)[0]
+        for name in ratios:
+            devs[name].extend(_sample_dev(run(name, obs, noise)[0], ref))
 
     results = {}
     for name in names:
