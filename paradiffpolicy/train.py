@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from paradiffpolicy.checkpoint import save_policy
+from paradiffpolicy.checkpoint import load_policy, save_policy
 from paradiffpolicy.config import PolicyConfig
 from paradiffpolicy.data.replay_buffer import ReplayBuffer
 from paradiffpolicy.data.sequence import SequenceSampler
@@ -61,6 +61,9 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     resume: bool = True
+    # fine-tune: start from these weights (an exported checkpoint, or a run's ``output_dir/last``)
+    # with a fresh optimiser and schedule; ignored when output_dir holds a run to resume
+    init_from: Optional[str] = None
     progress: bool = True
 
 
@@ -120,6 +123,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         if cfg.resume and (self.out / "last" / "state.json").exists():
             self._load_state(self.out / "last")
+        elif cfg.init_from:
+            self._init_weights(Path(cfg.init_from))
 
     # -- state --------------------------------------------------------------------------------
 
@@ -136,7 +141,7 @@ class Trainer:
         opt_tensors["torch_generator"] = self.gen.get_state()
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state = {"step": self.step, "elapsed_s": self.elapsed, "numpy_rng": self.rng.bit_generator.state,
-                 "config": OmegaConf.to_container(OmegaConf.structured(self.cfg))}
+                 "dataset_episodes": self.n_episodes, "config": OmegaConf.to_container(OmegaConf.structured(self.cfg))}
         (tmp / "state.json").write_text(json.dumps(state))
         shutil.rmtree(old, ignore_errors=True)
         if last.exists():
@@ -147,10 +152,14 @@ class Trainer:
     def _load_state(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
         saved = state["config"]
-        for key in ("dataset", "batch_size", "seed", "policy"):
+        for key in ("dataset", "batch_size", "seed", "policy", "init_from"):
             now = OmegaConf.to_container(OmegaConf.structured(self.cfg))[key]
-            if saved[key] != now:
-                raise ValueError(f"cannot resume {path}: {key} was {saved[key]!r}, now {now!r}; use another output_dir or resume=false")
+            if saved.get(key) != now:
+                raise ValueError(f"cannot resume {path}: {key} was {saved.get(key)!r}, now {now!r}; use another output_dir or resume=false")
+        if state.get("dataset_episodes", self.n_episodes) != self.n_episodes:
+            # the sampled windows (and the seeded batch stream) would silently change
+            raise ValueError(f"cannot resume {path}: dataset {self.cfg.dataset} had {state['dataset_episodes']} episodes, "
+                             f"now {self.n_episodes}; fine-tune into another output_dir with init_from={path}")
         self.policy.load_state_dict(load_file(str(path / "model.safetensors")))
         self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
         opt = load_file(str(path / "optimizer.safetensors"))
@@ -163,6 +172,25 @@ class Trainer:
         self.step, self.elapsed = state["step"], state["elapsed_s"]
         self._truncate_log()
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _init_weights(self, path: Path) -> None:
+        """Model and EMA weights, normalisers included, from ``path``: a run's state directory (float32
+        weights and EMA) or an exported checkpoint (its EMA weights for both). The source's normalisers
+        replace the ones fit on this dataset, so the weights see inputs scaled as in their training."""
+        if (path / "state.json").exists():
+            saved = json.loads((path / "state.json").read_text())["config"]["policy"]
+            now = OmegaConf.to_container(OmegaConf.structured(self.cfg))["policy"]
+            if saved != now:
+                raise ValueError(f"init_from={path}: its policy config {saved} differs from this run's {now}")
+            model, ema = load_file(str(path / "model.safetensors")), load_file(str(path / "ema.safetensors"))
+        else:
+            source = load_policy(path)
+            if source.config != self.policy.config:
+                raise ValueError(f"init_from={path}: its policy config {source.config} differs from this run's {self.policy.config}")
+            model = ema = {k: v.float() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+        self.policy.load_state_dict(model)
+        self.ema.load_state_dict(ema)
+        log.info("initialised from %s", path)
 
     def _truncate_log(self) -> None:
         """Drop log lines written after the saved step (the run died before its next checkpoint); those
@@ -231,7 +259,7 @@ class Trainer:
             "task": self.cfg.task.name,
             "dataset": {"path": self.cfg.dataset, "episodes": self.n_episodes, "steps": self.n_steps},
             "train": {"steps": self.step, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "lr": self.cfg.lr,
-                      "train_time_s": round(self.elapsed, 1), "device": str(self.device), "threads": torch.get_num_threads(),
+                      "init_from": self.cfg.init_from, "train_time_s": round(self.elapsed, 1), "device": str(self.device), "threads": torch.get_num_threads(),
                       "machine": f"{platform.machine()} {os.cpu_count()} cpus"},
             "command": "python -m paradiffpolicy.train " + " ".join(sys.argv[1:]),
             "versions": versions(),

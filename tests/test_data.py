@@ -82,6 +82,7 @@ def test_collect_train_load_end_to_end(tmp_path):
     from paradiffpolicy.collect import CollectConfig, collect
     from paradiffpolicy.envs import TaskConfig
     from paradiffpolicy.train import TrainConfig, Trainer
+    from safetensors.torch import load_file
 
     task = TaskConfig(max_steps=120)
     store = tmp_path / "lift.zarr"
@@ -115,6 +116,27 @@ def test_collect_train_load_end_to_end(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [6, 8]  # the stale step-7 line is gone; step 8 logged once
     assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 8
+
+    # more data: the old run refuses to resume on it; fine-tuning starts from its weights instead
+    ReplayBuffer.open(store, mode="a").add_episode({k: np.asarray(buf[k][:30]) for k in buf.keys})
+    with pytest.raises(ValueError, match="had 2 episodes, now 3"):
+        Trainer(cfg)
+    for source in (tmp_path / "ck", tmp_path / "run" / "last"):
+        tune = TrainConfig(task=task, policy=pcfg, dataset=str(store), output_dir=str(tmp_path / f"tune_{source.name}"),
+                           steps=2, batch_size=8, warmup_steps=1, init_from=str(source), export=str(tmp_path / "ck2"),
+                           progress=False)
+        trainer = Trainer(tune)
+        assert trainer.step == 0
+        start = load_policy(tmp_path / "ck") if source.name == "ck" else None
+        expected = start.state_dict() if start else load_file(str(source / "ema.safetensors"))
+        for k, v in trainer.ema.state_dict().items():  # normalisers included: the source's, not refit
+            torch.testing.assert_close(v, expected[k].to(v.dtype), msg=k)
+        trainer.train()
+    assert load_policy(tmp_path / "ck2").metadata["train"]["init_from"] == str(tmp_path / "run" / "last")
+    other = PolicyConfig(down_dims=[16, 16], diffusion_step_embed_dim=16)
+    with pytest.raises(ValueError, match="init_from=.*policy config"):
+        Trainer(TrainConfig(task=task, policy=other, dataset=str(store), output_dir=str(tmp_path / "tune_other"),
+                            init_from=str(tmp_path / "ck"), progress=False))
 
 
 @pytest.mark.slow
