@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--expert", help="scripts/eval_expert.py output")
     ap.add_argument("--collect", required=True, help="the exact collection command")
     ap.add_argument("--note", default="")
+    ap.add_argument("--trained-alone", action="store_true", help="training had the machine to itself")
     a = ap.parse_args()
     ck = Path(a.checkpoint)
     cfg = json.loads((ck / "config.json").read_text())
@@ -39,7 +40,8 @@ def main() -> None:
         "",
         f"- Data: `{a.collect}` → {meta['dataset']['episodes']} successful expert episodes, {meta['dataset']['steps']} steps.",
         f"- Training: `{meta['command']}` ({tr['steps']} steps, batch {tr['batch_size']}, seed {tr['seed']}, lr {tr['lr']}),"
-        f" {tr['train_time_s'] / 60:.1f} min on {tr['device']} ({tr['machine']}, {tr['threads']} torch thread(s), other jobs sharing the CPU).",
+        f" {tr['train_time_s'] / 60:.1f} min on {tr['device']} ({tr['machine']}, {tr['threads']} torch thread(s), "
+        f"{'nothing else running' if a.trained_alone else 'other jobs sharing the CPU'}).",
         f"- Versions: torch {meta['versions'].get('torch')}, mujoco {meta['versions'].get('mujoco')}, "
         f"robosuite {meta['versions'].get('robosuite')}, gymnasium {meta['versions'].get('gymnasium')}.",
         "",
