@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import platform
 import sys
 import time
@@ -34,6 +35,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paradiffpolicy import DiffusionPolicy, PolicyConfig, SamplerConfig, __version__, load_policy  # noqa: E402
 from paradiffpolicy.config import from_dict  # noqa: E402
+from paradiffpolicy.runtime import cpu_model  # noqa: E402
 
 
 @dataclass
@@ -231,6 +233,7 @@ def main(argv: list[str]) -> dict:
         "variants": {n: results[n] for n in names[1:]},
         "device": cfg.device if not cfg.device.startswith("cuda") else torch.cuda.get_device_name(),
         "machine": cfg.machine or platform.machine(),
+        "cpu": f"{cpu_model()}, {os.cpu_count()} cpus",
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "paradiffpolicy_version": __version__,
@@ -258,7 +261,8 @@ def _sample_dev(chunk: torch.Tensor, ref: torch.Tensor) -> list[float]:
 
 def markdown(report: dict) -> str:
     s = report["settings"]
-    head = (f"checkpoint `{s['checkpoint']}`, {report['policy']['params_m']:.1f}M params, device {report['device']}, "
+    head = (f"checkpoint `{s['checkpoint']}`, {report['policy']['params_m']:.1f}M params, device {report['device']} "
+            f"({report.get('cpu', 'cpu model not recorded')}), "
             f"{report['threads']} threads, batch {s['batch']}, {report['num_inference_steps']} steps, "
             f"{s['trials']} trials, torch {report['torch_version']}; deviation from the sequential sample per "
             f"sample over the timed trials and {s['dev_samples']} more observations (executed actions, normalised units)\n\n")
