@@ -34,7 +34,7 @@ from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
 from paradiffpolicy.control.controller import ControllerConfig, EpisodeResult, EpisodeRunner, VectorRunner
 from paradiffpolicy.control.worker import ProcessAgent
 from paradiffpolicy.envs import TaskConfig, make_env
-from paradiffpolicy.runtime import sigterm_as_keyboard_interrupt, versions
+from paradiffpolicy.runtime import cpu_model, sigterm_as_keyboard_interrupt, versions
 from paradiffpolicy.sampling import make_sampler
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class Evaluator:
         info: dict = {"task": cfg.task.name, "checkpoint": cfg.checkpoint, "n_envs": cfg.n_envs, "sampler": {**to_dict(cfg.sampler), **self.policy.sampler.settings(),
                       "num_inference_steps": self.policy.num_inference_steps},
                       "controller": to_dict(cfg.controller), "seeds": [cfg.seed + i for i in range(cfg.n_episodes)],
-                      "versions": versions(), "device": cfg.device, "threads": cfg.threads, "interrupted": False}
+                      "versions": versions(), "device": cfg.device, "cpu": cpu_model(), "threads": cfg.threads, "interrupted": False}
         shadow = None
         if cfg.compare:
             ref = SamplerConfig(name="sequential", scheduler=cfg.sampler.scheduler, num_inference_steps=cfg.sampler.num_inference_steps)
