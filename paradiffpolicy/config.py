@@ -76,8 +76,6 @@ class SamplerConfig:
     init: str = "rollout"
     # Picard only: Anderson acceleration with this many past iterations (0: plain Picard)
     anderson: int = 0
-    # Picard only: accept a state only after two network passes agree (a guess never counts)
-    verify: bool = False
     scheduler: Optional[str] = None
     num_inference_steps: Optional[int] = None
     # closed loop only: start each tick from the previous tick's trajectory and (time-shifted) noise

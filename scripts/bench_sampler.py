@@ -55,7 +55,6 @@ class BenchConfig:
     max_iters: Optional[int] = None
     inits: List[str] = field(default_factory=lambda: ["rollout"])
     andersons: List[int] = field(default_factory=lambda: [0])  # Anderson memories (0: plain Picard)
-    verifies: List[bool] = field(default_factory=lambda: [False])  # accept only twice-computed states
     # network backends (eager, jit); each adds a sequential-<backend> reference and Picard variants
     backends: List[str] = field(default_factory=lambda: ["eager"])
     scheduler: Optional[str] = None
@@ -146,13 +145,11 @@ def main(argv: list[str]) -> dict:
             samplers[f"sequential-{backend}"] = SamplerConfig(name="sequential", backend=backend, **common)
     windows = list(cfg.windows) or [cfg.window]
     tols = list(cfg.tols) or [cfg.tol]
-    for window, tol, init, m, verify, backend in itertools.product(windows, tols, cfg.inits, cfg.andersons, cfg.verifies,
-                                                                   cfg.backends):
-        name = (f"picard-{init}" + (f"-aa{m}" if m else "") + ("-verify" if verify else "")
-                + (f"-p{window}" if len(windows) > 1 else "")
+    for window, tol, init, m, backend in itertools.product(windows, tols, cfg.inits, cfg.andersons, cfg.backends):
+        name = (f"picard-{init}" + (f"-aa{m}" if m else "") + (f"-p{window}" if len(windows) > 1 else "")
                 + (f"-tol{tol:g}" if len(tols) > 1 else "") + (f"-{backend}" if backend != "eager" else ""))
         samplers[name] = SamplerConfig(name="picard", window=window, tol=tol, max_iters=cfg.max_iters,
-                                       init=init, anderson=m, verify=verify, backend=backend, **common)
+                                       init=init, anderson=m, backend=backend, **common)
     built = {}
     for name, scfg in samplers.items():
         policy.set_sampler(scfg)

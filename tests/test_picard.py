@@ -192,24 +192,3 @@ def test_noise_shift_moves_the_horizon_and_keeps_the_overlap():
     assert torch.equal(s.initial[:, :5], a.initial[:, 3:]) and torch.equal(s.initial[:, 5:], b.initial[:, 5:])
     assert torch.equal(s.steps[:, :, :5], a.steps[:, :, 3:]) and torch.equal(s.steps[:, :, 5:], b.steps[:, :, 5:])
     assert a.shifted(8, b) is b and a.shifted(0, b) is a
-
-
-@pytest.mark.parametrize("name,steps", [("ddpm", 100), ("ddim", 16), ("dpmsolver++", 16)])
-def test_verify_keeps_the_fixed_point_and_never_accepts_an_unchecked_guess(name, steps):
-    """``verify=True``: exact at tol=0; and a perfect guess (the sample's own trajectory), which
-    plain Picard accepts a window at a time on sight, must first be recomputed: more rounds,
-    still within N, same sample."""
-    from paradiffpolicy.sampling import WarmStart
-
-    table, model, noise, cond, ref = _setup(name, steps, strength=2.0)
-    x, stats = PicardSampler(table, window=8, tol=0.0, verify=True).sample(model, noise, cond)
-    assert (x - ref).abs().max() < 1e-4 and stats.rounds <= steps and bool(stats.converged.all())
-    own = PicardSampler(table, window=8, tol=0.0).sample(model, noise, cond, return_states=True)[1].extra["states"]
-    warm = WarmStart(own, torch.ones(8, dtype=torch.bool))
-    _, plain = PicardSampler(table, window=8, tol=1e-3).sample(model, noise, cond, warm_start=warm)
-    x, checked = PicardSampler(table, window=8, tol=1e-3, verify=True).sample(model, noise, cond, warm_start=warm)
-    assert plain.rounds <= -(-steps // 8) + 1 < checked.rounds <= steps
-    assert (x - ref).abs().max() < 1e-4 and bool(checked.converged.all())
-    tol = 0.1 if name == "ddpm" else 1e-3
-    x, stats = PicardSampler(table, window=16, tol=tol, verify=True).sample(model, noise, cond)
-    assert (x - ref).abs().max() < 2e-2 and bool(stats.converged.all())

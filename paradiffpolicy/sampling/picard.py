@@ -21,14 +21,6 @@ scheduler with the pre-drawn noise and no network call (ParaSolver, Lu et al. 20
 frozen, each step is affine, ``x_{k+1} = α_k x_k + β_k x̂0 + σ_k z_k``, so the whole tail is one
 closed-form expression, ``x_j = Φ_ej x_e + Ψ_ej x̂0 + R_j - Φ_ej R_e``.
 
-``verify=True`` accepts a state only when its previous value also came from a network pass (it
-lay inside the previous iteration's window), so a guess that happens to agree with the first
-value computed from it never counts as converged: every accepted state was computed twice with
-changes below tolerance. The rollout guess is good enough to pass the test on its own more often
-than it should (the cause of most of the deviation tail at ParaDiGMS' τ); verifying costs a few
-more iterations (with a perfect guess, up to twice as many: a window that lies wholly beyond the
-last one can only be computed, then verified in the next), and the bound of N still holds.
-
 ``anderson=m`` > 0 replaces the plain update of the window's unconverged states by a triangular
 Anderson step over the last m iterations (ParaTAA, Tang et al. 2024): with residuals
 ``F = G(X) - X`` and their differences ΔF, ΔX across iterations, state i takes
@@ -64,13 +56,12 @@ class PicardSampler:
             hits the cap is returned as its current estimate with ``converged=False``.
         init: guess for states beyond the window: ``"rollout"`` or ``"copy"``.
         anderson: Anderson memory m (0: plain Picard updates).
-        verify: accept only states computed by two network passes (see the module docstring).
     """
 
     name = "picard"
 
     def __init__(self, table: StepTable, window: int = 16, tol: float = 0.1, max_iters: int | None = None, init: str = "rollout",
-                 anderson: int = 0, verify: bool = False):
+                 anderson: int = 0):
         if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
             raise ValueError(f"sampler.window={window!r} must be an integer >= 1")
         if not np.isfinite(tol) or tol < 0:
@@ -88,7 +79,6 @@ class PicardSampler:
         self.max_iters = n if max_iters is None else int(max_iters)
         self.init = init
         self.anderson = int(anderson)
-        self.verify = bool(verify)
         # convergence scale of state k+1; 1 where no noise is injected (ODE steps, DDPM's last step)
         sig = table.noise_std
         self.scale = torch.where(sig > 0, sig, torch.ones_like(sig)) if table.stochastic else torch.ones_like(sig)
@@ -104,7 +94,7 @@ class PicardSampler:
 
     def settings(self) -> dict:
         return {"name": self.name, "window": self.window, "tol": self.tol, "max_iters": self.max_iters, "init": self.init,
-                "anderson": self.anderson, "verify": self.verify}
+                "anderson": self.anderson}
 
     @torch.no_grad()
     def sample(
@@ -151,8 +141,6 @@ class PicardSampler:
             xs[:, 1 : n + 1] = warm[0][:, 1:]
         self._fill_tail(xs, x0buf[:, 0], r_noise, rows_all, torch.zeros(bsz, dtype=torch.long, device=dev), steps, warm)
 
-        # states <= computed[r] hold a value from a network pass (used by ``verify``)
-        computed = torch.zeros(bsz, dtype=torch.long, device=dev)
         acc = _AndersonHistory(bsz, n, int(np.prod(shape)), self.anderson, dev) if self.anderson else None
         b = torch.zeros(bsz, dtype=torch.long, device=dev)
         iterations = torch.zeros(bsz, dtype=torch.long)
@@ -194,10 +182,7 @@ class PicardSampler:
 
             old = xs[rr, k + 1]
             err = (new - old).pow(2).flatten(2).mean(-1).sqrt() / self.scale[k]  # (R, w)
-            conv = err <= self.tol
-            if self.verify:
-                conv = conv & (k + 1 <= computed[rows][:, None])
-            conv = conv | ~valid
+            conv = (err <= self.tol) | ~valid
             lead = conv.long().cumprod(dim=1).sum(dim=1)  # leading converged states
             length = (n - bb).clamp(max=w)  # valid window length per row
             b_new = bb + 1 + torch.minimum(lead, length - 1)
@@ -214,7 +199,6 @@ class PicardSampler:
             x0_last = x0[torch.arange(r, device=dev), length - 1]
             self._fill_tail(xs, x0_last, r_noise, rows, end, steps, warm)
             b[rows] = b_new
-            computed[rows] = end
 
             iterations[active] += 1
             nfe[active] += w
