@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import random
 import signal
@@ -24,16 +25,16 @@ def versions() -> dict[str, str | None]:
 
 
 def cpu_model() -> str:
-    """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): speed
-    ratios differ between processors, so benchmark results name the one they ran on."""
+    """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere) and CPU
+    count, e.g. ``"AMD EPYC, 2 cpus"``: speed ratios differ between processors, so results name
+    the one they ran on."""
+    name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cpus"
 
 
 def seed_everything(seed: int) -> None:

@@ -36,7 +36,7 @@ from paradiffpolicy.data.replay_buffer import ReplayBuffer
 from paradiffpolicy.data.sequence import SequenceSampler
 from paradiffpolicy.envs import TaskConfig
 from paradiffpolicy.policy import DiffusionPolicy
-from paradiffpolicy.runtime import seed_everything, sigterm_as_keyboard_interrupt, versions
+from paradiffpolicy.runtime import cpu_model, seed_everything, sigterm_as_keyboard_interrupt, versions
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class Trainer:
             "dataset": {"path": self.cfg.dataset, "episodes": self.n_episodes, "steps": self.n_steps},
             "train": {"steps": self.step, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "lr": self.cfg.lr,
                       "init_from": self.cfg.init_from, "train_time_s": round(self.elapsed, 1), "device": str(self.device), "threads": torch.get_num_threads(),
-                      "machine": f"{platform.machine()} {os.cpu_count()} cpus"},
+                      "machine": f"{platform.machine()} {os.cpu_count()} cpus", "cpu": cpu_model()},
             "command": "python -m paradiffpolicy.train " + " ".join(sys.argv[1:]),
             "versions": versions(),
         }

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import platform
 import sys
 import time
@@ -233,7 +232,7 @@ def main(argv: list[str]) -> dict:
         "variants": {n: results[n] for n in names[1:]},
         "device": cfg.device if not cfg.device.startswith("cuda") else torch.cuda.get_device_name(),
         "machine": cfg.machine or platform.machine(),
-        "cpu": f"{cpu_model()}, {os.cpu_count()} cpus",
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "paradiffpolicy_version": __version__,
