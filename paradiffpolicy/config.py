@@ -19,7 +19,7 @@ from paradiffpolicy.schedulers import SchedulerConfig
 T = TypeVar("T")
 
 SAMPLERS = ("sequential", "picard")
-BACKENDS = ("eager", "jit")
+BACKENDS = ("eager", "jit", "compile")
 
 
 @dataclass
@@ -80,8 +80,9 @@ class SamplerConfig:
     num_inference_steps: Optional[int] = None
     # closed loop only: start each tick from the previous tick's trajectory and (time-shifted) noise
     warm_start: bool = False
-    # how the network runs: "eager" (PyTorch modules) or "jit" (a traced TorchScript graph, same
-    # numbers, less Python per call; see models/jit.py)
+    # how the network runs: "eager" (PyTorch modules), "jit" (a traced TorchScript graph, same
+    # numbers, less Python per call; see models/jit.py) or "compile" (torch.compile: CUDA graphs on
+    # a GPU, fixed-shape Picard windows; see models/compiled.py)
     backend: str = "eager"
 
     def validate(self) -> None:

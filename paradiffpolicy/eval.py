@@ -111,6 +111,8 @@ class Evaluator:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(cfg.threads)
         self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device)
+        if cfg.sampler.backend != "eager":  # trace / compile before the first timed call
+            log.info("%s backend ready after %.1f s", cfg.sampler.backend, self.policy.warm_up(cfg.n_envs))
         self.env = make_env(cfg.task, render=cfg.video)
         self.extra_envs = [make_env(cfg.task) for _ in range(cfg.n_envs - 1)]
         pc = self.policy.config

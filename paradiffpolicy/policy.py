@@ -7,6 +7,7 @@ owns the normalisers, validates inputs and delegates sampling to a pluggable sam
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from paradiffpolicy.config import PolicyConfig, SamplerConfig
+from paradiffpolicy.models.compiled import CompiledDenoiser
 from paradiffpolicy.models.jit import TracedDenoiser
 from paradiffpolicy.models.unet1d import ConditionalUnet1D, UnetConfig
 from paradiffpolicy.normalizer import MinMaxNormalizer
@@ -52,7 +54,8 @@ class DiffusionPolicy(nn.Module):
         self.sampler_config = sampler
         self.sampler = make_sampler(self.config.scheduler, sampler)
         # a plain attribute, not a submodule: the checkpoint's keys stay the model's
-        self._traced = None if sampler.backend == "eager" else TracedDenoiser(self.model)
+        wrapper = {"eager": None, "jit": TracedDenoiser, "compile": CompiledDenoiser}[sampler.backend]
+        self._backend = None if wrapper is None else wrapper(self.model)
         self._move_sampler()
 
     def _move_sampler(self) -> None:
@@ -66,8 +69,17 @@ class DiffusionPolicy(nn.Module):
 
     @property
     def denoiser(self):
-        """What the sampler calls: the U-Net, or its traced graph with ``sampler.backend=jit``."""
-        return self.model if self._traced is None else self._traced
+        """What the sampler calls: the U-Net, or its traced / compiled form (``sampler.backend``)."""
+        return self.model if self._backend is None else self._backend
+
+    def warm_up(self, batch_size: int = 1) -> float:
+        """Run one call at ``batch_size`` so a lazily built backend (the jit trace, the compiled
+        graph) is ready before latency matters; returns the seconds it took. The compile backend
+        builds one graph per batch size."""
+        t0 = time.perf_counter()
+        obs = torch.zeros(batch_size, self.config.n_obs_steps, self.config.obs_dim)
+        self.predict_action(obs, generator=torch.Generator().manual_seed(0))
+        return time.perf_counter() - t0
 
     @property
     def device(self) -> torch.device:

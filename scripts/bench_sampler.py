@@ -152,7 +152,7 @@ def main(argv: list[str]) -> dict:
     built = {}
     for name, scfg in samplers.items():
         policy.set_sampler(scfg)
-        built[name] = (policy.sampler, policy._traced)  # sampler and network backend, switched per call below
+        built[name] = (policy.sampler, policy._backend)  # sampler and network backend, switched per call below
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     pc = policy.config
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -170,7 +170,7 @@ def main(argv: list[str]) -> dict:
 
     def run(name: str, obs: torch.Tensor, noise) -> tuple[torch.Tensor, dict]:
         """(executed action chunk (B, Ta, Da) in normalised units, info) of sampler ``name``."""
-        policy.sampler, policy._traced = built[name]
+        policy.sampler, policy._backend = built[name]
         _, info = policy.predict_action(obs, noise=noise)
         return info["action_pred_normalized"][:, start : start + pc.n_action_steps], info
 

@@ -20,6 +20,8 @@ VARIANTS = [
     SamplerConfig(name="picard", window=8, tol=0.0, anderson=1),
     SamplerConfig(name="picard", window=8, tol=0.0, backend="jit"),
     SamplerConfig(name="sequential", backend="jit"),
+    SamplerConfig(name="picard", window=8, tol=0.0, backend="compile"),  # CUDA graphs, fixed-shape windows
+    SamplerConfig(name="sequential", backend="compile"),
 ]
 
 

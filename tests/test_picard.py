@@ -105,6 +105,40 @@ def test_rows_converge_independently():
     assert max(calls[s_easy.rounds:]) <= 16
 
 
+@pytest.mark.parametrize("anderson", [0, 2])
+def test_fixed_shape_windows_give_the_same_result(anderson):
+    """``fixed_shape`` (compiled graphs) feeds every call (batch x window) rows, finished rows and
+    steps past N included; the results, iteration counts and residuals are those of the
+    shrinking windows, also with a warm start and rows that finish at different times."""
+    from paradiffpolicy.sampling import WarmStart
+
+    table = make_step_table(SchedulerConfig(num_inference_steps=100))
+    easy, hard = ToyDenoiser(strength=0.0), ToyDenoiser(strength=4.0)
+    shapes = []
+
+    def routed(sample, timestep, global_cond):  # cond > 0 marks the hard row
+        shapes.append(tuple(sample.shape))
+        hard_row = (global_cond[:, :1] > 0).view(-1, 1, 1)
+        return torch.where(hard_row, hard(sample, timestep), easy(sample, timestep))
+
+    noise = draw_noise((2, 8, 3), 100, torch.Generator().manual_seed(3))
+    cond = torch.tensor([[-1.0], [1.0]])
+    ref, _ = SequentialSampler(table).sample(routed, noise, cond)
+    _, first = PicardSampler(table, window=16, tol=0.0).sample(routed, noise, cond + 0.1, return_states=True)
+    for warm in (None, WarmStart.from_previous(first.extra["states"], 3, first.extra["x0"])):
+        runs = {}
+        for fixed in (False, True):
+            shapes.clear()
+            sampler = PicardSampler(table, window=16, tol=0.05, anderson=anderson, fixed_shape=fixed)
+            runs[fixed] = (*sampler.sample(routed, noise, cond, warm_start=warm), set(shapes))
+        (x, st, seen), (xf, stf, seen_f) = runs[False], runs[True]
+        assert seen_f == {(32, 8, 3)} and len(seen) > 1  # one shape only with fixed_shape
+        assert torch.allclose(xf, x, atol=1e-6) and (xf - ref).abs().max() < 0.05
+        assert stf.iterations.tolist() == st.iterations.tolist()
+        assert warm is not None or stf.iterations[0] < stf.iterations[1]  # the easy row finishes first
+        assert torch.allclose(stf.residual, st.residual) and bool(stf.converged.all())
+
+
 def test_max_iters_returns_estimate_flagged_unconverged():
     table, model, noise, cond, ref = _setup("ddpm", 100, strength=3.0)
     x, stats = PicardSampler(table, window=8, tol=1e-4, max_iters=5).sample(model, noise, cond)

@@ -52,6 +52,27 @@ def test_same_noise_same_chunk_for_sequential_and_picard():
     assert torch.equal(again, again2)
 
 
+def test_compile_backend_gives_the_eager_chunk():
+    """torch.compile (inductor on this CPU, CUDA graphs on a GPU) computes the eager chunk for both
+    samplers; Picard feeds it one input shape, so it compiles once per sampler."""
+    from torch._dynamo.utils import counters
+
+    policy = small_policy()
+    keys = set(policy.state_dict())
+    obs = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    noise = policy.draw_noise(3, torch.Generator().manual_seed(1))
+    for name in ("sequential", "picard"):
+        policy.set_sampler(SamplerConfig(name=name, window=8, tol=0.05))
+        eager, ref_info = policy.predict_action(obs, noise=noise)
+        policy.set_sampler(SamplerConfig(name=name, window=8, tol=0.05, backend="compile"))
+        counters.clear()
+        compiled, info = policy.predict_action(obs, noise=noise)
+        assert (compiled - eager).abs().max() < 1e-4, name
+        assert info["stats"].iterations.tolist() == ref_info["stats"].iterations.tolist()
+        assert counters["stats"]["unique_graphs"] == 1, name  # one shape: no recompilation
+    assert set(policy.state_dict()) == keys
+
+
 def test_jit_backend_gives_the_eager_chunk():
     """The traced graph computes what the modules compute:
     same chunk as eager for the sequential and the Picard sampler, same checkpoint keys, and it

@@ -30,4 +30,4 @@ def make_sampler(scheduler, sampler):
     if sampler.name == "sequential":
         return SequentialSampler(table)
     return PicardSampler(table, window=sampler.window, tol=sampler.tol, max_iters=sampler.max_iters, init=sampler.init,
-                         anderson=sampler.anderson)
+                         anderson=sampler.anderson, fixed_shape=sampler.backend == "compile")

@@ -56,12 +56,14 @@ class PicardSampler:
             hits the cap is returned as its current estimate with ``converged=False``.
         init: guess for states beyond the window: ``"rollout"`` or ``"copy"``.
         anderson: Anderson memory m (0: plain Picard updates).
+        fixed_shape: run every network call at (batch x window) rows, finished rows and steps past
+            N included and discarded, so a compiled graph sees one input shape (CUDA graphs).
     """
 
     name = "picard"
 
     def __init__(self, table: StepTable, window: int = 16, tol: float = 0.1, max_iters: int | None = None, init: str = "rollout",
-                 anderson: int = 0):
+                 anderson: int = 0, fixed_shape: bool = False):
         if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
             raise ValueError(f"sampler.window={window!r} must be an integer >= 1")
         if not np.isfinite(tol) or tol < 0:
@@ -79,6 +81,7 @@ class PicardSampler:
         self.max_iters = n if max_iters is None else int(max_iters)
         self.init = init
         self.anderson = int(anderson)
+        self.fixed_shape = bool(fixed_shape)
         # convergence scale of state k+1; 1 where no noise is injected (ODE steps, DDPM's last step)
         sig = table.noise_std
         self.scale = torch.where(sig > 0, sig, torch.ones_like(sig)) if table.stochastic else torch.ones_like(sig)
@@ -158,8 +161,11 @@ class PicardSampler:
             active = (b_host < n).nonzero().flatten()
             if active.numel() == 0:
                 break
-            w = int(min(p, int((n - b_host[active]).max())))
-            rows = active.to(dev)
+            if self.fixed_shape:
+                w, rows = p, rows_all
+            else:
+                w = int(min(p, int((n - b_host[active]).max())))
+                rows = active.to(dev)
             r = rows.numel()
             bb = b[rows]
             pos = bb[:, None] + offsets[:w]  # (R, w) step indices of the window
@@ -202,7 +208,7 @@ class PicardSampler:
 
             iterations[active] += 1
             nfe[active] += w
-            residual[rows] = (err * valid).amax(dim=1)
+            residual[rows] = torch.where(bb < n, (err * valid).amax(dim=1), residual[rows])  # finished rows keep theirs
             rounds += 1
 
         converged = (b >= n).cpu()

@@ -1,0 +1,42 @@
+"""The denoiser through ``torch.compile``: CUDA graphs on a GPU, inductor kernels on a CPU.
+
+On a GPU the small Diffusion Policy U-Net is launch-bound (a batch-1 call is ~100 small kernels),
+so replaying a captured CUDA graph (``mode="reduce-overhead"``) is what makes a Picard iteration
+cost about one kernel launch instead of a hundred. Graphs need fixed input shapes: the Picard
+sampler runs every call at (batch x window) rows with this backend (``PicardSampler(fixed_shape=
+True)``), so one graph per sampler is captured, on the first call (compilation takes tens of
+seconds; warm up before a control loop starts).
+
+On a CPU it compiles with inductor's default mode and does not pay (AMD EPYC, 2 threads, Lift
+U-Net: batch 1 4.18 ms compiled vs 3.63 ms traced, batch 8 9.29 vs 9.16 ms, after 25-42 s of
+compilation per shape); use ``backend=jit`` there. Outputs match eager to ~1e-6 (kernels reorder
+float sums), not bitwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class CompiledDenoiser:
+    """``Denoiser`` (see ``sampling.base``) backed by ``torch.compile(model)``, compiled lazily per
+    device and input shape (``dynamic=False``: shapes are fixed by the samplers)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._compiled = None
+        self._cuda = False
+
+    def __call__(self, sample: Tensor, timestep: Tensor, global_cond: Tensor | None = None) -> Tensor:
+        if self._compiled is None:
+            self._cuda = sample.is_cuda
+            mode = "reduce-overhead" if self._cuda else "default"
+            self._compiled = torch.compile(self.model, mode=mode, dynamic=False)
+        timestep = timestep.expand(sample.shape[0])  # one shape whether a step is shared or per row
+        if not self._cuda:
+            return self._compiled(sample, timestep, global_cond=global_cond)
+        # a replayed graph writes into the same output buffer every time: mark the step and copy
+        # the result out so a caller may keep it across calls
+        torch.compiler.cudagraph_mark_step_begin()
+        return self._compiled(sample, timestep, global_cond=global_cond).clone()
