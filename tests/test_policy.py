@@ -73,6 +73,13 @@ def test_compile_backend_gives_the_eager_chunk():
     assert set(policy.state_dict()) == keys
 
 
+def test_warm_up_builds_a_lazy_backend_before_the_first_call():
+    policy = small_policy(SamplerConfig(name="picard", window=8, tol=0.05, backend="jit"))
+    assert policy.denoiser._graph is None
+    assert policy.warm_up(2) > 0
+    assert policy.denoiser._graph is not None
+
+
 def test_jit_backend_gives_the_eager_chunk():
     """The traced graph computes what the modules compute:
     same chunk as eager for the sequential and the Picard sampler, same checkpoint keys, and it
