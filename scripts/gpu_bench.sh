@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Issue 5 on a GPU, in one go: the CUDA tests, then the paper-size U-Net ([256, 512, 1024], random
-# weights: per-call timing) and the shipped Lift checkpoint (iteration counts, deviation), each
-# sequential eager vs sequential compiled vs Picard variants, side by side. Results (JSON +
-# Markdown) go to benchmarks/results/ and, when $OUT is set (the device tool), to $OUT as well.
-#   scripts/gpu_bench.sh [machine-name]      e.g. h100 (default: from the GPU's name)
+# Issue 5 on a GPU: the CUDA tests, then the paper-size U-Net ([256, 512, 1024], random weights:
+# per-call timing) and the shipped Lift checkpoint (iteration counts, deviation), each sequential
+# eager vs sequential compiled vs Picard variants, side by side. Results (JSON + Markdown) go to
+# benchmarks/results/<machine>-* and, when $OUT is set (the device tool), to $OUT as well.
+#   scripts/gpu_bench.sh [tests] [random] [lift]      (no argument: all three)
+#   MACHINE=h100 scripts/gpu_bench.sh lift             (default name: from the GPU)
+# Each compiled variant builds its CUDA graph on first use (tens of seconds per new shape): give
+# each stage its own call where a call is limited to 10 minutes.
 # Wheels for packages the machine lacks: scripts/device_wheels.sh, carried as .whl. The Lift
 # checkpoint's training data does not travel: its observations are uniform over the normaliser range.
 set -euo pipefail
@@ -15,13 +18,23 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
     export PYTHONPATH=$PWD
 fi
-machine=${1:-$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else n.replace(' ', '-').lower())")}
+machine=${MACHINE:-$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else n.replace(' ', '-').lower())")}
 out=benchmarks/results
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/$machine-test_cuda.txt"
-python3 scripts/bench_sampler.py device=cuda checkpoint=random "down_dims=[256,512,1024]" "windows=[8,16,32]" tols=[0.1] \
-    "inits=[copy,rollout]" "backends=[eager,compile]" trials=20 warmup=3 dev_samples=0 machine="$machine" \
-    out="$out/$machine-random-paper.json"
-python3 scripts/bench_sampler.py device=cuda checkpoint=checkpoints/lift "windows=[8,16,32]" "tols=[0.1,0.01,0.005]" \
-    "inits=[rollout]" "backends=[eager,compile]" trials=20 warmup=3 dev_samples=128 machine="$machine" \
-    out="$out/$machine-lift.json"
+stages=${*:-tests random lift}
+for stage in $stages; do
+    case $stage in
+    tests)  # a failure is recorded and the benchmarks still run
+        python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$out/$machine-test_cuda.txt" 2>&1 || true
+        tail -n 3 "$out/$machine-test_cuda.txt" ;;
+    random)
+        python3 scripts/bench_sampler.py device=cuda checkpoint=random "down_dims=[256,512,1024]" "windows=[8,16,32]" \
+            tols=[0.1] "inits=[copy,rollout]" "backends=[eager,compile]" trials=20 warmup=3 dev_samples=0 \
+            machine="$machine" out="$out/$machine-random-paper.json" ;;
+    lift)
+        python3 scripts/bench_sampler.py device=cuda checkpoint=checkpoints/lift "windows=[8,16,32]" "tols=[0.1,0.01,0.005]" \
+            "inits=[rollout]" "backends=[eager,compile]" trials=20 warmup=3 dev_samples=128 machine="$machine" \
+            out="$out/$machine-lift.json" ;;
+    *) echo "unknown stage $stage (tests, random, lift)" >&2; exit 2 ;;
+    esac
+done
 if [ -n "${OUT:-}" ]; then cp "$out/$machine"-* "$OUT/"; fi
