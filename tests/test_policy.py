@@ -52,9 +52,19 @@ def test_same_noise_same_chunk_for_sequential_and_picard():
     assert torch.equal(again, again2)
 
 
-def test_compile_backend_gives_the_eager_chunk():
-    """torch.compile (inductor on this CPU, CUDA graphs on a GPU) computes the eager chunk for both
-    samplers; Picard feeds it one input shape, so it compiles once per sampler."""
+def test_warm_up_builds_a_lazy_backend_before_the_first_call():
+    policy = small_policy(SamplerConfig(name="picard", window=8, tol=0.05, backend="jit"))
+    assert policy.denoiser._graph is None
+    assert policy.warm_up(2) > 0
+    assert policy.denoiser._graph is not None
+
+
+@pytest.mark.parametrize("backend", ["jit", "compile"])
+def test_backend_gives_the_eager_chunk(backend):
+    """The traced graph (jit) and torch.compile (inductor on this CPU, CUDA graphs on a GPU) compute
+    what the modules compute: the eager chunk and iteration count for the sequential and the Picard
+    sampler, with the checkpoint's keys unchanged. jit follows in-place weight updates; with
+    compile, Picard feeds one input shape, so each sampler compiles once."""
     from torch._dynamo.utils import counters
 
     policy = small_policy()
@@ -64,42 +74,20 @@ def test_compile_backend_gives_the_eager_chunk():
     for name in ("sequential", "picard"):
         policy.set_sampler(SamplerConfig(name=name, window=8, tol=0.05))
         eager, ref_info = policy.predict_action(obs, noise=noise)
-        policy.set_sampler(SamplerConfig(name=name, window=8, tol=0.05, backend="compile"))
+        policy.set_sampler(SamplerConfig(name=name, window=8, tol=0.05, backend=backend))
         counters.clear()
-        compiled, info = policy.predict_action(obs, noise=noise)
-        assert (compiled - eager).abs().max() < 1e-4, name
+        fast, info = policy.predict_action(obs, noise=noise)
+        assert (fast - eager).abs().max() < (1e-5 if backend == "jit" else 1e-4), name  # compile reorders sums
         assert info["stats"].iterations.tolist() == ref_info["stats"].iterations.tolist()
-        assert counters["stats"]["unique_graphs"] == 1, name  # one shape: no recompilation
-    assert set(policy.state_dict()) == keys
-
-
-def test_warm_up_builds_a_lazy_backend_before_the_first_call():
-    policy = small_policy(SamplerConfig(name="picard", window=8, tol=0.05, backend="jit"))
-    assert policy.denoiser._graph is None
-    assert policy.warm_up(2) > 0
-    assert policy.denoiser._graph is not None
-
-
-def test_jit_backend_gives_the_eager_chunk():
-    """The traced graph computes what the modules compute:
-    same chunk as eager for the sequential and the Picard sampler, same checkpoint keys, and it
-    follows in-place weight updates."""
-    policy = small_policy()
-    keys = set(policy.state_dict())
-    obs = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
-    noise = policy.draw_noise(3, torch.Generator().manual_seed(1))
-    for name in ("sequential", "picard"):
-        policy.set_sampler(SamplerConfig(name=name, window=8, tol=0.05))
-        eager, _ = policy.predict_action(obs, noise=noise)
-        policy.set_sampler(SamplerConfig(name=name, window=8, tol=0.05, backend="jit"))
-        jit, info = policy.predict_action(obs, noise=noise)
-        assert (jit - eager).abs().max() < 1e-5, name
         assert policy.denoiser is not policy.model
-    assert set(policy.state_dict()) == keys  # the traced graph is not a submodule
-    x, t, c = torch.randn(5, 16, 2), torch.arange(5), torch.randn(5, 10)
-    with torch.no_grad():
-        policy.model.final_conv[1].bias.add_(0.5)
-        assert torch.allclose(policy.denoiser(x, t, global_cond=c), policy.model(x, t, global_cond=c), atol=1e-6)
+        if backend == "compile":
+            assert counters["stats"]["unique_graphs"] == 1, name  # one shape: no recompilation
+    assert set(policy.state_dict()) == keys  # the wrapped network is not a submodule
+    if backend == "jit":
+        x, t, c = torch.randn(5, 16, 2), torch.arange(5), torch.randn(5, 10)
+        with torch.no_grad():
+            policy.model.final_conv[1].bias.add_(0.5)
+            assert torch.allclose(policy.denoiser(x, t, global_cond=c), policy.model(x, t, global_cond=c), atol=1e-6)
 
 
 @pytest.mark.parametrize("obs,err,match", [
