@@ -29,7 +29,7 @@ class CompiledDenoiser:
         self._cuda = False
 
     def __call__(self, sample: Tensor, timestep: Tensor, global_cond: Tensor | None = None) -> Tensor:
-        if self._compiled is None:
+        if self._compiled is None or self._cuda != sample.is_cuda:  # CUDA graphs only where they exist
             self._cuda = sample.is_cuda
             mode = "reduce-overhead" if self._cuda else "default"
             self._compiled = torch.compile(self.model, mode=mode, dynamic=False)
