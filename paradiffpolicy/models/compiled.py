@@ -1,8 +1,9 @@
 """The denoiser through ``torch.compile``: CUDA graphs on a GPU, inductor kernels on a CPU.
 
-On a GPU the small Diffusion Policy U-Net is launch-bound (a batch-1 call is ~100 small kernels),
-so replaying a captured CUDA graph (``mode="reduce-overhead"``) is what makes a Picard iteration
-cost about one kernel launch instead of a hundred. Graphs need fixed input shapes: the Picard
+On a GPU a call of the small Diffusion Policy U-Net is expected to be bound by kernel launches
+(dozens of small kernels per call), which replaying a captured CUDA graph
+(``mode="reduce-overhead"``) removes; not yet measured here (no GPU lent so far:
+``scripts/gpu_bench.sh``). Graphs need fixed input shapes: the Picard
 sampler runs every call at (batch x window) rows with this backend (``PicardSampler(fixed_shape=
 True)``), so one graph per sampler is captured, on the first call (compilation takes tens of
 seconds; warm up before a control loop starts).
