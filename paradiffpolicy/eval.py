@@ -111,8 +111,6 @@ class Evaluator:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(cfg.threads)
         self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device)
-        if cfg.sampler.backend != "eager":  # trace / compile before the first timed call
-            log.info("%s backend ready after %.1f s", cfg.sampler.backend, self.policy.warm_up(cfg.n_envs))
         self.env = make_env(cfg.task, render=cfg.video)
         self.extra_envs = [make_env(cfg.task) for _ in range(cfg.n_envs - 1)]
         pc = self.policy.config
@@ -132,6 +130,9 @@ class Evaluator:
         if cfg.compare:
             ref = SamplerConfig(name="sequential", scheduler=cfg.sampler.scheduler, num_inference_steps=cfg.sampler.num_inference_steps)
             shadow = make_sampler(self.policy.config.scheduler, ref).to(self.policy.device)
+        if cfg.sampler.backend != "eager":  # trace / compile (each sampler's input shape) before the first timed call
+            ready = sum(self.policy.warm_up(cfg.n_envs, s) for s in (self.policy.sampler, shadow) if s is not None)
+            log.info("%s backend ready after %.1f s", cfg.sampler.backend, ready)
         t0 = time.perf_counter()
         results: list[EpisodeResult] = []  # filled as episodes finish, so an interrupt keeps them
         seq_results: list[EpisodeResult] = []

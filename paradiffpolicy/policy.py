@@ -72,13 +72,19 @@ class DiffusionPolicy(nn.Module):
         """What the sampler calls: the U-Net, or its traced / compiled form (``sampler.backend``)."""
         return self.model if self._backend is None else self._backend
 
-    def warm_up(self, batch_size: int = 1) -> float:
+    def warm_up(self, batch_size: int = 1, sampler=None) -> float:
         """Run one call at ``batch_size`` so a lazily built backend (the jit trace, the compiled
         graph) is ready before latency matters; returns the seconds it took. The compile backend
-        builds one graph per batch size."""
+        builds one graph per input shape, so warm each sampler that will share the network
+        (``sampler``: e.g. a sequential reference swapped in later; default the policy's own)."""
+        own = self.sampler
+        self.sampler = sampler or own
         t0 = time.perf_counter()
-        obs = torch.zeros(batch_size, self.config.n_obs_steps, self.config.obs_dim)
-        self.predict_action(obs, generator=torch.Generator().manual_seed(0))
+        try:
+            obs = torch.zeros(batch_size, self.config.n_obs_steps, self.config.obs_dim)
+            self.predict_action(obs, generator=torch.Generator().manual_seed(0))
+        finally:
+            self.sampler = own
         return time.perf_counter() - t0
 
     @property

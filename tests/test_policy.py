@@ -9,6 +9,7 @@ import torch
 from paradiffpolicy import CheckpointError, DiffusionPolicy, PolicyConfig, SamplerConfig, load_policy, save_policy
 from paradiffpolicy.checkpoint import load_foreign_state_dict
 from paradiffpolicy.config import from_dict
+from paradiffpolicy.sampling import make_sampler
 
 SMALL = dict(obs_dim=5, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16, horizon=16)
 
@@ -57,6 +58,8 @@ def test_warm_up_builds_a_lazy_backend_before_the_first_call():
     assert policy.denoiser._graph is None
     assert policy.warm_up(2) > 0
     assert policy.denoiser._graph is not None
+    own, reference = policy.sampler, make_sampler(policy.config.scheduler, SamplerConfig(name="sequential"))
+    assert policy.warm_up(2, reference) > 0 and policy.sampler is own  # another sampler, then back
 
 
 @pytest.mark.parametrize("backend", ["jit", "compile"])
