@@ -1,8 +1,8 @@
 """Checkpoints: ``model.safetensors`` (weights and normaliser statistics) + ``config.json``.
 
-No pickle is ever loaded by :func:`load_policy`. Foreign ``.ckpt``/``.pt`` files (e.g. from
-real-stanford/diffusion_policy) go through :func:`load_foreign_state_dict`, which must be called
-explicitly and unpickles with ``weights_only=True`` (tensors and plain containers only).
+No pickle is ever unpickled by :func:`load_policy`: ours are safetensors + JSON, LeRobot folders
+too, and a diffusion_policy ``.ckpt`` is read by :mod:`paradiffpolicy.interop.safe_pickle`, which
+rebuilds only inert data and refuses any other global the file names.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ def save_policy(policy, directory: str | os.PathLike, metadata: dict[str, Any] |
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
-    if weights_dtype == "float16":
-        tensors = {k: v.half() if k.startswith("model.") and v.is_floating_point() else v for k, v in tensors.items()}
+    if weights_dtype == "float16":  # the networks; normaliser statistics and the keypoint grid stay float32
+        net = ("model.", "obs_encoder.rgb_encoders.")
+        tensors = {k: v.half() if k.startswith(net) and v.is_floating_point() and not k.endswith("pos_grid") else v
+                   for k, v in tensors.items()}
     tmp_w, tmp_c = out / (WEIGHTS + ".tmp"), out / (CONFIG + ".tmp")
     save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
     doc = {"format": FORMAT, "version": __version__, "policy": to_dict(policy.config), "weights_dtype": weights_dtype,
@@ -73,22 +75,45 @@ def read_config(directory: str | os.PathLike) -> tuple[PolicyConfig, dict]:
     return cfg, doc.get("metadata", {})
 
 
-def load_policy(directory: str | os.PathLike, sampler: SamplerConfig | None = None, device: str | torch.device = "cpu"):
-    """Load a policy saved by :func:`save_policy`; errors name the file and the mismatching keys."""
-    from paradiffpolicy.policy import DiffusionPolicy
+def load_policy(path: str | os.PathLike, sampler: SamplerConfig | None = None, device: str | torch.device = "cpu"):
+    """Load a policy from ``path``, whichever of the three formats it holds (chosen by content):
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    cfg, metadata = read_config(directory)
-    wpath = directory / WEIGHTS
+    * ours (a directory with ``config.json`` of format ``paradiffpolicy/1`` and ``model.safetensors``);
+    * a LeRobot diffusion policy (``save_pretrained`` folder: ``config.json`` with ``"type": "diffusion"``);
+    * a diffusion_policy workspace checkpoint (a ``.ckpt`` file; read without unpickling any code).
+
+    Errors name the file, the format detected and what does not match or is unsupported.
+    """
+    from paradiffpolicy.interop import detect_format, load_foreign
+
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt != "paradiffpolicy":
+        cfg, tensors, metadata = load_foreign(path, fmt)
+        return build_policy(cfg, tensors, metadata, sampler, device, source=str(path))
+    cfg, metadata = read_config(path)
+    wpath = path / WEIGHTS
     if not wpath.is_file():
         raise CheckpointError(f"checkpoint weights {wpath} do not exist")
     try:
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint weights {wpath} are truncated or corrupted: {e}") from None
-    policy = DiffusionPolicy(cfg, sampler)
+    return build_policy(cfg, tensors, metadata, sampler, device, source=str(wpath))
+
+
+def build_policy(cfg: PolicyConfig, tensors: dict, metadata: dict, sampler: SamplerConfig | None = None,
+                 device: str | torch.device = "cpu", source: str = "checkpoint"):
+    """A policy from a config and a complete state dict: every tensor consumed, every parameter
+    and buffer filled, shapes equal, values finite; errors name ``source`` and the keys."""
+    from paradiffpolicy.policy import DiffusionPolicy, upgrade_legacy_keys
+
+    wpath = source
+    tensors = upgrade_legacy_keys(tensors)
+    try:
+        policy = DiffusionPolicy(cfg, sampler)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     expected = policy.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -104,16 +129,6 @@ def load_policy(directory: str | os.PathLike, sampler: SamplerConfig | None = No
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"checkpoint weights {wpath} contain NaN/inf in {bad[:5]}")
-    policy.load_state_dict(tensors)
+    policy.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
     policy.metadata = metadata
     return policy.to(device).eval()
-
-
-def load_foreign_state_dict(path: str | os.PathLike, allow: tuple[type, ...] = ()) -> dict:
-    """Explicitly read a foreign PyTorch pickle (e.g. a diffusion_policy ``.ckpt``).
-
-    Uses ``torch.load(weights_only=True)``: only tensors, primitive containers and the types in
-    ``allow`` are reconstructed; anything else raises instead of running code.
-    """
-    with torch.serialization.safe_globals(list(allow)):
-        return torch.load(path, map_location="cpu", weights_only=True)

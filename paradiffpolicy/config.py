@@ -14,6 +14,8 @@ from typing import Any, List, Optional, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from paradiffpolicy.features import NORMALIZATIONS, STATE, FeatureSpec
+from paradiffpolicy.models.vision import VisionConfig
 from paradiffpolicy.schedulers import SchedulerConfig
 
 T = TypeVar("T")
@@ -24,10 +26,13 @@ BACKENDS = ("eager", "jit", "compile")
 
 @dataclass
 class PolicyConfig:
-    """Diffusion Policy (Chi et al. 2023) with a ConditionalUnet1D and low-dimensional observations.
+    """Diffusion Policy (Chi et al. 2023): observation encoder → ConditionalUnet1D → action chunk.
 
-    Shapes: observations (B, To, Do), predicted trajectory (B, T, Da), executed chunk
-    (B, Ta, Da) = trajectory[:, To-1 : To-1+Ta].
+    Inputs are ``input_features`` (named, LeRobot style; their order is the order of the
+    conditioning vector). Left empty, the policy reads one flat low-dimensional feature
+    ``observation.state`` of size ``obs_dim`` (our own checkpoints). Shapes: predicted trajectory
+    (B, T, Da); executed chunk (B, Ta, Da) = trajectory[:, s : s+Ta] with s = ``action_start``
+    (default To-1, both upstreams' convention).
     """
 
     obs_dim: int = 0
@@ -41,19 +46,49 @@ class PolicyConfig:
     diffusion_step_embed_dim: int = 128
     cond_predict_scale: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    input_features: List[FeatureSpec] = field(default_factory=list)
+    action_normalization: str = "affine"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    action_start: Optional[int] = None
+
+    def features(self) -> list[FeatureSpec]:
+        """The declared features, or the one flat feature of an ``obs_dim`` policy."""
+        if self.input_features:
+            return list(self.input_features)
+        return [FeatureSpec(STATE, "state", [self.obs_dim], "affine")]
+
+    @property
+    def executed_start(self) -> int:
+        return self.n_obs_steps - 1 if self.action_start is None else self.action_start
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending key."""
-        for key in ("obs_dim", "action_dim", "n_obs_steps", "horizon", "n_action_steps", "kernel_size", "n_groups"):
+        if self.input_features:
+            names = [f.name for f in self.input_features]
+            if len(set(names)) != len(names):
+                raise ValueError(f"policy.input_features has duplicate names: {names}")
+            lowdim = sum(f.dim for f in self.input_features)
+            if self.obs_dim not in (0, lowdim):
+                raise ValueError(f"policy.obs_dim={self.obs_dim} disagrees with input_features (low-dim total {lowdim}); leave it 0")
+            self.obs_dim = lowdim
+        elif self.obs_dim < 1:
+            raise ValueError(f"policy.obs_dim={self.obs_dim} must be >= 1 (or declare policy.input_features)")
+        for key in ("action_dim", "n_obs_steps", "horizon", "n_action_steps", "kernel_size", "n_groups"):
             if getattr(self, key) < 1:
                 raise ValueError(f"policy.{key}={getattr(self, key)} must be >= 1")
-        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+        if self.action_normalization not in NORMALIZATIONS:
+            raise ValueError(f"policy.action_normalization={self.action_normalization!r} is unknown; expected one of {NORMALIZATIONS}")
+        if self.action_start is not None and self.action_start < 0:
+            raise ValueError(f"policy.action_start={self.action_start} must be >= 0 or null")
+        if self.executed_start + self.n_action_steps > self.horizon:
             raise ValueError(
-                f"policy.n_action_steps={self.n_action_steps}: the executed slice [To-1, To-1+Ta) must fit in "
-                f"horizon={self.horizon} (To={self.n_obs_steps})"
+                f"policy.n_action_steps={self.n_action_steps}: the executed slice [{self.executed_start}, "
+                f"{self.executed_start}+Ta) must fit in horizon={self.horizon} (To={self.n_obs_steps})"
             )
         if not self.down_dims or any(d < 1 or d % self.n_groups for d in self.down_dims):
             raise ValueError(f"policy.down_dims={list(self.down_dims)} must be non-empty multiples of n_groups={self.n_groups}")
+        if any(d % 8 for d in self.down_dims[:1]):
+            raise ValueError(f"policy.down_dims[0]={self.down_dims[0]} must be a multiple of 8 (the final block's GroupNorm(8))")
         levels = 2 ** (len(self.down_dims) - 1)
         if self.horizon % levels:
             raise ValueError(f"policy.horizon={self.horizon} must be divisible by {levels} for down_dims={list(self.down_dims)}")

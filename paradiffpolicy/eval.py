@@ -70,11 +70,27 @@ class EvalConfig:
             raise ValueError("compare=true needs controller.inference_process=false (the shadow sampler runs in-process)")
         if self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1")
-        if not (Path(self.checkpoint) / "config.json").is_file():
-            raise ValueError(f"checkpoint={self.checkpoint!r} is not a checkpoint directory (no config.json)")
+        from paradiffpolicy.interop import detect_format
+
+        detect_format(self.checkpoint)  # a missing or unrecognised checkpoint fails here, naming what was found
 
 
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+def check_env_matches_policy(env, policy, task: str, checkpoint: str) -> None:
+    """The task's observations must be the policy's features (names and shapes; images as
+    (H, W, 3) frames for (3, H, W) features) and its actions the policy's size."""
+    got = env.observation_shapes()
+    want = {f.name: (tuple(f.shape[1:]) + (3,) if f.is_image else tuple(f.shape)) for f in policy.features}
+    if len(want) == 1 and len(got) == 1 and not policy.features[0].is_image:
+        got = {next(iter(want)): next(iter(got.values()))}  # one flat vector: its name does not matter
+    if got != want or env.action_dim != policy.config.action_dim:
+        raise ValueError(
+            f"checkpoint {checkpoint} expects observations {want} and action_dim={policy.config.action_dim}; "
+            f"task {task} gives {got} and action_dim={env.action_dim}"
+        )
+
 
 
 def aggregate(results: list[EpisodeResult], wall_s: float) -> dict:
@@ -113,12 +129,7 @@ class Evaluator:
         self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device)
         self.env = make_env(cfg.task, render=cfg.video)
         self.extra_envs = [make_env(cfg.task) for _ in range(cfg.n_envs - 1)]
-        pc = self.policy.config
-        if (self.env.obs_dim, self.env.action_dim) != (pc.obs_dim, pc.action_dim):
-            raise ValueError(
-                f"checkpoint {cfg.checkpoint} expects obs_dim={pc.obs_dim}, action_dim={pc.action_dim}; task "
-                f"{cfg.task.name} gives obs_dim={self.env.obs_dim}, action_dim={self.env.action_dim}"
-            )
+        check_env_matches_policy(self.env, self.policy, cfg.task.name, cfg.checkpoint)
 
     def run_all(self) -> dict:
         cfg = self.cfg

@@ -1,8 +1,9 @@
-"""DiffusionPolicy: normalise → condition → sample → unnormalise → slice the executed chunk.
+"""DiffusionPolicy: encode the observation → sample → unnormalise → slice the executed chunk.
 
 The split follows LeRobot: :class:`~paradiffpolicy.config.PolicyConfig` (what to build),
-:class:`~paradiffpolicy.models.unet1d.ConditionalUnet1D` (pure tensors), and this wrapper, which
-owns the normalisers, validates inputs and delegates sampling to a pluggable sampler.
+pure-tensor modules (:class:`~paradiffpolicy.models.obs_encoder.ObservationEncoder`,
+:class:`~paradiffpolicy.models.unet1d.ConditionalUnet1D`), and this wrapper, which validates
+inputs, runs the encoder once per call and delegates sampling of the U-Net to a pluggable sampler.
 """
 
 from __future__ import annotations
@@ -15,37 +16,71 @@ import torch
 from torch import Tensor, nn
 
 from paradiffpolicy.config import PolicyConfig, SamplerConfig
+from paradiffpolicy.features import coerce_observation
 from paradiffpolicy.models.compiled import CompiledDenoiser
 from paradiffpolicy.models.jit import TracedDenoiser
+from paradiffpolicy.models.obs_encoder import ObservationEncoder
 from paradiffpolicy.models.unet1d import ConditionalUnet1D, UnetConfig
-from paradiffpolicy.normalizer import MinMaxNormalizer
+from paradiffpolicy.normalizer import Normalizer
 from paradiffpolicy.sampling import SamplerNoise, WarmStart, draw_noise, make_sampler
 from paradiffpolicy.schedulers import make_betas
 
 
-class DiffusionPolicy(nn.Module):
-    """Low-dimensional Diffusion Policy with observations as global conditioning.
+LEGACY_KEYS = {"obs_normalizer.": "obs_encoder.normalizers.0."}
 
-    ``predict_action(obs (B, To, Do)) -> (B, Ta, Da)`` in the environment's action units.
+
+def upgrade_legacy_keys(state: dict) -> dict:
+    """State dicts written before observations became named features (``obs_normalizer.*``) →
+    today's names; other keys unchanged."""
+    out = {}
+    for k, v in state.items():
+        for old, new in LEGACY_KEYS.items():
+            if k.startswith(old):
+                k = new + k[len(old):]
+        out[k] = v
+    return out
+
+
+class DiffusionPolicy(nn.Module):
+    """Diffusion Policy with observations as global conditioning.
+
+    ``predict_action(obs) -> (B, Ta, Da)`` in the environment's action units, ``obs`` a dict
+    ``{feature name: (B, To, ...)}`` or, for one low-dim feature, a (B, To, Do) array.
     """
 
     def __init__(self, config: PolicyConfig, sampler: SamplerConfig | None = None):
         super().__init__()
         config.validate()
         self.config = config
+        self.features = config.features()
+        self.obs_encoder = ObservationEncoder(self.features, config.vision)
         self.model = ConditionalUnet1D(UnetConfig(
             input_dim=config.action_dim,
-            global_cond_dim=config.obs_dim * config.n_obs_steps,
+            global_cond_dim=self.obs_encoder.step_dim * config.n_obs_steps,
             down_dims=list(config.down_dims),
             kernel_size=config.kernel_size,
             n_groups=config.n_groups,
             diffusion_step_embed_dim=config.diffusion_step_embed_dim,
             cond_predict_scale=config.cond_predict_scale,
         ))
-        self.obs_normalizer = MinMaxNormalizer(config.obs_dim)
-        self.action_normalizer = MinMaxNormalizer(config.action_dim)
+        self.action_normalizer = Normalizer(config.action_normalization, config.action_dim)
         self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - make_betas(config.scheduler), 0), persistent=False)
+        self._register_load_state_dict_pre_hook(self._upgrade_keys)
         self.set_sampler(sampler or SamplerConfig())
+
+    @staticmethod
+    def _upgrade_keys(state_dict, prefix, *args) -> None:
+        for k in [k for k in state_dict if k.startswith(prefix)]:
+            new = prefix + next(iter(upgrade_legacy_keys({k[len(prefix):]: None})))
+            if new != k:
+                state_dict[new] = state_dict.pop(k)
+
+    @property
+    def obs_normalizer(self) -> Normalizer:
+        """The normaliser of a single-feature low-dim policy (what ``train`` fits)."""
+        if len(self.features) != 1 or self.features[0].is_image:
+            raise AttributeError("obs_normalizer exists only for a policy with one low-dim feature; see obs_encoder.normalizers")
+        return self.obs_encoder.normalizers[0]
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -81,8 +116,7 @@ class DiffusionPolicy(nn.Module):
         self.sampler = sampler or own
         t0 = time.perf_counter()
         try:
-            obs = torch.zeros(batch_size, self.config.n_obs_steps, self.config.obs_dim)
-            self.predict_action(obs, generator=torch.Generator().manual_seed(0))
+            self.predict_action(self.dummy_observation(batch_size), generator=torch.Generator().manual_seed(0))
         finally:
             self.sampler = own
         return time.perf_counter() - t0
@@ -104,29 +138,37 @@ class DiffusionPolicy(nn.Module):
         shape = (batch_size, cfg.horizon, cfg.action_dim)
         return draw_noise(shape, self.num_inference_steps, generator).to(self.device)
 
-    def validate_obs(self, obs: Any) -> Tensor:
-        """Check ``obs`` is a finite float array of shape (B, To, Do); return it as a float32 tensor."""
-        cfg = self.config
-        if isinstance(obs, np.ndarray):
-            if not np.issubdtype(obs.dtype, np.floating):
-                raise TypeError(f"observation dtype {obs.dtype} is not floating point; expected float32 or float64")
-            obs = torch.from_numpy(obs)
-        elif not torch.is_tensor(obs):
-            raise TypeError(f"observation must be a numpy array or torch tensor of shape (B, {cfg.n_obs_steps}, {cfg.obs_dim}), got {type(obs).__name__}")
-        if not obs.dtype.is_floating_point:
-            raise TypeError(f"observation dtype {obs.dtype} is not floating point; expected float32 or float64")
-        if obs.dim() != 3 or obs.shape[1] != cfg.n_obs_steps or obs.shape[2] != cfg.obs_dim or obs.shape[0] < 1:
-            raise ValueError(
-                f"observation shape {tuple(obs.shape)} is wrong; expected (B, n_obs_steps={cfg.n_obs_steps}, obs_dim={cfg.obs_dim})"
-            )
-        finite = torch.isfinite(obs)
-        if not finite.all():
-            bad = (~finite).nonzero()[0].tolist()
-            raise ValueError(
-                f"observation contains NaN or inf (first at batch {bad[0]}, step {bad[1]}, feature {bad[2]}); "
-                "refusing to act on it"
-            )
-        return obs.to(self.device, torch.float32)
+    def dummy_observation(self, batch_size: int = 1) -> dict[str, Tensor]:
+        """A valid observation of zeros (images mid-grey), e.g. to warm up a backend."""
+        steps = self.config.n_obs_steps
+        return {f.name: torch.full((batch_size, steps, *f.shape), 0.5 if f.is_image else 0.0) for f in self.features}
+
+    def validate_obs(self, obs: Any) -> dict[str, Tensor]:
+        """Check ``obs`` against the policy's features (shape, dtype, NaN/inf, image layout and
+        range); return ``{name: float32 tensor (B, To, ...)}`` on the policy's device."""
+        feats = coerce_observation(self.features, obs, self.config.n_obs_steps)
+        return {k: v.to(self.device, torch.float32) for k, v in feats.items()}
+
+    def check_step(self, obs: Any) -> Any:
+        """Check one time step of an observation (no batch or time axis), as a control loop
+        receives it; return it as numpy (a dict stays a dict). Raises like :meth:`validate_obs`."""
+        if isinstance(obs, dict):
+            arrays = {k: np.asarray(v) for k, v in obs.items()}
+            coerce_observation(self.features, {k: v[None, None] for k, v in arrays.items()}, 1)
+            return arrays
+        a = np.asarray(obs)
+        if a.dtype.kind != "f":
+            raise TypeError(f"observation dtype {a.dtype} is not floating point; expected float32 or float64")
+        try:
+            coerce_observation(self.features, torch.from_numpy(a[None, None].astype(np.float32)), 1)
+        except ValueError as e:
+            raise ValueError(f"observation shape {a.shape} is wrong or not finite; expected ({self.config.obs_dim},): {e}") from None
+        return a.astype(np.float32)
+
+    def encode_observation(self, obs: Any) -> Tensor:
+        """Validate, normalise and encode ``obs`` → global conditioning (B, To·D). Runs the image
+        encoder; done once per call, the samplers only iterate the U-Net."""
+        return self.obs_encoder(self.validate_obs(obs))
 
     @torch.no_grad()
     def predict_action(
@@ -141,7 +183,8 @@ class DiffusionPolicy(nn.Module):
         """Sample an action chunk.
 
         Args:
-            obs: (B, To, Do) float observations in environment units.
+            obs: ``{feature: (B, To, ...)}`` in environment units (images uint8 HWC or float CHW
+                in [0, 1]), or a (B, To, Do) array for a single low-dim feature.
             noise: the call's pre-drawn noise (see :meth:`draw_noise`); drawn from ``generator``
                 if None. Same ``noise`` → same chunk, whatever the sampler.
             warm_start: initial guess for the Picard trajectory (normalised units); changes the
@@ -153,9 +196,23 @@ class DiffusionPolicy(nn.Module):
             ``(actions (B, Ta, Da), info)`` with ``info["action_pred"]`` (B, T, Da), the full
             trajectory, ``info["action_pred_normalized"]`` and ``info["stats"]`` (SampleStats).
         """
+        cond = self.encode_observation(obs)
+        return self.sample_from_condition(cond, noise, generator, warm_start, return_states, deadline)
+
+    @torch.no_grad()
+    def sample_from_condition(
+        self,
+        cond: Tensor,
+        noise: SamplerNoise | None = None,
+        generator: torch.Generator | None = None,
+        warm_start: WarmStart | None = None,
+        return_states: bool = False,
+        deadline: float | None = None,
+    ) -> tuple[Tensor, dict]:
+        """:meth:`predict_action` after the encoder: sample, unnormalise and slice, given the
+        global conditioning of :meth:`encode_observation`."""
         cfg = self.config
-        obs = self.validate_obs(obs)
-        bsz = obs.shape[0]
+        bsz = cond.shape[0]
         if noise is None:
             noise = self.draw_noise(bsz, generator)
         expected = (bsz, cfg.horizon, cfg.action_dim)
@@ -164,24 +221,24 @@ class DiffusionPolicy(nn.Module):
                 f"noise has shape {tuple(noise.initial.shape)} x {noise.num_steps} steps; expected "
                 f"{expected} x {self.num_inference_steps} steps"
             )
-        cond = self.obs_normalizer.normalize(obs).reshape(bsz, -1)
         naction, stats = self.sampler.sample(self.denoiser, noise.to(self.device), cond, warm_start=warm_start,
                                              return_states=return_states, deadline=deadline)
         if not torch.isfinite(naction).all():
             raise FloatingPointError("the sampled action contains NaN or inf; the network output is not finite")
         action_pred = self.action_normalizer.unnormalize(naction)
-        start = cfg.n_obs_steps - 1
+        start = cfg.executed_start
         actions = action_pred[:, start : start + cfg.n_action_steps]
         info = {"action_pred": action_pred, "action_pred_normalized": naction, "stats": stats}
         return actions, info
 
     # -- training ----------------------------------------------------------------------------
 
-    def compute_loss(self, obs: Tensor, action: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Denoising loss (Ho et al. 2020, eq. 14) on raw ``obs`` (B, To, Do) and ``action`` (B, T, Da)."""
+    def compute_loss(self, obs: Any, action: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Denoising loss (Ho et al. 2020, eq. 14) on raw ``obs`` (as for :meth:`predict_action`)
+        and ``action`` (B, T, Da). The image encoder trains with it (random crops in train mode)."""
         sch = self.config.scheduler
-        bsz = obs.shape[0]
-        cond = self.obs_normalizer.normalize(obs).reshape(bsz, -1)
+        cond = self.encode_observation(obs)
+        bsz = cond.shape[0]
         x0 = self.action_normalizer.normalize(action)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device)
         t = torch.randint(0, sch.num_train_timesteps, (bsz,), generator=generator, device=x0.device)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from paradiffpolicy.features import batch_histories, stack_history
 from paradiffpolicy.policy import DiffusionPolicy
 from paradiffpolicy.sampling import SamplerNoise, WarmStart
 
@@ -71,27 +72,36 @@ class PolicyAgent:
         self.shadow_sampler = shadow_sampler
         self.warm_start = warm_start
         self._previous: tuple[int, SamplerNoise, torch.Tensor, torch.Tensor] | None = None
-        self.history: deque[np.ndarray] = deque(maxlen=policy.config.n_obs_steps)
+        self.history: deque = deque(maxlen=policy.config.n_obs_steps)  # per step: an array, or a dict of arrays
         self.log = InferenceLog()
         self.generator = torch.Generator()
 
-    def reset(self, obs: np.ndarray, seed: int) -> None:
+    def reset(self, obs, seed: int) -> None:
         self.history.clear()
         for _ in range(self.policy.config.n_obs_steps):  # pad the history with the first frame
-            self.history.append(np.asarray(obs, dtype=np.float32))
+            self.history.append(_copy_step(obs))
         self.generator.manual_seed(seed)
         self._previous = None
 
-    def observe(self, obs: np.ndarray) -> None:
-        self.history.append(np.asarray(obs, dtype=np.float32))
+    def observe(self, obs) -> None:
+        self.history.append(_copy_step(obs))
 
-    def snapshot(self) -> np.ndarray:
-        """The current history (To, Do), copied (safe to hand to another thread)."""
-        return np.stack(self.history)
+    def snapshot(self):
+        """The current history (To, ...) — an array, or a dict of arrays for named features —
+        copied (safe to hand to another thread)."""
+        return stack_history(list(self.history))
 
     def infer(self, obs_tick: int, history: np.ndarray | None = None) -> Chunk:
         """One policy call (blocking) on ``history`` (To, Do), default the current one."""
         return infer_batch([self], [obs_tick], None if history is None else [history])[0]
+
+
+def _copy_step(obs):
+    """One step of observation as the history keeps it: float32 for flat arrays, dict entries as given
+    (images stay uint8)."""
+    if isinstance(obs, dict):
+        return {k: np.array(v) for k, v in obs.items()}
+    return np.asarray(obs, dtype=np.float32)
 
 
 def infer_batch(agents: list[PolicyAgent], obs_ticks: list[int], histories: list[np.ndarray] | None = None) -> list[Chunk]:
@@ -103,7 +113,7 @@ def infer_batch(agents: list[PolicyAgent], obs_ticks: list[int], histories: list
     policy = agents[0].policy
     if histories is None:
         histories = [a.snapshot() for a in agents]
-    obs = torch.from_numpy(np.stack(histories))
+    obs = batch_histories(histories)
     noises = [policy.draw_noise(1, a.generator) for a in agents]
     warm_start = agents[0].warm_start
     warm = None
@@ -126,7 +136,7 @@ def infer_batch(agents: list[PolicyAgent], obs_ticks: list[int], histories: list
     hit = bool(stats.extra.get("deadline_hit", False))
     states = stats.extra.pop("states", None)
     x0s = stats.extra.pop("x0", None)
-    start = policy.config.n_obs_steps - 1
+    start = policy.config.executed_start
     devs, ratio = None, None
     shadow = agents[0].shadow_sampler
     if shadow is not None:

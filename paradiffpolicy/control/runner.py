@@ -110,18 +110,10 @@ class PolicyRunner:
         self.tick += 1
         return action
 
-    def _check_obs(self, obs) -> np.ndarray:
+    def _check_obs(self, obs):
         """Reject a bad observation here, in the caller's thread, before it enters the history
         (the runner stays usable for the next valid call)."""
-        dim = self.agent.policy.config.obs_dim
-        a = np.asarray(obs)
-        if a.dtype.kind != "f":
-            raise TypeError(f"observation dtype {a.dtype} is not floating point; expected float32 or float64")
-        if a.shape != (dim,):
-            raise ValueError(f"observation shape {a.shape} is wrong; expected ({dim},)")
-        if not np.isfinite(a).all():
-            raise ValueError(f"observation contains NaN or inf at {np.flatnonzero(~np.isfinite(a)).tolist()}; refusing to act on it")
-        return a.astype(np.float32)
+        return self.agent.policy.check_step(obs)
 
     def stats(self) -> dict:
         return {"ticks": self.tick, "deadline_misses": self.deadline_misses, **self.agent.log.summary()}

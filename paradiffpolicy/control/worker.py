@@ -100,11 +100,11 @@ class ProcessAgent(PolicyAgent):
 
     def reset(self, obs: np.ndarray, seed: int) -> None:
         super().reset(obs, seed)
-        self._conn.send(("reset", np.asarray(obs, dtype=np.float32), int(seed)))
+        self._conn.send(("reset", obs if isinstance(obs, dict) else np.asarray(obs, dtype=np.float32), int(seed)))
         self._reply()
 
     def infer(self, obs_tick: int, history: np.ndarray | None = None) -> Chunk:
-        self._conn.send(("infer", obs_tick, self.snapshot() if history is None else np.asarray(history)))
+        self._conn.send(("infer", obs_tick, self.snapshot() if history is None else history))
         _, chunk, log = self._reply()
         self.log.extend(log)
         return chunk

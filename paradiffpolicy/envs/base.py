@@ -28,6 +28,12 @@ class TaskConfig:
     # gripper kept) or "repeat" (absolute targets: the last action again)
     hold: str = "zero_motion"
     env_kwargs: dict = field(default_factory=dict)
+    # named-feature observations: {policy feature name: environment key, or a list of keys to
+    # concatenate}, e.g. {observation.image: pixels, observation.state: agent_pos}. Empty: one flat
+    # vector of obs_keys.
+    features: dict = field(default_factory=dict)
+    # robosuite camera observations: image size (square) of every camera named in features
+    camera_size: int = 84
 
     def validate(self) -> None:
         if self.suite not in SUITES:
@@ -42,7 +48,7 @@ class TaskConfig:
 
 @dataclass
 class StepResult:
-    obs: np.ndarray  # (Do,) float32
+    obs: Any  # (Do,) float32, or {feature name: array} (images uint8 (H, W, 3))
     reward: float
     done: bool  # success or time limit
     success: bool
@@ -50,7 +56,11 @@ class StepResult:
 
 
 class PolicyEnv:
-    """Base class of the adapters. ``reset(seed) -> obs (Do,)``; ``step(action (Da,)) -> StepResult``."""
+    """Base class of the adapters. ``reset(seed) -> obs``; ``step(action (Da,)) -> StepResult``.
+
+    ``obs`` is a flat float32 vector (Do,), or, when the task names ``features``, a dict
+    ``{feature name: array}`` with images as uint8 (H, W, 3) frames.
+    """
 
     obs_dim: int
     action_dim: int
@@ -59,7 +69,32 @@ class PolicyEnv:
     control_hz: float
     max_steps: int
 
-    def reset(self, seed: int) -> np.ndarray:
+    def observation_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-step shape of each feature this environment returns (images (H, W, 3))."""
+        if self.task.features:
+            return {name: tuple(np.shape(v)) for name, v in self._named(self._last_raw()).items()}
+        return {"observation.state": (self.obs_dim,)}
+
+    def _named(self, raw) -> dict:
+        return {name: self._feature(raw, keys) for name, keys in self.task.features.items()}
+
+    @staticmethod
+    def _feature(raw, keys) -> np.ndarray:
+        """One feature: an observation as given, or several concatenated as float32."""
+        if isinstance(keys, str):
+            return np.array(raw[keys])
+        return np.concatenate([np.asarray(raw[k], dtype=np.float32).reshape(-1) for k in keys])
+
+    def _feature_keys(self) -> list[str]:
+        keys = []
+        for v in self.task.features.values():
+            keys.extend([v] if isinstance(v, str) else list(v))
+        return keys
+
+    def _last_raw(self):
+        raise NotImplementedError
+
+    def reset(self, seed: int) -> Any:
         raise NotImplementedError
 
     def step(self, action: np.ndarray) -> StepResult:

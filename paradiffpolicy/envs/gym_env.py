@@ -1,5 +1,9 @@
-"""Gymnasium adapter (PushT, 10 Hz): flat observations, or dict observations flattened in
-``task.obs_keys`` order (PushT keypoints: ``obs_type=environment_state_agent_pos``)."""
+"""Gymnasium adapter (PushT, 10 Hz): flat observations, dict observations flattened in
+``task.obs_keys`` order (PushT keypoints: ``obs_type=environment_state_agent_pos``), or named
+features (``task.features``; PushT pixels: ``obs_type=pixels_agent_pos``, a 96x96 uint8 frame).
+
+``obs_keys`` may also name ``block_xy``, the T's position in pixels (computed from the simulator),
+for layouts such as diffusion_policy's low-dim PushT (block keypoints, then the agent)."""
 
 from __future__ import annotations
 
@@ -20,12 +24,19 @@ class GymEnv(PolicyEnv):
         self.task = task
         self._render = render
         space = self.env.observation_space
-        if isinstance(space, gym.spaces.Dict):
-            keys = list(space.spaces)
+        if task.features:
+            keys = list(space.spaces) if isinstance(space, gym.spaces.Dict) else []
+            missing = [k for k in self._feature_keys() if k not in keys]
+            if missing:
+                raise ValueError(f"task.features={dict(task.features)}: {task.env_name} with {dict(task.env_kwargs)} "
+                                 f"has no observation {missing}; available: {keys}")
+            self.obs_dim = 0
+        elif isinstance(space, gym.spaces.Dict):
+            keys = list(space.spaces) + ["block_xy"]
             if not task.obs_keys or any(k not in keys for k in task.obs_keys):
                 raise ValueError(f"task.obs_keys={list(task.obs_keys)}: {task.env_name} with {dict(task.env_kwargs)} "
                                  f"has dict observations; list the keys to concatenate, from {keys}")
-            self.obs_dim = int(sum(np.prod(space[k].shape) for k in task.obs_keys))
+            self.obs_dim = int(sum(2 if k == "block_xy" else np.prod(space[k].shape) for k in task.obs_keys))
         else:
             self.obs_dim = int(np.prod(space.shape))
         self.action_low = np.asarray(self.env.action_space.low, dtype=np.float64)
@@ -50,9 +61,18 @@ class GymEnv(PolicyEnv):
     def render(self) -> np.ndarray | None:
         return self.env.render() if self._render else None
 
-    def _flat(self, obs) -> np.ndarray:
+    def _last_raw(self):
+        if self._last is None:
+            self._last, _ = self.env.reset(seed=0)
+        return self._last
+
+    def _flat(self, obs):
+        if self.task.features:
+            return self._named(obs)
         if isinstance(obs, dict):
-            return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(-1) for k in self.task.obs_keys])
+            parts = [np.asarray(self.env.unwrapped.block.position if k == "block_xy" else obs[k], dtype=np.float32).reshape(-1)
+                     for k in self.task.obs_keys]
+            return np.concatenate(parts)
         return np.asarray(obs, dtype=np.float32).reshape(-1)
 
     def expert_state(self) -> np.ndarray:

@@ -1,4 +1,6 @@
-"""robosuite adapter (low-dimensional observations, OSC_POSE actions, 20 Hz)."""
+"""robosuite adapter (OSC_POSE actions, 20 Hz): low-dimensional observations, or named features
+including camera images (``task.features`` naming ``<camera>_image`` keys; rendered offscreen,
+headless with ``MUJOCO_GL=osmesa``; frames are returned upright, uint8 (H, W, 3))."""
 
 from __future__ import annotations
 
@@ -26,12 +28,16 @@ class RobosuiteEnv(PolicyEnv):
         self.task = task
         self.render_size = render_size
         self._render = render
+        self.task = task
+        cameras = [k[: -len("_image")] for k in self._feature_keys() if k.endswith("_image")]
+        camera_kwargs = dict(camera_names=cameras, camera_heights=task.camera_size, camera_widths=task.camera_size) if cameras else {}
         self.env = suite.make(
             task.env_name,
             robots=task.robots,
             has_renderer=False,
-            has_offscreen_renderer=render,
-            use_camera_obs=False,
+            has_offscreen_renderer=render or bool(cameras),
+            use_camera_obs=bool(cameras),
+            **camera_kwargs,
             use_object_obs=True,
             control_freq=int(task.control_hz),
             horizon=task.max_steps + 1,  # we end episodes ourselves; robosuite must not first
@@ -39,10 +45,10 @@ class RobosuiteEnv(PolicyEnv):
             **task.env_kwargs,
         )
         self._raw = self.env.reset()
-        missing = [k for k in task.obs_keys if k not in self._raw]
+        missing = [k for k in (self._feature_keys() if task.features else task.obs_keys) if k not in self._raw]
         if missing:
             raise ValueError(f"task.obs_keys {missing} are not observations of {task.env_name}; available: {sorted(self._raw)}")
-        self.obs_dim = int(sum(np.asarray(self._raw[k]).size for k in task.obs_keys))
+        self.obs_dim = 0 if task.features else int(sum(np.asarray(self._raw[k]).size for k in task.obs_keys))
         low, high = self.env.action_spec
         self.action_low, self.action_high = np.asarray(low), np.asarray(high)
         self.action_dim = int(self.action_low.shape[0])
@@ -60,7 +66,17 @@ class RobosuiteEnv(PolicyEnv):
             s.rng = rng
             stack.extend(getattr(s, "samplers", {}).values())
 
-    def _obs(self) -> np.ndarray:
+    def _last_raw(self):
+        return self._raw
+
+    def _named(self, raw) -> dict:
+        # robosuite renders with OpenGL's origin (bottom-left): flip camera frames upright
+        return {name: (np.array(raw[keys][::-1]) if isinstance(keys, str) and keys.endswith("_image") else self._feature(raw, keys))
+                for name, keys in self.task.features.items()}
+
+    def _obs(self):
+        if self.task.features:
+            return self._named(self._raw)
         return np.concatenate([np.asarray(self._raw[k], dtype=np.float32).reshape(-1) for k in self.task.obs_keys])
 
     def reset(self, seed: int) -> np.ndarray:

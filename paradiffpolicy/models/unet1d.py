@@ -146,8 +146,10 @@ class ConditionalUnet1D(nn.Module):
             nn.ModuleList([block(dim_out * 2, dim_in), block(dim_in, dim_in), Upsample1d(dim_in)])
             for dim_in, dim_out in reversed(in_out[1:])
         ])
+        # upstream (diffusion_policy and LeRobot) builds the final block with the default 8 groups,
+        # whatever n_groups the residual blocks use
         self.final_conv = nn.Sequential(
-            Conv1dBlock(start_dim, start_dim, kernel_size=cfg.kernel_size, n_groups=cfg.n_groups),
+            Conv1dBlock(start_dim, start_dim, kernel_size=cfg.kernel_size, n_groups=8),
             nn.Conv1d(start_dim, cfg.input_dim, 1),
         )
 
