@@ -100,6 +100,9 @@ ALLOWED = {
     "typing.Any": ANY,
     "dill._dill._load_type": TypeRef,
     **{f"torch.{name}": _StorageType(name) for name in STORAGE_DTYPES},
+    # a plain pickle names builtin types directly (OmegaConf's object_type): kept as names
+    **{f"{mod}.{name}": TypeRef(name) for mod in ("builtins", "__builtin__")
+       for name in ("dict", "list", "tuple", "set", "int", "long", "float", "str", "unicode", "bool", "bytes", "object")},
     **_RECORDS,
 }
 
