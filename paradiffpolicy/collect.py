@@ -46,6 +46,9 @@ ConfigStore.instance().store(name="collect_schema", node=CollectConfig)
 def collect(cfg: CollectConfig) -> ReplayBuffer:
     if cfg.n_episodes < 1:
         raise ValueError(f"n_episodes={cfg.n_episodes} must be >= 1")
+    if cfg.task.features:
+        raise ValueError(f"task={cfg.task.name} has named-feature (image) observations; collect stores flat low-dim "
+                         "observations only so far: use a low-dim task")
     path = Path(cfg.output)
     identity = {"task": cfg.task.name, "env_name": cfg.task.env_name, "expert": cfg.task.expert, "seed": cfg.seed,
                 "obs_keys": list(cfg.task.obs_keys), "keep_failed": cfg.keep_failed}

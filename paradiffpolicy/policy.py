@@ -159,10 +159,12 @@ class DiffusionPolicy(nn.Module):
         a = np.asarray(obs)
         if a.dtype.kind != "f":
             raise TypeError(f"observation dtype {a.dtype} is not floating point; expected float32 or float64")
-        try:
-            coerce_observation(self.features, torch.from_numpy(a[None, None].astype(np.float32)), 1)
-        except ValueError as e:
-            raise ValueError(f"observation shape {a.shape} is wrong or not finite; expected ({self.config.obs_dim},): {e}") from None
+        if len(self.features) != 1 or self.features[0].is_image:
+            raise TypeError(f"this policy reads features {[f.name for f in self.features]}; pass a dict keyed by those names")
+        if a.shape != (self.config.obs_dim,):
+            raise ValueError(f"observation shape {a.shape} is wrong; expected ({self.config.obs_dim},)")
+        if not np.isfinite(a).all():
+            raise ValueError(f"observation contains NaN or inf at {np.flatnonzero(~np.isfinite(a)).tolist()}; refusing to act on it")
         return a.astype(np.float32)
 
     def encode_observation(self, obs: Any) -> Tensor:

@@ -11,8 +11,12 @@ ratios. ``tols=[...]`` and ``windows=[...]`` put several settings in one run. De
 sequential sample is reported per sample (median, p95, max, count over 1e-2) over the timed trials
 plus ``dev_samples`` untimed observations sampled in one batch: it is heavy-tailed, and a dozen
 trials can miss the few observations whose sampling dynamics amplify small errors.
-``checkpoint=random`` builds an untrained policy of the given size: fine for timing, not for
-iteration counts (an untrained network is a harder fixed point than a trained one).
+``checkpoint`` is anything :func:`~paradiffpolicy.load_policy` reads (ours, a LeRobot folder, a
+diffusion_policy ``.ckpt``). ``checkpoint=random`` builds an untrained policy of the given size
+(``image_shape=[3,96,96]`` adds a camera through LeRobot's RGB encoder): fine for timing, not for
+iteration counts (an untrained network is a harder fixed point than a trained one). The observation
+encoder runs once per call and is timed on its own (``encoder_ms``); sampler latencies and
+speed-ups are of the sampling that follows it, on the same conditioning.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paradiffpolicy import DiffusionPolicy, PolicyConfig, SamplerConfig, __version__, load_policy  # noqa: E402
 from paradiffpolicy.config import from_dict  # noqa: E402
+from paradiffpolicy.features import FeatureSpec  # noqa: E402
+from paradiffpolicy.sampling import SamplerNoise, draw_noise  # noqa: E402
+from paradiffpolicy.models.vision import VisionConfig  # noqa: E402
 from paradiffpolicy.runtime import cpu_model  # noqa: E402
 
 
@@ -58,11 +65,17 @@ class BenchConfig:
     backends: List[str] = field(default_factory=lambda: ["eager"])
     scheduler: Optional[str] = None
     num_inference_steps: Optional[int] = None
+    # what users would run instead, timed in the same loop: sequential samplers of another scheduler
+    # ("ddim:16", "dpmsolver++:10"), per backend. They compute a different sample, so no deviation.
+    baselines: List[str] = field(default_factory=list)
     # size of the random policy (checkpoint=random)
     obs_dim: int = 19
     action_dim: int = 7
     down_dims: List[int] = field(default_factory=lambda: [64, 128, 256])
     diffusion_step_embed_dim: int = 64
+    # checkpoint=random only: add an image feature of this (3, H, W) shape (LeRobot's RGB encoder)
+    image_shape: List[int] = field(default_factory=list)
+    crop_shape: List[int] = field(default_factory=lambda: [84, 84])
     machine: str = ""
     out: str = ""
     # observations: "dataset" (real observation windows from the checkpoint's training data, when
@@ -91,17 +104,23 @@ def parse(argv: list[str]) -> BenchConfig:
 def build_policy(cfg: BenchConfig) -> DiffusionPolicy:
     if cfg.checkpoint == "random":
         torch.manual_seed(cfg.seed)
-        pcfg = PolicyConfig(obs_dim=cfg.obs_dim, action_dim=cfg.action_dim, down_dims=list(cfg.down_dims),
-                            diffusion_step_embed_dim=cfg.diffusion_step_embed_dim)
+        extra = {}
+        if cfg.image_shape:
+            extra = dict(obs_dim=0, input_features=[FeatureSpec("observation.state", "state", [cfg.obs_dim], "min_max"),
+                                                    FeatureSpec("observation.image", "image", list(cfg.image_shape), "mean_std")],
+                         action_normalization="min_max", vision=VisionConfig(crop_shape=list(cfg.crop_shape) or None))
+        pcfg = PolicyConfig(**{"obs_dim": cfg.obs_dim, "action_dim": cfg.action_dim, "down_dims": list(cfg.down_dims),
+                               "diffusion_step_embed_dim": cfg.diffusion_step_embed_dim, **extra})
         return DiffusionPolicy(pcfg).to(cfg.device).eval()
     return load_policy(cfg.checkpoint, device=cfg.device)
 
 
 def observation_source(cfg: BenchConfig, policy: DiffusionPolicy, gen: torch.Generator):
-    """A function ``draw(batch=cfg.batch)`` returning one (batch, To, Do) observation tensor per call."""
+    """A function ``draw(batch=cfg.batch)`` returning one observation (batch, To, ...) per call."""
     pc = policy.config
     dataset = (getattr(policy, "metadata", None) or {}).get("dataset", {}).get("path")
-    if cfg.obs == "dataset" and dataset and Path(dataset).exists():
+    flat = len(policy.features) == 1 and not policy.features[0].is_image
+    if cfg.obs == "dataset" and dataset and Path(dataset).exists() and flat:
         from paradiffpolicy.data.replay_buffer import ReplayBuffer
 
         buf = ReplayBuffer.open(dataset)
@@ -117,10 +136,18 @@ def observation_source(cfg: BenchConfig, policy: DiffusionPolicy, gen: torch.Gen
         return draw
 
     def draw_uniform(batch: int = cfg.batch):
-        unit = torch.rand(batch, pc.n_obs_steps, pc.obs_dim, generator=gen) * 2 - 1
-        return policy.obs_normalizer.unnormalize(unit.to(policy.device))
+        obs = {}
+        for f, norm in zip(policy.features, policy.obs_encoder.normalizers):
+            unit = torch.rand(batch, pc.n_obs_steps, *f.shape, generator=gen)
+            if f.is_image:
+                obs[f.name] = unit
+                continue
+            lo_hi = norm.input_range()
+            lo, hi = (-torch.ones(f.dim), torch.ones(f.dim)) if lo_hi is None else (t.cpu() for t in lo_hi)
+            obs[f.name] = lo + unit * (hi - lo)
+        return obs
 
-    draw_uniform.kind = "uniform over the normaliser range"
+    draw_uniform.kind = "uniform over the normaliser range (images: uniform pixels)"
     return draw_uniform
 
 
@@ -142,6 +169,13 @@ def main(argv: list[str]) -> dict:
     for backend in cfg.backends:
         if backend != "eager":
             samplers[f"sequential-{backend}"] = SamplerConfig(name="sequential", backend=backend, **common)
+    for spec in cfg.baselines:
+        sched, _, steps = spec.partition(":")
+        if not steps.isdigit():
+            raise SystemExit(f"baselines entry {spec!r} must be <scheduler>:<steps>, e.g. ddim:16")
+        for backend in cfg.backends:
+            samplers[f"baseline-{sched}{steps}" + (f"-{backend}" if backend != "eager" else "")] = SamplerConfig(
+                name="sequential", scheduler=sched, num_inference_steps=int(steps), backend=backend)
     windows = list(cfg.windows) or [cfg.window]
     tols = list(cfg.tols) or [cfg.tol]
     for window, tol, init, m, backend in itertools.product(windows, tols, cfg.inits, cfg.andersons, cfg.backends):
@@ -164,25 +198,42 @@ def main(argv: list[str]) -> dict:
     devs = {n: [] for n in names}  # per sample: largest |a - a_sequential| over the executed actions
     ratios = {n: [] for n in names if n != "sequential"}
     refs = [n for n in names if n.startswith("sequential-")]  # other sequential references (e.g. jit)
-    ratios_ref = {(n, r): [] for n in names if not n.startswith("sequential") for r in refs}
-    start = pc.n_obs_steps - 1
+    ratios_ref = {(n, r): [] for n in names if not n.startswith(("sequential", "baseline-")) for r in refs}
+    start = pc.executed_start
     draw_obs = observation_source(cfg, policy, gen)
 
-    def run(name: str, obs: torch.Tensor, noise) -> tuple[torch.Tensor, dict]:
+    def run(name: str, cond: torch.Tensor, noise) -> tuple[torch.Tensor, dict]:
         """(executed action chunk (B, Ta, Da) in normalised units, info) of sampler ``name``."""
         policy.sampler, policy._backend = built[name]
-        _, info = policy.predict_action(obs, noise=noise)
+        steps = policy.sampler.table.num_steps  # baselines take fewer steps: the first ones of the same draw
+        _, info = policy.sample_from_condition(cond, noise=SamplerNoise(noise.initial, noise.steps[:steps]))
         return info["action_pred_normalized"][:, start : start + pc.n_action_steps], info
 
+    def encode(obs) -> tuple[torch.Tensor, float]:
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            cond = policy.encode_observation(obs)
+        sync()
+        return cond, time.perf_counter() - t0
+
+    n_max = max(b[0].table.num_steps for b in built.values())
+
+    def draw(batch: int):
+        return draw_noise((batch, pc.horizon, pc.action_dim), n_max, gen).to(policy.device)
+
+    enc_ms = []
     for trial in range(cfg.warmup + cfg.trials):
-        obs = draw_obs()
-        noise = policy.draw_noise(cfg.batch, gen)  # one draw per trial, shared by every sampler
+        cond, t_enc = encode(draw_obs())  # the encoder runs once per call, whatever the sampler
+        if trial >= cfg.warmup:
+            enc_ms.append(t_enc * 1e3)
+        noise = draw(cfg.batch)  # one draw per trial, shared by every sampler
         chunks, times = {}, {}
         order = names[trial % len(names):] + names[: trial % len(names)]
         for name in order:
             sync()
             t0 = time.perf_counter()
-            chunks[name], info = run(name, obs, noise)
+            chunks[name], info = run(name, cond, noise)
             sync()
             times[name] = time.perf_counter() - t0
             if trial >= cfg.warmup:
@@ -194,15 +245,17 @@ def main(argv: list[str]) -> dict:
         if trial >= cfg.warmup:
             for name in ratios:
                 ratios[name].append(times["sequential"] / times[name])
-                devs[name].extend(_sample_dev(chunks[name], chunks["sequential"]))
+                if not name.startswith("baseline-"):
+                    devs[name].extend(_sample_dev(chunks[name], chunks["sequential"]))
             for name, ref in ratios_ref:
                 ratios_ref[name, ref].append(times[ref] / times[name])
 
     if cfg.dev_samples > 0:
-        obs, noise = draw_obs(cfg.dev_samples), policy.draw_noise(cfg.dev_samples, gen)
-        ref = run("sequential", obs, noise)[0]
+        cond, noise = encode(draw_obs(cfg.dev_samples))[0], draw(cfg.dev_samples)
+        ref = run("sequential", cond, noise)[0]
         for name in ratios:
-            devs[name].extend(_sample_dev(run(name, obs, noise)[0], ref))
+            if not name.startswith("baseline-"):
+                devs[name].extend(_sample_dev(run(name, cond, noise)[0], ref))
 
     results = {}
     for name in names:
@@ -216,6 +269,7 @@ def main(argv: list[str]) -> dict:
         if name in ratios:
             results[name]["speedup"] = float(np.median(ratios[name]))
             results[name]["speedup_spread"] = percentiles(ratios[name])
+        if devs.get(name):
             d = np.asarray(devs[name])
             results[name]["max_abs_dev"] = float(d.max())
             results[name]["abs_dev"] = {"samples": len(d), "p50": float(np.median(d)), "p95": float(np.percentile(d, 95)),
@@ -223,7 +277,7 @@ def main(argv: list[str]) -> dict:
         for ref in refs:
             if (name, ref) in ratios_ref:
                 results[name].setdefault("speedup_vs", {})[ref] = float(np.median(ratios_ref[name, ref]))
-    main_name = names[1]
+    main_name = next(n for n in names if n.startswith("picard"))
     report = {
         "speedup": results[main_name]["speedup"],
         "max_abs_dev": results[main_name]["max_abs_dev"],
@@ -239,9 +293,12 @@ def main(argv: list[str]) -> dict:
         "python": platform.python_version(),
         "num_inference_steps": built["sequential"][0].table.num_steps,
         "observations": draw_obs.kind,
+        "encoder_ms": percentiles(enc_ms),
+        "features": [dataclasses.asdict(f) for f in policy.features],
         "settings": dataclasses.asdict(cfg),
         "policy": {"down_dims": list(pc.down_dims), "horizon": pc.horizon, "action_dim": pc.action_dim,
-                   "params_m": sum(p.numel() for p in policy.model.parameters()) / 1e6},
+                   "params_m": sum(p.numel() for p in policy.model.parameters()) / 1e6,
+                   "encoder_params_m": sum(p.numel() for p in policy.obs_encoder.parameters()) / 1e6},
     }
     table = markdown(report)
     print(table)
@@ -260,11 +317,16 @@ def _sample_dev(chunk: torch.Tensor, ref: torch.Tensor) -> list[float]:
 
 def markdown(report: dict) -> str:
     s = report["settings"]
-    head = (f"checkpoint `{s['checkpoint']}`, {report['policy']['params_m']:.1f}M params, device {report['device']} "
+    enc = report.get("encoder_ms")
+    encoder = (f"; observation encoder ({report['policy'].get('encoder_params_m', 0):.1f}M params) once per call: "
+               f"p50 {enc['p50']:.1f} ms, p95 {enc['p95']:.1f} ms, not included in the sampler latencies below"
+               if enc and report["policy"].get("encoder_params_m") else "")
+    head = (f"checkpoint `{s['checkpoint']}`, U-Net {report['policy']['params_m']:.1f}M params, device {report['device']} "
             f"({report.get('cpu', 'cpu model not recorded')}), "
             f"{report['threads']} threads, batch {s['batch']}, {report['num_inference_steps']} steps, "
-            f"{s['trials']} trials, torch {report['torch_version']}; deviation from the sequential sample per "
-            f"sample over the timed trials and {s['dev_samples']} more observations (executed actions, normalised units)\n\n")
+            f"{s['trials']} trials, torch {report['torch_version']}, observations: {report.get('observations')}{encoder}; "
+            f"deviation from the sequential sample per sample over the timed trials and {s['dev_samples']} more "
+            f"observations (executed actions, normalised units)\n\n")
     refs = sorted({ref for r in report["variants"].values() for ref in r.get("speedup_vs", {})})
     rows = ["| sampler | window | tol | latency p50 (ms) | p95 (ms) | iterations | NFE | speedup (median) | "
             + "".join(f"vs {ref} | " for ref in refs) + "dev p50 | dev p95 | max abs dev | samples over 1e-2 |",

@@ -63,3 +63,25 @@ def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
 def test_bench_rejects_unknown_keys():
     with pytest.raises(SystemExit, match="windw"):
         _bench().main(["windw=8"])
+
+
+@pytest.mark.parametrize("checkpoint", [str(ROOT / "tests" / "fixtures" / "interop" / "dp_lowdim_tiny" / "latest.ckpt"),
+                                        str(ROOT / "tests" / "fixtures" / "interop" / "lerobot_lowdim_tiny")])
+def test_bench_takes_foreign_checkpoints(tmp_path, checkpoint):
+    report = _bench().main([f"checkpoint={checkpoint}", "num_inference_steps=10", "trials=1", "warmup=0", "window=4",
+                            "tol=0.0", "dev_samples=4", "threads=1"])
+    assert report["picard"]["max_abs_dev"] < 1e-5  # tol=0: the sequential sample
+    assert report["observations"].startswith("uniform")
+
+
+def test_bench_times_the_image_encoder_apart(tmp_path):
+    out = tmp_path / "img.json"
+    report = _bench().main(["checkpoint=random", "image_shape=[3,32,32]", "crop_shape=[28,28]", "obs_dim=2", "action_dim=2",
+                            "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=8", "trials=2",
+                            "warmup=0", "window=4", "tol=0.0", "dev_samples=3", "threads=1", "baselines=[ddim:4]", f"out={out}"])
+    assert [f["name"] for f in report["features"]] == ["observation.state", "observation.image"]
+    assert report["encoder_ms"]["p50"] > 0 and report["policy"]["encoder_params_m"] > 10  # the ResNet-18 trunk
+    assert report["picard"]["max_abs_dev"] < 1e-5
+    assert "observation encoder" in out.with_suffix(".md").read_text()
+    baseline = report["variants"]["baseline-ddim4"]  # another scheduler's sample: timed, no deviation
+    assert baseline["iterations"]["mean"] == 4 and "abs_dev" not in baseline and baseline["speedup"] > 0

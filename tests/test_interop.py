@@ -358,6 +358,8 @@ def test_dp_policy_runs_in_the_closed_loop(tmp_path):
     assert bad.returncode != 0 and "expects observations {'observation.state': (20,)}" in bad.stderr + bad.stdout
 
 
+@pytest.mark.skipif(not os.environ.get("CI") and not __import__("ctypes.util").util.find_library("OSMesa"),
+                    reason="libOSMesa is not installed (apt-get install libosmesa6; .ci/run installs it)")
 def test_robosuite_camera_observations(tmp_path):
     """lift_image renders the agentview camera headless (OSMesa) and returns named features."""
     env_vars = {**os.environ, "MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa"}
