@@ -173,33 +173,19 @@ class DiffusionPolicy(nn.Module):
         return self.obs_encoder(self.validate_obs(obs))
 
     @torch.no_grad()
-    def predict_action(
-        self,
-        obs: Any,
-        noise: SamplerNoise | None = None,
-        generator: torch.Generator | None = None,
-        warm_start: WarmStart | None = None,
-        return_states: bool = False,
-        deadline: float | None = None,
-    ) -> tuple[Tensor, dict]:
-        """Sample an action chunk.
+    def predict_action(self, obs: Any, noise: SamplerNoise | None = None, generator: torch.Generator | None = None,
+                       **sampling) -> tuple[Tensor, dict]:
+        """Sample an action chunk: :meth:`encode_observation`, then :meth:`sample_from_condition`.
 
         Args:
             obs: ``{feature: (B, To, ...)}`` in environment units (images uint8 HWC or float CHW
                 in [0, 1]), or a (B, To, Do) array for a single low-dim feature.
-            noise: the call's pre-drawn noise (see :meth:`draw_noise`); drawn from ``generator``
-                if None. Same ``noise`` → same chunk, whatever the sampler.
-            warm_start: initial guess for the Picard trajectory (normalised units); changes the
-                iteration count, never the result.
-            return_states: keep the final trajectory in ``info["stats"].extra["states"]``.
-            deadline: ``time.perf_counter()`` instant after which Picard returns its current
-                estimate, flagged ``converged=False`` (the sequential sampler ignores it).
+            noise, generator, **sampling: as for :meth:`sample_from_condition` (``warm_start``,
+                ``return_states``, ``deadline``).
         Returns:
-            ``(actions (B, Ta, Da), info)`` with ``info["action_pred"]`` (B, T, Da), the full
-            trajectory, ``info["action_pred_normalized"]`` and ``info["stats"]`` (SampleStats).
+            ``(actions (B, Ta, Da), info)``; see :meth:`sample_from_condition`.
         """
-        cond = self.encode_observation(obs)
-        return self.sample_from_condition(cond, noise, generator, warm_start, return_states, deadline)
+        return self.sample_from_condition(self.encode_observation(obs), noise, generator, **sampling)
 
     @torch.no_grad()
     def sample_from_condition(
@@ -211,8 +197,21 @@ class DiffusionPolicy(nn.Module):
         return_states: bool = False,
         deadline: float | None = None,
     ) -> tuple[Tensor, dict]:
-        """:meth:`predict_action` after the encoder: sample, unnormalise and slice, given the
-        global conditioning of :meth:`encode_observation`."""
+        """Sample, unnormalise and slice, given the global conditioning of :meth:`encode_observation`.
+
+        Args:
+            cond: (B, To·D) conditioning.
+            noise: the call's pre-drawn noise (see :meth:`draw_noise`); drawn from ``generator``
+                if None. Same ``noise`` → same chunk, whatever the sampler.
+            warm_start: initial guess for the Picard trajectory (normalised units); changes the
+                iteration count, never the result.
+            return_states: keep the final trajectory in ``info["stats"].extra["states"]``.
+            deadline: ``time.perf_counter()`` instant after which Picard returns its current
+                estimate, flagged ``converged=False`` (the sequential sampler ignores it).
+        Returns:
+            ``(actions (B, Ta, Da), info)`` with ``info["action_pred"]`` (B, T, Da), the full
+            trajectory, ``info["action_pred_normalized"]`` and ``info["stats"]`` (SampleStats).
+        """
         cfg = self.config
         bsz = cond.shape[0]
         if noise is None:

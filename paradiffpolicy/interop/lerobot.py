@@ -35,6 +35,7 @@ from paradiffpolicy.config import PolicyConfig
 from paradiffpolicy.features import FeatureSpec
 from paradiffpolicy.interop.diffusion_policy import UnsupportedCheckpoint
 from paradiffpolicy.models.vision import BACKBONES, VisionConfig
+from paradiffpolicy.normalizer import LEROBOT_EPS
 from paradiffpolicy.schedulers import SchedulerConfig
 
 KINDS = {"STATE": "state", "VISUAL": "image", "ENV": "env_state"}
@@ -192,7 +193,7 @@ def load(path: Path):
             if len(vals) == 2 and not bool((vals[0] == vals[1]).all()):
                 raise UnsupportedCheckpoint(f"{where}: normalize_targets and unnormalize_outputs disagree on action {stat}")
             return vals[0] if vals else None
-        layout, eps = "lerobot-legacy", 1e-8
+        layout, eps = "lerobot-legacy", LEROBOT_EPS
     else:
         if not post.is_file():
             raise UnsupportedCheckpoint(f"{where}: {PREPROCESSOR} exists but {POSTPROCESSOR} is missing")
@@ -218,8 +219,8 @@ def load(path: Path):
         if rename:
             raise UnsupportedCheckpoint(f"{where}: the preprocessor renames observations {rename}; rename your "
                                         "environment's keys to the policy's feature names instead")
-    if abs(eps - 1e-8) > 0:
-        raise UnsupportedCheckpoint(f"{where}: normaliser eps={eps} is not supported (1e-8)")
+    if eps != LEROBOT_EPS:
+        raise UnsupportedCheckpoint(f"{where}: normaliser eps={eps} is not supported ({LEROBOT_EPS})")
     state = {**net, **_stats_for(pcfg, get, where)}
     metadata = {"source_format": layout, "source": where, "source_policy": cfg.get("type"),
                 "source_config": {k: cfg.get(k) for k in ("normalization_mapping", "input_features", "output_features")}}
