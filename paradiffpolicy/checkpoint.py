@@ -69,7 +69,7 @@ def read_config(directory: str | os.PathLike) -> tuple[PolicyConfig, dict]:
         raise CheckpointError(f"checkpoint config {path} has format {found!r}; expected {FORMAT!r}")
     try:
         cfg = from_dict(PolicyConfig, doc.get("policy"), name="checkpoint policy config")
-        cfg.validate()
+        cfg.require_dims()
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return cfg, doc.get("metadata", {})

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from paradiffpolicy.data.experts import make_expert
 from paradiffpolicy.data.replay_buffer import ReplayBuffer, ReplayBufferError
 from paradiffpolicy.envs import TaskConfig, make_env
-from paradiffpolicy.runtime import sigterm_as_keyboard_interrupt, versions
+from paradiffpolicy.runtime import exit_on_bad_input, sigterm_as_keyboard_interrupt, versions
 
 log = logging.getLogger(__name__)
 SEED_STRIDE = 1_000_000
@@ -39,13 +39,17 @@ class CollectConfig:
     max_attempts: Optional[int] = None  # default 3 * n_episodes
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.n_episodes < 1:
+            raise ValueError(f"n_episodes={self.n_episodes} must be >= 1")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError(f"max_attempts={self.max_attempts} must be >= 1 or null (3 x n_episodes)")
+
 
 ConfigStore.instance().store(name="collect_schema", node=CollectConfig)
 
 
 def collect(cfg: CollectConfig) -> ReplayBuffer:
-    if cfg.n_episodes < 1:
-        raise ValueError(f"n_episodes={cfg.n_episodes} must be >= 1")
     if cfg.task.features:
         raise ValueError(f"task={cfg.task.name} has named-feature (image) observations; collect stores flat low-dim "
                          "observations only so far: use a low-dim task")
@@ -108,7 +112,8 @@ def run_expert_episode(env, expert_name: str, seed: int) -> tuple[dict[str, np.n
 
 @hydra.main(config_path="../conf", config_name="collect", version_base="1.3")
 def main(cfg) -> None:
-    collect(OmegaConf.to_object(cfg))
+    with exit_on_bad_input():
+        collect(OmegaConf.to_object(cfg))
 
 
 if __name__ == "__main__":

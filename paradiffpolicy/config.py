@@ -8,6 +8,8 @@ overrides) and rejects unknown keys and wrong types with the key's name.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, TypeVar
 
@@ -16,12 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from paradiffpolicy.features import NORMALIZATIONS, STATE, FeatureSpec
 from paradiffpolicy.models.vision import VisionConfig
-from paradiffpolicy.schedulers import SchedulerConfig
+from paradiffpolicy.schedulers import SCHEDULERS, SchedulerConfig
 
 T = TypeVar("T")
 
 SAMPLERS = ("sequential", "picard")
 BACKENDS = ("eager", "jit", "compile")
+INITS = ("rollout", "copy")
 
 
 @dataclass
@@ -61,8 +64,10 @@ class PolicyConfig:
     def executed_start(self) -> int:
         return self.n_obs_steps - 1 if self.action_start is None else self.action_start
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending key."""
+    def __post_init__(self) -> None:
+        """Validate once, at construction; ``ValueError`` names the offending key. ``obs_dim`` and
+        ``action_dim`` may be 0 here (unset: the trainer takes them from the dataset); a policy
+        cannot be built until they are set."""
         if self.input_features:
             names = [f.name for f in self.input_features]
             if len(set(names)) != len(names):
@@ -71,9 +76,10 @@ class PolicyConfig:
             if self.obs_dim not in (0, lowdim):
                 raise ValueError(f"policy.obs_dim={self.obs_dim} disagrees with input_features (low-dim total {lowdim}); leave it 0")
             self.obs_dim = lowdim
-        elif self.obs_dim < 1:
-            raise ValueError(f"policy.obs_dim={self.obs_dim} must be >= 1 (or declare policy.input_features)")
-        for key in ("action_dim", "n_obs_steps", "horizon", "n_action_steps", "kernel_size", "n_groups"):
+        for key in ("obs_dim", "action_dim"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"policy.{key}={getattr(self, key)} must be >= 1 (0: taken from the dataset)")
+        for key in ("n_obs_steps", "horizon", "n_action_steps", "kernel_size", "n_groups"):
             if getattr(self, key) < 1:
                 raise ValueError(f"policy.{key}={getattr(self, key)} must be >= 1")
         if self.action_normalization not in NORMALIZATIONS:
@@ -96,7 +102,13 @@ class PolicyConfig:
             raise ValueError(f"policy.kernel_size={self.kernel_size} must be odd")
         if self.diffusion_step_embed_dim < 4 or self.diffusion_step_embed_dim % 2:
             raise ValueError(f"policy.diffusion_step_embed_dim={self.diffusion_step_embed_dim} must be even and >= 4")
-        self.scheduler.validate()
+
+    def require_dims(self) -> None:
+        """Raise unless the observation and action sizes are known (a policy can be built)."""
+        if self.obs_dim < 1:
+            raise ValueError(f"policy.obs_dim={self.obs_dim} must be >= 1 (or declare policy.input_features)")
+        if self.action_dim < 1:
+            raise ValueError(f"policy.action_dim={self.action_dim} must be >= 1")
 
 
 @dataclass
@@ -120,19 +132,30 @@ class SamplerConfig:
     # a GPU, fixed-shape Picard windows; see models/compiled.py)
     backend: str = "eager"
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        """Validate once, at construction; ``ValueError`` names the offending key."""
         if self.name not in SAMPLERS:
             raise ValueError(f"sampler.name={self.name!r} is unknown; expected one of {SAMPLERS}")
-        if self.window < 1:
-            raise ValueError(f"sampler.window={self.window} must be >= 1")
-        if not self.tol >= 0 or self.tol == float("inf"):
-            raise ValueError(f"sampler.tol={self.tol} must be a finite number >= 0")
-        if self.max_iters is not None and self.max_iters < 1:
-            raise ValueError(f"sampler.max_iters={self.max_iters} must be >= 1 or null")
-        if self.anderson < 0:
-            raise ValueError(f"sampler.anderson={self.anderson} must be >= 0 (0 turns it off)")
+        if not _is_int(self.window) or self.window < 1:
+            raise ValueError(f"sampler.window={self.window!r} must be an integer >= 1")
+        if not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) or self.tol < 0:
+            raise ValueError(f"sampler.tol={self.tol!r} must be a finite number >= 0")
+        if self.max_iters is not None and (not _is_int(self.max_iters) or self.max_iters < 1):
+            raise ValueError(f"sampler.max_iters={self.max_iters!r} must be an integer >= 1 or null (N)")
+        if not _is_int(self.anderson) or self.anderson < 0:
+            raise ValueError(f"sampler.anderson={self.anderson!r} must be an integer >= 0 (0 turns it off)")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"sampler.scheduler={self.scheduler!r} is unknown; expected one of {SCHEDULERS} or null")
+        if self.init not in INITS:
+            raise ValueError(f"sampler.init={self.init!r} is unknown; expected one of {INITS}")
+        if self.num_inference_steps is not None and (not _is_int(self.num_inference_steps) or self.num_inference_steps < 1):
+            raise ValueError(f"sampler.num_inference_steps={self.num_inference_steps!r} must be an integer >= 1 or null")
         if self.backend not in BACKENDS:
             raise ValueError(f"sampler.backend={self.backend!r} is unknown; expected one of {BACKENDS}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def from_dict(cls: type[T], data: Any, name: str = "config") -> T:

@@ -34,8 +34,8 @@ def convert(src: str | Path, dst: str | Path, weights_dtype: str = "float32") ->
     reloaded = load_policy(dst, sampler=seq)
     obs = policy.dummy_observation(1)
     noise = policy.draw_noise(1, torch.Generator().manual_seed(0))
-    a, _ = policy.predict_action(obs, noise=noise)
-    b, _ = reloaded.predict_action(obs, noise=noise)
+    a = policy.predict_action(obs, noise=noise).action_pred
+    b = reloaded.predict_action(obs, noise=noise).action_pred
     dev = float((a - b).abs().max())
     if weights_dtype == "float32" and dev != 0.0:
         raise CheckpointError(f"conversion check failed: {dst} gives a chunk {dev:.3g} away from {src}")

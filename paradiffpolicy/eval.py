@@ -31,11 +31,10 @@ from tqdm import tqdm
 from paradiffpolicy.checkpoint import load_policy
 from paradiffpolicy.config import SamplerConfig, to_dict
 from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
-from paradiffpolicy.control.controller import ControllerConfig, EpisodeResult, EpisodeRunner, VectorRunner
-from paradiffpolicy.control.worker import ProcessAgent
+from paradiffpolicy.control.controller import ControllerConfig, EpisodeResult, run_fast, run_realtime, run_vector
+from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs import TaskConfig, make_env
-from paradiffpolicy.runtime import cpu_model, sigterm_as_keyboard_interrupt, versions
-from paradiffpolicy.sampling import make_sampler
+from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, sigterm_as_keyboard_interrupt, versions
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +57,18 @@ class EvalConfig:
     output_dir: str = ""  # default: the Hydra run directory
     progress: bool = True
 
-    def validate(self) -> None:
-        self.task.validate()
-        self.sampler.validate()
-        self.controller.validate()
+    def __post_init__(self) -> None:
+        """Validate once, at construction (the nested configs validated themselves); ``ValueError``
+        names the offending key."""
         if self.n_episodes < 1:
             raise ValueError(f"n_episodes={self.n_episodes} must be >= 1")
         if self.n_envs < 1 or (self.n_envs > 1 and self.controller.mode != "fast"):
             raise ValueError(f"n_envs={self.n_envs} must be >= 1, and 1 with controller.mode={self.controller.mode!r}")
         if self.compare and self.controller.inference_process:
-            raise ValueError("compare=true needs controller.inference_process=false (the shadow sampler runs in-process)")
+            raise ValueError("compare=true needs controller.inference_process=false (the reference sampler runs in-process)")
         if self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1")
-        from paradiffpolicy.interop import detect_format
-
-        detect_format(self.checkpoint)  # a missing or unrecognised checkpoint fails here, naming what was found
+        resolve_device(self.device)
 
 
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
@@ -121,7 +117,6 @@ def aggregate(results: list[EpisodeResult], wall_s: float) -> dict:
 
 class Evaluator:
     def __init__(self, cfg: EvalConfig, out_dir: Path):
-        cfg.validate()
         self.cfg = cfg
         self.out = out_dir
         self.out.mkdir(parents=True, exist_ok=True)
@@ -137,22 +132,22 @@ class Evaluator:
                       "num_inference_steps": self.policy.num_inference_steps},
                       "controller": to_dict(cfg.controller), "seeds": [cfg.seed + i for i in range(cfg.n_episodes)],
                       "versions": versions(), "device": cfg.device, "cpu": cpu_model(), "threads": cfg.threads, "interrupted": False}
-        shadow = None
-        if cfg.compare:
-            ref = SamplerConfig(name="sequential", scheduler=cfg.sampler.scheduler, num_inference_steps=cfg.sampler.num_inference_steps)
-            shadow = make_sampler(self.policy.config.scheduler, ref).to(self.policy.device)
+        reference = None
+        if cfg.compare:  # the sequential sampler of the same scheduler and steps, on the same backend
+            reference = self.policy.make_sampler(SamplerConfig(name="sequential", scheduler=cfg.sampler.scheduler,
+                                                               num_inference_steps=cfg.sampler.num_inference_steps,
+                                                               backend=cfg.sampler.backend))
         if cfg.sampler.backend != "eager":  # trace / compile (each sampler's input shape) before the first timed call
-            ready = sum(self.policy.warm_up(cfg.n_envs, s) for s in (self.policy.sampler, shadow) if s is not None)
+            ready = sum(self.policy.warm_up(cfg.n_envs, s) for s in (self.policy.sampler, reference) if s is not None)
             log.info("%s backend ready after %.1f s", cfg.sampler.backend, ready)
         t0 = time.perf_counter()
         results: list[EpisodeResult] = []  # filled as episodes finish, so an interrupt keeps them
         seq_results: list[EpisodeResult] = []
         try:
             with sigterm_as_keyboard_interrupt():
-                self._episodes(lambda: self._agent(shadow, cfg.sampler.warm_start), "episodes.jsonl", "eval", results)
+                self._episodes(None, reference, cfg.sampler.warm_start, "episodes.jsonl", "eval", results)
                 if cfg.compare:
-                    self.policy.sampler = shadow
-                    self._episodes(lambda: PolicyAgent(self.policy), "episodes_sequential.jsonl", "sequential", seq_results)
+                    self._episodes(reference, None, False, "episodes_sequential.jsonl", "sequential", seq_results)
         except KeyboardInterrupt:
             info["interrupted"] = True
             log.warning("interrupted; summarising the finished episodes")
@@ -169,14 +164,16 @@ class Evaluator:
             seq.pop("_log")
             if not seq_results:  # interrupted before any sequential episode finished
                 seq["overall"]["pc_success"] = None
+            ratios, devs = inf_log.reference_ratio, inf_log.reference_dev
             info["compare"] = {
-                "speedup": float(np.median(inf_log.shadow_ratio)) if inf_log.shadow_ratio else None,
-                "speedup_p5_p95": [float(np.percentile(inf_log.shadow_ratio, q)) for q in (5, 95)] if inf_log.shadow_ratio else None,
+                "reference": f"sequential, backend={cfg.sampler.backend} (the same backend)",
+                "speedup": float(np.median(ratios)) if ratios else None,
+                "speedup_p5_p95": [float(np.percentile(ratios, q)) for q in (5, 95)] if ratios else None,
                 "max_abs_dev": inf_log.max_abs_dev,
                 # a few calls can land in another mode of the action distribution (e.g. the gripper
                 # closing one chunk earlier) while most stay within tolerance: show the spread
-                "abs_dev_p50_p95": [float(np.percentile(inf_log.shadow_dev, q)) for q in (50, 95)] if inf_log.shadow_dev else None,
-                "calls_over_1e-2": int(sum(d > 1e-2 for d in inf_log.shadow_dev)),
+                "abs_dev_p50_p95": [float(np.percentile(devs, q)) for q in (50, 95)] if devs else None,
+                "calls_over_1e-2": int(sum(d > 1e-2 for d in devs)),
                 "pc_success": info["overall"]["pc_success"],
                 "pc_success_sequential": seq["overall"]["pc_success"],  # None: no sequential episode finished
                 "sequential": seq,
@@ -185,26 +182,26 @@ class Evaluator:
         print(summary_table(info))
         return info
 
-    def _agent(self, shadow, warm_start: bool) -> PolicyAgent:
-        if self.cfg.controller.inference_process:
-            return ProcessAgent(self.policy, warm_start=warm_start, threads=self.cfg.threads)
-        return PolicyAgent(self.policy, shadow, warm_start=warm_start)
+    def _run(self, sampler, reference, warm_start: bool, seeds: list[int], stack: contextlib.ExitStack):
+        """The episodes of one sampler setting, as each finishes."""
+        cfg = self.cfg
+        if cfg.controller.mode == "realtime":
+            hz = cfg.controller.hz or cfg.task.control_hz
+            runner = stack.enter_context(PolicyRunner(
+                self.policy, hz, cfg.task.hold, sampler=sampler, reference=reference, warm_start=warm_start,
+                inference_process=cfg.controller.inference_process, threads=cfg.threads))
+            return (run_realtime(self.env, runner, s, hz, cfg.controller.late_tolerance, cfg.video) for s in seeds)
+        agents = [PolicyAgent(self.policy, sampler=sampler, reference=reference, warm_start=warm_start) for _ in range(cfg.n_envs)]
+        if cfg.n_envs > 1:
+            return run_vector([self.env, *self.extra_envs], agents, seeds)
+        return (run_fast(self.env, agents[0], s, cfg.video) for s in seeds)
 
-    def _episodes(self, make_agent, filename: str, desc: str, results: list[EpisodeResult]) -> None:
+    def _episodes(self, sampler, reference, warm_start: bool, filename: str, desc: str, results: list[EpisodeResult]) -> None:
         cfg = self.cfg
         seeds = [cfg.seed + i for i in range(cfg.n_episodes)]
-        agents = [make_agent() for _ in range(cfg.n_envs)]
-        if cfg.n_envs > 1:
-            stream = VectorRunner([self.env, *self.extra_envs], agents).run(seeds)
-        else:
-            runner = EpisodeRunner(self.env, agents[0], cfg.controller, cfg.task.hold, record_video=cfg.video)
-            stream = (runner.run(s) for s in seeds)
         bar = tqdm(total=cfg.n_episodes, desc=f"{desc} {cfg.task.name}", disable=not cfg.progress)
         with contextlib.ExitStack() as stack, open(self.out / filename, "a") as f:
-            for agent in agents:
-                if isinstance(agent, ProcessAgent):
-                    stack.callback(agent.close)
-            for res in stream:
+            for res in self._run(sampler, reference, warm_start, seeds, stack):
                 results.append(res)
                 bar.update(1)
                 f.write(json.dumps(res.to_json()) + "\n")
@@ -234,7 +231,8 @@ def summary_table(info: dict) -> str:
     if "compare" in info:
         cmp = info["compare"]
         seq = "n/a" if cmp["pc_success_sequential"] is None else f"{cmp['pc_success_sequential']:.1f}%"
-        rows.append(f"\ncompare: speedup {cmp['speedup']:.2f}x (median per call), success {cmp['pc_success']:.1f}% vs "
+        speedup = "n/a" if cmp["speedup"] is None else f"{cmp['speedup']:.2f}x"
+        rows.append(f"\ncompare: speedup {speedup} (median per call, vs {cmp['reference']}), success {cmp['pc_success']:.1f}% vs "
                     f"sequential {seq}, max abs dev {cmp['max_abs_dev']:.2e} ({cmp['calls_over_1e-2']} of "
                     f"{info['inference']['calls']} calls over 1e-2)")
     return "\n".join(rows)
@@ -242,12 +240,10 @@ def summary_table(info: dict) -> str:
 
 @hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
 def main(cfg) -> None:
-    obj: EvalConfig = OmegaConf.to_object(cfg)
-    try:
+    with exit_on_bad_input():
+        obj: EvalConfig = OmegaConf.to_object(cfg)
         out = Path(obj.output_dir) if obj.output_dir else Path(HydraConfig.get().runtime.output_dir)
         Evaluator(obj, out).run_all()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

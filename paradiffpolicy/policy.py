@@ -9,7 +9,8 @@ inputs, runs the encoder once per call and delegates sampling of the U-Net to a 
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -22,8 +23,44 @@ from paradiffpolicy.models.jit import TracedDenoiser
 from paradiffpolicy.models.obs_encoder import ObservationEncoder
 from paradiffpolicy.models.unet1d import ConditionalUnet1D, UnetConfig
 from paradiffpolicy.normalizer import Normalizer
-from paradiffpolicy.sampling import SamplerNoise, WarmStart, draw_noise, make_sampler
+from paradiffpolicy.sampling import PicardSampler, SampleStats, SamplerNoise, SequentialSampler, Trajectory, WarmStart
+from paradiffpolicy.sampling import draw_noise, make_sampler
 from paradiffpolicy.schedulers import make_betas
+
+
+Sampler = Union[PicardSampler, SequentialSampler]
+
+
+@dataclass
+class PolicyOutput:
+    """One policy call: ``action_pred`` (B, T, Da) the whole predicted trajectory in environment
+    units, ``action_pred_normalized`` the same in the network's units, the sampler's ``stats`` and,
+    when asked for, its ``trajectory``. The executed chunk starts ``start`` steps in (To-1 by
+    default: the trajectory's first steps lie in the observed past)."""
+
+    action_pred: Tensor
+    action_pred_normalized: Tensor
+    start: int
+    n_action_steps: int
+    stats: SampleStats
+    trajectory: Trajectory | None = None
+
+    @property
+    def actions(self) -> Tensor:
+        """The executed chunk (B, Ta, Da) in environment units."""
+        return self.action_pred[:, self.start : self.start + self.n_action_steps]
+
+    @property
+    def actions_normalized(self) -> Tensor:
+        """The executed chunk (B, Ta, Da) in the network's units (for deviation measurements)."""
+        return self.action_pred_normalized[:, self.start : self.start + self.n_action_steps]
+
+    @property
+    def upcoming(self) -> Tensor:
+        """Every predicted action from the observation's tick to the horizon's end (B, T-start, Da):
+        ``upcoming[:, j]`` is for ``j`` ticks after the observation (a controller whose next chunk
+        is late keeps using these)."""
+        return self.action_pred[:, self.start :]
 
 
 LEGACY_KEYS = {"obs_normalizer.": "obs_encoder.normalizers.0."}
@@ -44,13 +81,14 @@ def upgrade_legacy_keys(state: dict) -> dict:
 class DiffusionPolicy(nn.Module):
     """Diffusion Policy with observations as global conditioning.
 
-    ``predict_action(obs) -> (B, Ta, Da)`` in the environment's action units, ``obs`` a dict
-    ``{feature name: (B, To, ...)}`` or, for one low-dim feature, a (B, To, Do) array.
+    ``predict_action(obs).actions`` is the executed chunk (B, Ta, Da) in the environment's action
+    units, ``obs`` a dict ``{feature name: (B, To, ...)}`` or, for one low-dim feature, a
+    (B, To, Do) array.
     """
 
     def __init__(self, config: PolicyConfig, sampler: SamplerConfig | None = None):
         super().__init__()
-        config.validate()
+        config.require_dims()
         self.config = config
         self.features = config.features()
         self.obs_encoder = ObservationEncoder(self.features, config.vision)
@@ -85,21 +123,24 @@ class DiffusionPolicy(nn.Module):
     # -- sampling ----------------------------------------------------------------------------
 
     def set_sampler(self, sampler: SamplerConfig) -> None:
-        """Switch the inference sampler (sequential, Picard, other scheduler or step count)."""
+        """Choose the policy's own inference sampler and network backend (used when a call names
+        no other sampler)."""
         self.sampler_config = sampler
-        self.sampler = make_sampler(self.config.scheduler, sampler)
+        self.sampler = self.make_sampler(sampler)
         # a plain attribute, not a submodule: the checkpoint's keys stay the model's
         wrapper = {"eager": None, "jit": TracedDenoiser, "compile": CompiledDenoiser}[sampler.backend]
         self._backend = None if wrapper is None else wrapper(self.model)
-        self._move_sampler()
 
-    def _move_sampler(self) -> None:
-        self.sampler.to(self.alphas_cumprod.device)
+    def make_sampler(self, sampler: SamplerConfig) -> Sampler:
+        """A sampler for this policy's scheduler on its device, e.g. a sequential reference to pass
+        as ``predict_action(..., sampler=...)`` (built once, reused every call). The network
+        backend stays the policy's: the sampler's ``backend`` only sets Picard's fixed shapes."""
+        return make_sampler(self.config.scheduler, sampler).to(self.device)
 
     def _apply(self, fn, recurse=True):  # keep the sampler's tables on the module's device
         out = super()._apply(fn, recurse)
         if hasattr(self, "sampler"):
-            self._move_sampler()
+            self.sampler.to(self.alphas_cumprod.device)
         return out
 
     @property
@@ -107,18 +148,13 @@ class DiffusionPolicy(nn.Module):
         """What the sampler calls: the U-Net, or its traced / compiled form (``sampler.backend``)."""
         return self.model if self._backend is None else self._backend
 
-    def warm_up(self, batch_size: int = 1, sampler=None) -> float:
+    def warm_up(self, batch_size: int = 1, sampler: Sampler | None = None) -> float:
         """Run one call at ``batch_size`` so a lazily built backend (the jit trace, the compiled
         graph) is ready before latency matters; returns the seconds it took. The compile backend
         builds one graph per input shape, so warm each sampler that will share the network
-        (``sampler``: e.g. a sequential reference swapped in later; default the policy's own)."""
-        own = self.sampler
-        self.sampler = sampler or own
+        (``sampler``: e.g. a sequential reference passed per call later; default the policy's)."""
         t0 = time.perf_counter()
-        try:
-            self.predict_action(self.dummy_observation(batch_size), generator=torch.Generator().manual_seed(0))
-        finally:
-            self.sampler = own
+        self.predict_action(self.dummy_observation(batch_size), generator=torch.Generator().manual_seed(0), sampler=sampler)
         return time.perf_counter() - t0
 
     @property
@@ -127,16 +163,19 @@ class DiffusionPolicy(nn.Module):
 
     @property
     def num_inference_steps(self) -> int:
+        """Denoising steps of the policy's own sampler."""
         return self.sampler.table.num_steps
 
-    def draw_noise(self, batch_size: int, generator: torch.Generator | None = None) -> SamplerNoise:
-        """All noise for one call: x_T (B, T, Da) and z (N, B, T, Da).
+    def draw_noise(self, batch_size: int, generator: torch.Generator | None = None,
+                   sampler: Sampler | None = None) -> SamplerNoise:
+        """All noise for one call of ``sampler`` (default the policy's): x_T (B, T, Da) and
+        z (N, B, T, Da).
 
         Drawn on the CPU (``generator`` must be a CPU generator) and moved, so a seed gives the
         same noise on every device."""
         cfg = self.config
         shape = (batch_size, cfg.horizon, cfg.action_dim)
-        return draw_noise(shape, self.num_inference_steps, generator).to(self.device)
+        return draw_noise(shape, (sampler or self.sampler).table.num_steps, generator).to(self.device)
 
     def dummy_observation(self, batch_size: int = 1) -> dict[str, Tensor]:
         """A valid observation of zeros (images mid-grey), e.g. to warm up a backend."""
@@ -174,16 +213,14 @@ class DiffusionPolicy(nn.Module):
 
     @torch.no_grad()
     def predict_action(self, obs: Any, noise: SamplerNoise | None = None, generator: torch.Generator | None = None,
-                       **sampling) -> tuple[Tensor, dict]:
+                       **sampling) -> PolicyOutput:
         """Sample an action chunk: :meth:`encode_observation`, then :meth:`sample_from_condition`.
 
         Args:
             obs: ``{feature: (B, To, ...)}`` in environment units (images uint8 HWC or float CHW
                 in [0, 1]), or a (B, To, Do) array for a single low-dim feature.
-            noise, generator, **sampling: as for :meth:`sample_from_condition` (``warm_start``,
-                ``return_states``, ``deadline``).
-        Returns:
-            ``(actions (B, Ta, Da), info)``; see :meth:`sample_from_condition`.
+            noise, generator, **sampling: as for :meth:`sample_from_condition` (``sampler``,
+                ``warm_start``, ``return_trajectory``, ``deadline``).
         """
         return self.sample_from_condition(self.encode_observation(obs), noise, generator, **sampling)
 
@@ -193,44 +230,42 @@ class DiffusionPolicy(nn.Module):
         cond: Tensor,
         noise: SamplerNoise | None = None,
         generator: torch.Generator | None = None,
+        sampler: Sampler | None = None,
         warm_start: WarmStart | None = None,
-        return_states: bool = False,
+        return_trajectory: bool = False,
         deadline: float | None = None,
-    ) -> tuple[Tensor, dict]:
+    ) -> PolicyOutput:
         """Sample, unnormalise and slice, given the global conditioning of :meth:`encode_observation`.
 
         Args:
             cond: (B, To·D) conditioning.
             noise: the call's pre-drawn noise (see :meth:`draw_noise`); drawn from ``generator``
                 if None. Same ``noise`` → same chunk, whatever the sampler.
+            sampler: the sampler for this call only (from :meth:`make_sampler`); default the
+                policy's own. Nothing about the policy changes.
             warm_start: initial guess for the Picard trajectory (normalised units); changes the
                 iteration count, never the result.
-            return_states: keep the final trajectory in ``info["stats"].extra["states"]``.
+            return_trajectory: also return the sampler's trajectory (for the next warm start).
             deadline: ``time.perf_counter()`` instant after which Picard returns its current
                 estimate, flagged ``converged=False`` (the sequential sampler ignores it).
-        Returns:
-            ``(actions (B, Ta, Da), info)`` with ``info["action_pred"]`` (B, T, Da), the full
-            trajectory, ``info["action_pred_normalized"]`` and ``info["stats"]`` (SampleStats).
         """
         cfg = self.config
+        sampler = sampler or self.sampler
         bsz = cond.shape[0]
         if noise is None:
-            noise = self.draw_noise(bsz, generator)
+            noise = self.draw_noise(bsz, generator, sampler)
         expected = (bsz, cfg.horizon, cfg.action_dim)
-        if tuple(noise.initial.shape) != expected or noise.num_steps != self.num_inference_steps:
+        if tuple(noise.initial.shape) != expected or noise.num_steps != sampler.table.num_steps:
             raise ValueError(
                 f"noise has shape {tuple(noise.initial.shape)} x {noise.num_steps} steps; expected "
-                f"{expected} x {self.num_inference_steps} steps"
+                f"{expected} x {sampler.table.num_steps} steps"
             )
-        naction, stats = self.sampler.sample(self.denoiser, noise.to(self.device), cond, warm_start=warm_start,
-                                             return_states=return_states, deadline=deadline)
-        if not torch.isfinite(naction).all():
+        out = sampler.sample(self.denoiser, noise.to(self.device), cond, warm_start=warm_start,
+                             return_trajectory=return_trajectory, deadline=deadline)
+        if not torch.isfinite(out.sample).all():
             raise FloatingPointError("the sampled action contains NaN or inf; the network output is not finite")
-        action_pred = self.action_normalizer.unnormalize(naction)
-        start = cfg.executed_start
-        actions = action_pred[:, start : start + cfg.n_action_steps]
-        info = {"action_pred": action_pred, "action_pred_normalized": naction, "stats": stats}
-        return actions, info
+        return PolicyOutput(self.action_normalizer.unnormalize(out.sample), out.sample, cfg.executed_start,
+                            cfg.n_action_steps, out.stats, out.trajectory)
 
     # -- training ----------------------------------------------------------------------------
 

@@ -37,6 +37,37 @@ def cpu_model() -> str:
     return f"{name}, {os.cpu_count()} cpus"
 
 
+def resolve_device(device: str, key: str = "device") -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"`` (CUDA when available) → a device this
+    machine has; ``ValueError`` naming ``key`` otherwise (e.g. ``device=cuda`` without CUDA)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{key}={device!r} is not a device; expected cpu, cuda, cuda:<index> or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key}={device!r} but this machine has no usable CUDA device "
+                             f"(torch {torch.__version__}, cuda build: {torch.version.cuda}); use {key}=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{key}={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"{key}={device!r} is unsupported; expected cpu, cuda, cuda:<index> or auto")
+    return dev
+
+
+@contextmanager
+def exit_on_bad_input():
+    """For command-line entry points: a ``ValueError`` (bad config value, missing or mismatched
+    checkpoint or dataset; each names what is wrong) ends the program with ``error: ...`` and
+    exit status 1 instead of a traceback."""
+    try:
+        yield
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

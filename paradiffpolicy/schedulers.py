@@ -73,8 +73,8 @@ class SchedulerConfig:
     timestep_spacing: Optional[str] = None
     steps_offset: int = 0
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending key."""
+    def __post_init__(self) -> None:
+        """Validate once, at construction; ``ValueError`` names the offending key."""
         if self.name not in SCHEDULERS:
             raise ValueError(f"scheduler.name={self.name!r} is unknown; expected one of {SCHEDULERS}")
         if self.beta_schedule not in BETA_SCHEDULES:
@@ -212,7 +212,6 @@ def _rows(v: Tensor, like: Tensor) -> Tensor:
 
 def make_step_table(cfg: SchedulerConfig) -> StepTable:
     """Build the coefficient table for ``cfg`` (float64 math on diffusers' float32 ᾱ, stored fp32)."""
-    cfg.validate()
     ts = inference_timesteps(cfg)
     n = len(ts)
     if cfg.name == "dpmsolver++" and len(np.unique(ts)) != n:

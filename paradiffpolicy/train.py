@@ -10,6 +10,7 @@ from them, seeded batches and noise. The EMA policy is what gets exported and ev
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from paradiffpolicy.data.replay_buffer import ReplayBuffer
 from paradiffpolicy.data.sequence import SequenceSampler
 from paradiffpolicy.envs import TaskConfig
 from paradiffpolicy.policy import DiffusionPolicy
-from paradiffpolicy.runtime import cpu_model, seed_everything, sigterm_as_keyboard_interrupt, versions
+from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, seed_everything, sigterm_as_keyboard_interrupt, versions
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,16 @@ class TrainConfig:
     init_from: Optional[str] = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "lr", "checkpoint_every"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be > 0")
+        for key in ("weight_decay", "warmup_steps", "threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+        if self.export_dtype not in ("float16", "float32"):
+            raise ValueError(f"export_dtype={self.export_dtype!r} must be 'float16' or 'float32'")
+
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
@@ -94,12 +105,9 @@ def _logged_step(line: str) -> float:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-            raise ValueError(f"steps={cfg.steps}, batch_size={cfg.batch_size}, lr={cfg.lr} must be positive")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
         buf = ReplayBuffer.open(cfg.dataset)
         if buf.n_episodes == 0:
@@ -107,8 +115,7 @@ class Trainer:
         self.n_episodes, self.n_steps = buf.n_episodes, buf.n_steps
         self.obs = torch.from_numpy(np.asarray(buf["obs"], dtype=np.float32))
         self.action = torch.from_numpy(np.asarray(buf["action"], dtype=np.float32))
-        pcfg = copy.deepcopy(cfg.policy)
-        pcfg.obs_dim, pcfg.action_dim = self.obs.shape[1], self.action.shape[1]
+        pcfg = dataclasses.replace(cfg.policy, obs_dim=self.obs.shape[1], action_dim=self.action.shape[1])
         self.policy = DiffusionPolicy(pcfg)
         self.policy.obs_normalizer.fit(self.obs)
         self.policy.action_normalizer.fit(self.action)
@@ -270,7 +277,8 @@ class Trainer:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg) -> None:
-    Trainer(OmegaConf.to_object(cfg)).train()
+    with exit_on_bad_input():
+        Trainer(OmegaConf.to_object(cfg)).train()
 
 
 if __name__ == "__main__":

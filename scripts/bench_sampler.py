@@ -21,6 +21,7 @@ speed-ups are of the sampling that follows it, on the same conditioning.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -36,7 +37,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paradiffpolicy import DiffusionPolicy, PolicyConfig, SamplerConfig, __version__, load_policy  # noqa: E402
+from paradiffpolicy import DiffusionPolicy, PolicyConfig, PolicyOutput, SamplerConfig, __version__, load_policy  # noqa: E402
 from paradiffpolicy.config import from_dict  # noqa: E402
 from paradiffpolicy.features import FeatureSpec  # noqa: E402
 from paradiffpolicy.sampling import SamplerNoise, draw_noise  # noqa: E402
@@ -183,10 +184,12 @@ def main(argv: list[str]) -> dict:
                 + (f"-tol{tol:g}" if len(tols) > 1 else "") + (f"-{backend}" if backend != "eager" else ""))
         samplers[name] = SamplerConfig(name="picard", window=window, tol=tol, max_iters=cfg.max_iters,
                                        init=init, anderson=m, backend=backend, **common)
-    built = {}
-    for name, scfg in samplers.items():
-        policy.set_sampler(scfg)
-        built[name] = (policy.sampler, policy._backend)  # sampler and network backend, switched per call below
+    # one policy per network backend (same weights); each sampler is passed per call
+    networks = {}
+    for backend in {s.backend for s in samplers.values()}:
+        networks[backend] = copy.deepcopy(policy)
+        networks[backend].set_sampler(SamplerConfig(name="sequential", backend=backend, **common))
+    built = {name: (networks[scfg.backend], networks[scfg.backend].make_sampler(scfg)) for name, scfg in samplers.items()}
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     pc = policy.config
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -199,15 +202,13 @@ def main(argv: list[str]) -> dict:
     ratios = {n: [] for n in names if n != "sequential"}
     refs = [n for n in names if n.startswith("sequential-")]  # other sequential references (e.g. jit)
     ratios_ref = {(n, r): [] for n in names if not n.startswith(("sequential", "baseline-")) for r in refs}
-    start = pc.executed_start
     draw_obs = observation_source(cfg, policy, gen)
 
-    def run(name: str, cond: torch.Tensor, noise) -> tuple[torch.Tensor, dict]:
-        """(executed action chunk (B, Ta, Da) in normalised units, info) of sampler ``name``."""
-        policy.sampler, policy._backend = built[name]
-        steps = policy.sampler.table.num_steps  # baselines take fewer steps: the first ones of the same draw
-        _, info = policy.sample_from_condition(cond, noise=SamplerNoise(noise.initial, noise.steps[:steps]))
-        return info["action_pred_normalized"][:, start : start + pc.n_action_steps], info
+    def run(name: str, cond: torch.Tensor, noise) -> PolicyOutput:
+        """Sampler ``name`` on conditioning ``cond`` with (the first steps of) ``noise``."""
+        network, sampler = built[name]
+        steps = sampler.table.num_steps  # baselines take fewer steps: the first ones of the same draw
+        return network.sample_from_condition(cond, noise=SamplerNoise(noise.initial, noise.steps[:steps]), sampler=sampler)
 
     def encode(obs) -> tuple[torch.Tensor, float]:
         sync()
@@ -217,7 +218,7 @@ def main(argv: list[str]) -> dict:
         sync()
         return cond, time.perf_counter() - t0
 
-    n_max = max(b[0].table.num_steps for b in built.values())
+    n_max = max(b[1].table.num_steps for b in built.values())
 
     def draw(batch: int):
         return draw_noise((batch, pc.horizon, pc.action_dim), n_max, gen).to(policy.device)
@@ -233,11 +234,12 @@ def main(argv: list[str]) -> dict:
         for name in order:
             sync()
             t0 = time.perf_counter()
-            chunks[name], info = run(name, cond, noise)
+            out = run(name, cond, noise)
             sync()
             times[name] = time.perf_counter() - t0
+            chunks[name] = out.actions_normalized
             if trial >= cfg.warmup:
-                st = info["stats"]
+                st = out.stats
                 lat[name].append(times[name] * 1e3)
                 rounds[name].append(st.rounds)
                 nfe[name].append(float(st.nfe.float().mean()))
@@ -252,15 +254,15 @@ def main(argv: list[str]) -> dict:
 
     if cfg.dev_samples > 0:
         cond, noise = encode(draw_obs(cfg.dev_samples))[0], draw(cfg.dev_samples)
-        ref = run("sequential", cond, noise)[0]
+        ref = run("sequential", cond, noise).actions_normalized
         for name in ratios:
             if not name.startswith("baseline-"):
-                devs[name].extend(_sample_dev(run(name, cond, noise)[0], ref))
+                devs[name].extend(_sample_dev(run(name, cond, noise).actions_normalized, ref))
 
     results = {}
     for name in names:
         results[name] = {
-            "settings": {**built[name][0].settings(), "backend": samplers[name].backend},
+            "settings": {**built[name][1].settings(), "backend": samplers[name].backend},
             "latency_ms": percentiles(lat[name]),
             "iterations": {"mean": float(np.mean(rounds[name])), "max": int(np.max(rounds[name]))},
             "nfe": {"mean": float(np.mean(nfe[name]))},
@@ -291,7 +293,7 @@ def main(argv: list[str]) -> dict:
         "torch_version": torch.__version__,
         "paradiffpolicy_version": __version__,
         "python": platform.python_version(),
-        "num_inference_steps": built["sequential"][0].table.num_steps,
+        "num_inference_steps": built["sequential"][1].table.num_steps,
         "observations": draw_obs.kind,
         "encoder_ms": percentiles(enc_ms),
         "features": [dataclasses.asdict(f) for f in policy.features],

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paradiffpolicy import SamplerConfig, load_policy  # noqa: E402
 from paradiffpolicy.config import from_dict  # noqa: E402
+from paradiffpolicy.control.agent import InferenceLog  # noqa: E402
 from paradiffpolicy.control.runner import PolicyRunner  # noqa: E402
 from paradiffpolicy.envs import TaskConfig, make_env  # noqa: E402
 from paradiffpolicy.runtime import versions  # noqa: E402
@@ -79,6 +80,7 @@ def main(argv: list[str]) -> dict:
                       warm_start=cfg.sampler.warm_start, inference_process=cfg.inference_process,
                       threads=cfg.threads) as runner:
         misses = 0
+        past = InferenceLog()  # calls of the finished episodes
         obs = env.reset(cfg.seed)
         runner.reset(obs, seed=cfg.seed)
         t0 = time.perf_counter()
@@ -99,11 +101,12 @@ def main(argv: list[str]) -> dict:
                     episodes += 1
                     successes += step.success
                     misses += runner.deadline_misses
+                    past.extend(runner.log)  # reset starts the next episode's log
                     obs = env.reset(cfg.seed + episodes)
                     runner.reset(obs, seed=cfg.seed + episodes)  # synchronous first chunk: restart the clock
                     start, tick = time.perf_counter(), 0
                 if cfg.interval_s > 0 and time.perf_counter() >= next_report:
-                    lat = runner.agent.log.latency_ms[seen_calls:]
+                    lat = (past.latency_ms + runner.log.latency_ms)[seen_calls:]
                     row = {"elapsed_s": round(time.perf_counter() - t0, 1), "ticks": total_ticks, "rss_mb": rss_mb(),
                            "worker_rss_mb": rss_mb(getattr(runner.agent, "pid", None)) if cfg.inference_process else None,
                            "calls": len(lat), "deadline_misses": misses + runner.deadline_misses - seen_misses,
@@ -113,12 +116,13 @@ def main(argv: list[str]) -> dict:
                     if series_path is not None:
                         with open(series_path, "a") as f:
                             f.write(json.dumps(row) + "\n")
-                    seen_calls, seen_misses = len(runner.agent.log.latency_ms), misses + runner.deadline_misses
+                    seen_calls, seen_misses = len(past.latency_ms) + len(runner.log.latency_ms), misses + runner.deadline_misses
                     next_report += cfg.interval_s
         except KeyboardInterrupt:
             print("interrupted; reporting what was measured", file=sys.stderr)
         misses += runner.deadline_misses
-        stats = runner.stats()
+        past.extend(runner.log)
+        stats = past.summary()
     report = {"seconds": round(time.perf_counter() - t0, 1), "ticks": total_ticks, "hz": cfg.task.control_hz,
               "deadline_misses": misses, "late_ticks": late,
               "episodes_finished": episodes, "successes": successes, "latency_ms": stats["latency_ms"],

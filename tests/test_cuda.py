@@ -33,32 +33,33 @@ def _inputs(policy, bsz=3):
 def test_every_sampler_gives_the_sequential_sample_on_cuda():
     policy = small_policy(SamplerConfig(name="sequential"))
     obs, noise = _inputs(policy)
-    cpu, _ = policy.predict_action(obs, noise=noise)
+    cpu = policy.predict_action(obs, noise=noise).actions
     policy.to("cuda")
     noise = policy.draw_noise(3, torch.Generator().manual_seed(1))  # drawn on the CPU: the same noise
     assert noise.initial.is_cuda
-    ref, _ = policy.predict_action(obs, noise=noise)
+    ref = policy.predict_action(obs, noise=noise).actions
     assert ref.is_cuda
     assert (ref.cpu() - cpu).abs().max() < 1e-3  # other kernels, same sample
     for sampler in VARIANTS:
         policy.set_sampler(sampler)
-        x, info = policy.predict_action(obs, noise=noise)
+        info = policy.predict_action(obs, noise=noise)
+        x = info.actions
         assert (x - ref).abs().max() < 1e-4, sampler
-        assert bool(info["stats"].converged.all())
+        assert bool(info.stats.converged.all())
 
 
 def test_warm_started_tick_stays_exact_on_cuda():
     policy = small_policy(SamplerConfig(name="picard", window=8, tol=0.0)).to("cuda")
     obs, _ = _inputs(policy)
     noise = policy.draw_noise(3, torch.Generator().manual_seed(1))
-    _, info = policy.predict_action(obs, noise=noise, return_states=True)
+    info = policy.predict_action(obs, noise=noise, return_trajectory=True)
     shift = policy.config.n_action_steps
     nxt = noise.shifted(shift, policy.draw_noise(3, torch.Generator().manual_seed(2)))
-    warm = WarmStart.from_previous(info["stats"].extra["states"], shift, info["stats"].extra["x0"])
+    warm = WarmStart.from_previous(info.trajectory, shift)
     obs2 = obs + 0.1
-    x, _ = policy.predict_action(obs2, noise=nxt, warm_start=warm)
+    x = policy.predict_action(obs2, noise=nxt, warm_start=warm).actions
     policy.set_sampler(SamplerConfig(name="sequential"))
-    ref, _ = policy.predict_action(obs2, noise=nxt)
+    ref = policy.predict_action(obs2, noise=nxt).actions
     assert (x - ref).abs().max() < 1e-4
 
 
@@ -81,7 +82,7 @@ def test_training_on_cuda_exports_a_cpu_loadable_checkpoint(tmp_path):
     trainer.train()
     policy = load_policy(tmp_path / "ck")
     assert policy.metadata["train"]["device"].startswith("cuda")
-    actions, _ = policy.predict_action(torch.from_numpy(np.asarray(buf["obs"][:2]))[None])
+    actions = policy.predict_action(torch.from_numpy(np.asarray(buf["obs"][:2]))[None]).actions
     assert actions.shape == (1, 8, 7) and torch.isfinite(actions).all()
     # resume on the GPU continues from the saved step
     cfg.steps = 6

@@ -103,7 +103,7 @@ def test_collect_train_load_end_to_end(tmp_path):
     assert log[-1]["step"] == 6 and np.isfinite(log[-1]["loss"])
     policy = load_policy(tmp_path / "ck")
     assert policy.metadata["dataset"]["episodes"] == 2
-    actions, _ = policy.predict_action(torch.from_numpy(buf["obs"][:2][None]))
+    actions = policy.predict_action(torch.from_numpy(buf["obs"][:2][None])).actions
     assert actions.shape == (1, 8, 7)
     # resume continues from the saved step with the same weights
     cfg.steps = 8

@@ -17,7 +17,7 @@ def _setup(name, steps, batch=3, seed=0, strength=1.0):
     model = ToyDenoiser(strength=strength)
     noise = draw_noise((batch, 8, 3), steps, torch.Generator().manual_seed(seed))
     cond = torch.randn(batch, 4, generator=torch.Generator().manual_seed(seed + 1))
-    ref, _ = SequentialSampler(table).sample(model, noise, cond)
+    ref = SequentialSampler(table).sample(model, noise, cond).sample
     return table, model, noise, cond, ref
 
 
@@ -25,7 +25,8 @@ def _setup(name, steps, batch=3, seed=0, strength=1.0):
 @pytest.mark.parametrize("init", ["rollout", "copy"])
 def test_window_one_is_sequential(name, steps, init):
     table, model, noise, cond, ref = _setup(name, steps)
-    x, stats = PicardSampler(table, window=1, tol=0.5, init=init).sample(model, noise, cond)
+    out = PicardSampler(table, window=1, tol=0.5, init=init).sample(model, noise, cond)
+    x, stats = out.sample, out.stats
     assert (x - ref).abs().max() < 1e-5
     assert stats.rounds == steps and bool(stats.converged.all())
 
@@ -34,7 +35,8 @@ def test_window_one_is_sequential(name, steps, init):
 @pytest.mark.parametrize("window", [2, 5, 16, 200])
 def test_zero_tolerance_is_sequential_for_any_window(name, steps, window):
     table, model, noise, cond, ref = _setup(name, steps)
-    x, stats = PicardSampler(table, window=window, tol=0.0).sample(model, noise, cond)
+    out = PicardSampler(table, window=window, tol=0.0).sample(model, noise, cond)
+    x, stats = out.sample, out.stats
     assert (x - ref).abs().max() < 1e-4
     assert stats.rounds <= steps and bool(stats.converged.all())
 
@@ -43,7 +45,8 @@ def test_zero_tolerance_is_sequential_for_any_window(name, steps, window):
 @pytest.mark.parametrize("init", ["rollout", "copy"])
 def test_tolerance_gives_fewer_rounds_and_small_deviation(name, steps, tol, init):
     table, model, noise, cond, ref = _setup(name, steps)
-    x, stats = PicardSampler(table, window=16, tol=tol, init=init).sample(model, noise, cond)
+    out = PicardSampler(table, window=16, tol=tol, init=init).sample(model, noise, cond)
+    x, stats = out.sample, out.stats
     assert stats.rounds < steps
     assert (x - ref).abs().max() < 2e-2
     assert bool(stats.converged.all())
@@ -56,10 +59,12 @@ def test_anderson_keeps_the_sequential_fixed_point(name, steps, memory):
     """Anderson-accelerated Picard: exact at tol=0 (any window), never more than N iterations,
     and within tolerance of the sequential sample at the default τ."""
     table, model, noise, cond, ref = _setup(name, steps, strength=2.0)
-    x, stats = PicardSampler(table, window=8, tol=0.0, anderson=memory).sample(model, noise, cond)
+    out = PicardSampler(table, window=8, tol=0.0, anderson=memory).sample(model, noise, cond)
+    x, stats = out.sample, out.stats
     assert (x - ref).abs().max() < 1e-4 and stats.rounds <= steps and bool(stats.converged.all())
     tol = 0.1 if name == "ddpm" else 1e-3
-    x, stats = PicardSampler(table, window=16, tol=tol, anderson=memory).sample(model, noise, cond)
+    out = PicardSampler(table, window=16, tol=tol, anderson=memory).sample(model, noise, cond)
+    x, stats = out.sample, out.stats
     assert (x - ref).abs().max() < 2e-2 and bool(stats.converged.all())
 
 
@@ -67,7 +72,8 @@ def test_smaller_tolerance_tracks_sequential_more_closely():
     table, model, noise, cond, ref = _setup("ddpm", 100, strength=2.0)
     devs, rounds = [], []
     for tol in (0.3, 0.03, 0.003):
-        x, stats = PicardSampler(table, window=16, tol=tol).sample(model, noise, cond)
+        out = PicardSampler(table, window=16, tol=tol).sample(model, noise, cond)
+        x, stats = out.sample, out.stats
         devs.append(float((x - ref).abs().max()))
         rounds.append(stats.rounds)
     assert devs[0] > devs[1] > devs[2]
@@ -93,12 +99,15 @@ def test_rows_converge_independently():
 
     noise = draw_noise((1, 8, 3), 100, torch.Generator().manual_seed(3))
     sampler = PicardSampler(table, window=16, tol=0.05)
-    x_easy, s_easy = sampler.sample(easy, noise)
-    x_hard, s_hard = sampler.sample(hard, noise)
+    out = sampler.sample(easy, noise)
+    x_easy, s_easy = out.sample, out.stats
+    out = sampler.sample(hard, noise)
+    x_hard, s_hard = out.sample, out.stats
     assert s_easy.rounds < s_hard.rounds
 
     both = type(noise)(noise.initial.repeat(2, 1, 1), noise.steps.repeat(1, 2, 1, 1))
-    x, stats = sampler.sample(routed, both, torch.tensor([[-1.0], [1.0]]))
+    out = sampler.sample(routed, both, torch.tensor([[-1.0], [1.0]]))
+    x, stats = out.sample, out.stats
     assert stats.iterations.tolist() == [s_easy.rounds, s_hard.rounds]
     assert stats.rounds == s_hard.rounds
     assert torch.allclose(x[0], x_easy[0], atol=1e-5) and torch.allclose(x[1], x_hard[0], atol=1e-5)
@@ -123,14 +132,15 @@ def test_fixed_shape_windows_give_the_same_result(anderson):
 
     noise = draw_noise((2, 8, 3), 100, torch.Generator().manual_seed(3))
     cond = torch.tensor([[-1.0], [1.0]])
-    ref, _ = SequentialSampler(table).sample(routed, noise, cond)
-    _, first = PicardSampler(table, window=16, tol=0.0).sample(routed, noise, cond + 0.1, return_states=True)
-    for warm in (None, WarmStart.from_previous(first.extra["states"], 3, first.extra["x0"])):
+    ref = SequentialSampler(table).sample(routed, noise, cond).sample
+    first = PicardSampler(table, window=16, tol=0.0).sample(routed, noise, cond + 0.1, return_trajectory=True)
+    for warm in (None, WarmStart.from_previous(first.trajectory, 3)):
         runs = {}
         for fixed in (False, True):
             shapes.clear()
             sampler = PicardSampler(table, window=16, tol=0.05, anderson=anderson, fixed_shape=fixed)
-            runs[fixed] = (*sampler.sample(routed, noise, cond, warm_start=warm), set(shapes))
+            out = sampler.sample(routed, noise, cond, warm_start=warm)
+            runs[fixed] = (out.sample, out.stats, set(shapes))
         (x, st, seen), (xf, stf, seen_f) = runs[False], runs[True]
         assert seen_f == {(32, 8, 3)} and len(seen) > 1  # one shape only with fixed_shape
         assert torch.allclose(xf, x, atol=1e-6) and (xf - ref).abs().max() < 0.05
@@ -141,7 +151,8 @@ def test_fixed_shape_windows_give_the_same_result(anderson):
 
 def test_max_iters_returns_estimate_flagged_unconverged():
     table, model, noise, cond, ref = _setup("ddpm", 100, strength=3.0)
-    x, stats = PicardSampler(table, window=8, tol=1e-4, max_iters=5).sample(model, noise, cond)
+    out = PicardSampler(table, window=8, tol=1e-4, max_iters=5).sample(model, noise, cond)
+    x, stats = out.sample, out.stats
     assert stats.rounds == 5
     assert not bool(stats.converged.any())
     assert torch.isfinite(x).all()
@@ -182,7 +193,8 @@ def test_noise_with_wrong_step_count_is_rejected():
 )
 def test_property_tiny_tolerance_matches_sequential(name, steps, window, tol, batch, seed, init):
     table, model, noise, cond, ref = _setup(name, steps, batch=batch, seed=seed)
-    x, stats = PicardSampler(table, window=window, tol=tol, init=init).sample(model, noise, cond)
+    out = PicardSampler(table, window=window, tol=tol, init=init).sample(model, noise, cond)
+    x, stats = out.sample, out.stats
     assert (x - ref).abs().max() < 1e-4
     assert stats.rounds <= steps
     assert bool(stats.converged.all())
@@ -192,7 +204,8 @@ def test_property_tiny_tolerance_matches_sequential(name, steps, window, tol, ba
 @given(steps=st.integers(5, 60), window=st.integers(2, 32), tol=st.floats(0.01, 0.5), seed=st.integers(0, 100))
 def test_property_rounds_bounded_and_result_finite(steps, window, tol, seed):
     table, model, noise, cond, ref = _setup("ddpm", steps, seed=seed)
-    x, stats = PicardSampler(table, window=window, tol=tol).sample(model, noise, cond)
+    out = PicardSampler(table, window=window, tol=tol).sample(model, noise, cond)
+    x, stats = out.sample, out.stats
     assert stats.rounds <= steps
     assert (stats.nfe <= stats.iterations * min(window, steps)).all()
     assert torch.isfinite(x).all() and (x - ref).abs().max() < 0.5
@@ -202,21 +215,23 @@ def test_property_rounds_bounded_and_result_finite(steps, window, tol, seed):
 def test_warm_start_changes_iterations_not_the_sample(name, steps):
     """Any warm start (here: the converged trajectory for another observation, time-shifted, and
     pure garbage) leaves the fixed point — the sequential sample — unchanged."""
-    from paradiffpolicy.sampling import WarmStart
+    from paradiffpolicy.sampling import Trajectory, WarmStart
 
     table, model, noise, cond, ref = _setup(name, steps, batch=2)
-    _, first = PicardSampler(table, window=8, tol=0.0).sample(model, noise, cond + 0.3, return_states=True)
-    states = first.extra["states"]
-    assert states.shape == (2, steps + 1, 8, 3)
+    first = PicardSampler(table, window=8, tol=0.0).sample(model, noise, cond + 0.3, return_trajectory=True)
+    states = first.trajectory.states
+    assert states.shape == (2, steps + 1, 8, 3) and first.trajectory.x0.shape == states.shape
     garbage = torch.randn_like(states) * 5
-    for warm in (WarmStart(states, torch.ones(8, dtype=torch.bool)), WarmStart.from_previous(states, 3),
-                 WarmStart.from_previous(states, 3, first.extra["x0"]),
+    for warm in (WarmStart(states, torch.ones(8, dtype=torch.bool)), WarmStart.from_previous(Trajectory(states), 3),
+                 WarmStart.from_previous(first.trajectory, 3),
                  WarmStart(garbage, torch.ones(8, dtype=torch.bool))):
-        x, stats = PicardSampler(table, window=8, tol=0.0).sample(model, noise, cond, warm_start=warm)
+        out = PicardSampler(table, window=8, tol=0.0).sample(model, noise, cond, warm_start=warm)
+        x, stats = out.sample, out.stats
         assert (x - ref).abs().max() < 1e-4 and bool(stats.converged.all())
     # the same observation's own trajectory is a perfect guess: one pass over the windows suffices
-    own = PicardSampler(table, window=8, tol=0.0).sample(model, noise, cond, return_states=True)[1].extra["states"]
-    x, stats = PicardSampler(table, window=8, tol=1e-3).sample(model, noise, cond, warm_start=WarmStart(own, torch.ones(8, dtype=torch.bool)))
+    own = PicardSampler(table, window=8, tol=0.0).sample(model, noise, cond, return_trajectory=True).trajectory.states
+    out = PicardSampler(table, window=8, tol=1e-3).sample(model, noise, cond, warm_start=WarmStart(own, torch.ones(8, dtype=torch.bool)))
+    x, stats = out.sample, out.stats
     assert stats.rounds <= -(-steps // 8) + 1 and (x - ref).abs().max() < 1e-4
 
 

@@ -88,7 +88,8 @@ def test_sequential_trajectory_matches_diffusers(case):
     table = make_step_table(cfg)
     model = ToyDenoiser(horizon=8, action_dim=3)
     noise = draw_noise((3, 8, 3), table.num_steps, torch.Generator().manual_seed(7))
-    ours, stats = SequentialSampler(table).sample(model, noise)
+    out = SequentialSampler(table).sample(model, noise)
+    ours, stats = out.sample, out.stats
     x = noise.initial.clone()
     for k, t in enumerate(ref.timesteps):
         out = model(x, torch.full((3,), int(t)))

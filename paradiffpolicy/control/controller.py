@@ -1,20 +1,25 @@
-"""Closed-loop episode runners.
+"""Closed-loop episodes.
 
 * ``fast``: call the policy, execute ``Ta`` actions, repeat — as fast as the machine allows
-  (Diffusion Policy's simulation eval).
-* ``realtime``: one environment step per tick of the task's control clock, on the wall clock,
-  through :class:`~paradiffpolicy.control.runner.PolicyRunner` (background inference, latency
-  matching, deadline misses counted). Ticks that start late are counted as ``late_ticks``.
+  (Diffusion Policy's simulation eval); :func:`run_vector` does the same over several environments
+  in lockstep with one batched policy call.
+* ``realtime``: one environment step per tick of the task's control clock, through
+  :class:`~paradiffpolicy.control.runner.PolicyRunner` (background inference, latency matching,
+  deadline misses counted). Ticks that start late are counted as ``late_ticks``.
+
+All three share :class:`Episode`: the bookkeeping of one episode (steps, rewards, success, the
+failure reason of an environment or policy fault, wall time, achieved rate).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 
-from paradiffpolicy.control.agent import InferenceLog, PolicyAgent, infer_batch
+from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
 from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs.base import PolicyEnv
 
@@ -29,11 +34,14 @@ class ControllerConfig:
     # realtime only: run the policy in a worker process (see control/worker.py), not a thread
     inference_process: bool = False
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        """Validate once, at construction; ``ValueError`` names the offending key."""
         if self.mode not in MODES:
             raise ValueError(f"controller.mode={self.mode!r} is unknown; expected one of {MODES}")
         if self.hz < 0:
             raise ValueError(f"controller.hz={self.hz} must be >= 0 (0 = the task's rate)")
+        if self.late_tolerance < 0:
+            raise ValueError(f"controller.late_tolerance={self.late_tolerance} must be >= 0")
         if self.inference_process and self.mode != "realtime":
             raise ValueError("controller.inference_process=true needs controller.mode=realtime")
 
@@ -54,15 +62,6 @@ class EpisodeResult:
     inference: InferenceLog = field(default_factory=InferenceLog)
     frames: list = field(default_factory=list)
 
-    def record(self, step) -> None:
-        """Account one environment step (a StepResult)."""
-        self.length += 1
-        self.sum_reward += step.reward
-        self.max_reward = max(self.max_reward, step.reward)
-        self.success = self.success or step.success
-        if "coverage" in step.info:
-            self.max_coverage = max(self.max_coverage or 0.0, float(step.info["coverage"]))
-
     def to_json(self) -> dict:
         return {
             "seed": self.seed, "success": self.success, "sum_reward": self.sum_reward, "max_reward": self.max_reward,
@@ -73,135 +72,161 @@ class EpisodeResult:
         }
 
 
-class EpisodeRunner:
-    def __init__(self, env: PolicyEnv, agent: PolicyAgent, cfg: ControllerConfig, hold: str, record_video: bool = False):
-        cfg.validate()
-        self.env, self.agent, self.cfg, self.hold = env, agent, cfg, hold
-        self.record_video = record_video
-        self.hz = cfg.hz or env.control_hz
+@dataclass
+class Clock:
+    """Where the realtime loop reads the time and waits (the wall clock; tests pass a fake one)."""
 
-    def run(self, seed: int) -> EpisodeResult:
-        res = EpisodeResult(seed=seed)
-        self.agent.log = res.inference
-        t0 = time.perf_counter()
-        try:
-            self._obs = self.env.reset(seed)
-            if self.cfg.mode == "fast":
-                self.agent.reset(self._obs, seed)
-                self._fast(res)
-            else:
-                self._realtime(res)
-            if res.failure_reason is None and not res.success:
-                res.failure_reason = "time limit"
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # noqa: BLE001 - an env or policy fault ends this episode only
-            res.failure_reason = f"{type(e).__name__}: {e}"
-            res.success = False
-        res.wall_s = time.perf_counter() - t0
-        if not res.achieved_hz:  # fast mode: steps per second of the whole episode
-            res.achieved_hz = res.length / res.wall_s if res.wall_s > 0 else 0.0
-        return res
+    now: Callable[[], float] = time.perf_counter
+    sleep: Callable[[float], None] = time.sleep
 
-    def _step(self, res: EpisodeResult, action: np.ndarray) -> bool:
+
+class Episode:
+    """One episode's bookkeeping, shared by every runner. ``start`` resets the environment; each
+    ``step`` records the reward, success and (optionally) a video frame; a fault inside
+    ``with episode.guard():`` ends the episode with its reason; ``finish`` returns the result."""
+
+    def __init__(self, env: PolicyEnv, seed: int, record_video: bool = False, clock: Clock | None = None):
+        self.env, self.record_video = env, record_video
+        self.clock = clock or Clock()
+        self.result = EpisodeResult(seed=seed)
+        self.obs = None
+        self.done = False
+        self._t0 = self.clock.now()
+
+    def start(self):
+        self.obs = self.env.reset(self.result.seed)
+        return self.obs
+
+    def step(self, action: np.ndarray) -> bool:
+        """Execute one action; returns whether the episode is over (success or time limit)."""
         step = self.env.step(action)
-        res.record(step)
-        self._obs = step.obs
-        if self.cfg.mode == "fast":
-            self.agent.observe(step.obs)
+        res = self.result
+        res.length += 1
+        res.sum_reward += step.reward
+        res.max_reward = max(res.max_reward, step.reward)
+        res.success = res.success or step.success
+        if "coverage" in step.info:
+            res.max_coverage = max(res.max_coverage or 0.0, float(step.info["coverage"]))
+        self.obs = step.obs
         if self.record_video:
             frame = self.env.render()
             if frame is not None:
                 res.frames.append(frame)
+        self.done = step.done
         return step.done
 
-    def _fast(self, res: EpisodeResult) -> None:
-        ta = self.agent.policy.config.n_action_steps
-        while True:
-            chunk = self.agent.infer(res.length)
+    def guard(self) -> "_Guard":
+        return _Guard(self)
+
+    def finish(self, inference: InferenceLog | None = None, achieved_hz: float | None = None) -> EpisodeResult:
+        """Close the books: wall time, rate (default: steps per second of the whole episode), the
+        failure reason of an unsuccessful episode without a fault (``time limit``)."""
+        res = self.result
+        self.done = True
+        res.wall_s = self.clock.now() - self._t0
+        res.achieved_hz = achieved_hz if achieved_hz is not None else (res.length / res.wall_s if res.wall_s > 0 else 0.0)
+        if inference is not None:
+            res.inference = inference
+        if res.failure_reason is None and not res.success:
+            res.failure_reason = "time limit"
+        return res
+
+
+class _Guard:
+    """An environment or policy fault ends this episode only, with its reason recorded."""
+
+    def __init__(self, episode: Episode):
+        self.episode = episode
+
+    def __enter__(self) -> Episode:
+        return self.episode
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is None or not issubclass(kind, Exception):
+            return False  # KeyboardInterrupt / SystemExit go on
+        self.episode.result.failure_reason = f"{kind.__name__}: {exc}"
+        self.episode.result.success = False
+        self.episode.done = True
+        return True
+
+
+def run_fast(env: PolicyEnv, agent: PolicyAgent, seed: int, record_video: bool = False) -> EpisodeResult:
+    """Infer a chunk, execute its ``Ta`` actions, repeat, until the episode ends."""
+    ep = Episode(env, seed, record_video)
+    ta = agent.policy.config.n_action_steps
+    with ep.guard():
+        agent.reset(ep.start(), seed)
+        while not ep.done:
+            chunk = agent.infer(ep.result.length)
             for j in range(ta):
-                if self._step(res, chunk.actions[j]):
-                    return
-
-    def _realtime(self, res: EpisodeResult) -> None:
-        period = 1.0 / self.hz
-        runner = PolicyRunner(self.agent, self.hz, self.hold)
-        try:
-            runner.reset(self._obs, res.seed)  # the first chunk is computed before the clock starts
-            start = time.perf_counter()
-            obs = self._obs
-            while True:
-                due = start + runner.tick * period
-                now = time.perf_counter()
-                if now < due:
-                    time.sleep(due - now)
-                elif now - due > self.cfg.late_tolerance * period:
-                    res.late_ticks += 1
-                action = runner.step(obs)
-                done = self._step(res, action)
-                obs = self._obs
-                res.achieved_hz = runner.tick / (time.perf_counter() - start)  # the paced loop only
-                if done:
+                if ep.step(chunk.actions[j]):
                     break
-        finally:
-            runner.close()
-            res.deadline_misses = runner.deadline_misses
+                agent.observe(ep.obs)
+    return ep.finish(agent.log)
 
 
-class VectorRunner:
-    """``fast`` mode over several environments in lockstep with one batched policy call per chunk
-    (throughput for success-rate evaluation; the latencies it records are batched calls)."""
+def run_realtime(env: PolicyEnv, runner: PolicyRunner, seed: int, hz: float, late_tolerance: float = 0.5,
+                 record_video: bool = False, clock: Clock | None = None) -> EpisodeResult:
+    """One environment step per tick at ``hz`` on ``clock``, the action from ``runner.step``. The
+    first chunk is computed before the clock starts. ``achieved_hz`` is the paced loop's rate."""
+    ep = Episode(env, seed, record_video, clock)
+    period = 1.0 / hz
+    achieved = 0.0
+    with ep.guard():
+        runner.reset(ep.start(), seed)
+        start = ep.clock.now()
+        while not ep.done:
+            due = start + runner.tick * period
+            now = ep.clock.now()
+            if now < due:
+                ep.clock.sleep(due - now)
+            elif now - due > late_tolerance * period:
+                ep.result.late_ticks += 1
+            ep.step(runner.step(ep.obs))
+            elapsed = ep.clock.now() - start
+            achieved = runner.tick / elapsed if elapsed > 0 else 0.0
+    ep.result.deadline_misses = runner.deadline_misses
+    log = runner.log
+    runner.reset()  # waits for a call still running; ready for the next episode
+    return ep.finish(log, achieved)
 
-    def __init__(self, envs: list[PolicyEnv], agents: list[PolicyAgent]):
-        self.envs, self.agents = envs, agents
 
-    def run(self, seeds: list[int]):
-        """Yield each EpisodeResult as its episode ends (in completion order)."""
-        queue = list(seeds)
-        slots: list[tuple[EpisodeResult, float] | None] = [None] * len(self.envs)
+def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int]) -> Iterator[EpisodeResult]:
+    """``fast`` mode over several environments in lockstep, one batched policy call per chunk
+    (throughput for success-rate evaluation; the latencies recorded are the batched calls').
+    Yields each EpisodeResult as its episode ends (in completion order)."""
+    queue = list(seeds)
+    slots: list[Episode | None] = [None] * len(envs)
+    finished: list[EpisodeResult] = []
+    ta = agents[0].policy.config.n_action_steps
 
-        def start(i: int) -> None:
-            while queue:
-                res = EpisodeResult(seed=queue.pop(0))
-                self.agents[i].log = res.inference
-                try:
-                    self.agents[i].reset(self.envs[i].reset(res.seed), res.seed)
-                    slots[i] = (res, time.perf_counter())
-                    return
-                except Exception as e:  # noqa: BLE001
-                    res.failure_reason = f"{type(e).__name__}: {e}"
-                    finished.append(res)
-            slots[i] = None
+    def start(i: int) -> None:
+        while queue:
+            ep = Episode(envs[i], queue.pop(0))
+            with ep.guard():
+                agents[i].reset(ep.start(), ep.result.seed)
+            if not ep.done:
+                slots[i] = ep
+                return
+            finished.append(ep.finish(agents[i].log))
+        slots[i] = None
 
-        finished: list[EpisodeResult] = []
-        for i in range(len(self.envs)):
-            start(i)
-        ta = self.agents[0].policy.config.n_action_steps
-        while any(slots) or finished:
-            yield from finished
-            finished.clear()
-            active = [i for i, s in enumerate(slots) if s is not None]
-            if not active:
-                break
-            chunks = infer_batch([self.agents[i] for i in active], [slots[i][0].length for i in active])
-            for i, chunk in zip(active, chunks):
-                res, t0 = slots[i]
-                done = False
-                try:
-                    for j in range(ta):
-                        step = self.envs[i].step(chunk.actions[j])
-                        res.record(step)
-                        self.agents[i].observe(step.obs)
-                        if step.done:
-                            done = True
-                            break
-                except Exception as e:  # noqa: BLE001 - an env fault ends this episode only
-                    res.failure_reason = f"{type(e).__name__}: {e}"
-                    done = True
-                if done:
-                    if res.failure_reason is None and not res.success:
-                        res.failure_reason = "time limit"
-                    res.wall_s = time.perf_counter() - t0
-                    res.achieved_hz = res.length / res.wall_s
-                    finished.append(res)
-                    start(i)
+    for i in range(len(envs)):
+        start(i)
+    while any(slots) or finished:
+        yield from finished
+        finished.clear()
+        active = [i for i, ep in enumerate(slots) if ep is not None]
+        if not active:
+            break
+        chunks = PolicyAgent.infer_together([agents[i] for i in active], [slots[i].result.length for i in active])
+        for i, chunk in zip(active, chunks):
+            ep = slots[i]
+            with ep.guard():
+                for j in range(ta):
+                    if ep.step(chunk.actions[j]):
+                        break
+                    agents[i].observe(ep.obs)
+            if ep.done:
+                finished.append(ep.finish(agents[i].log))
+                start(i)

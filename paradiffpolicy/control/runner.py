@@ -7,30 +7,32 @@
         obs = robot.apply(action)
     runner.close()
 
-Inference of the next chunk runs in a background thread, started ``lead`` ticks before the current
-chunk's ``Ta`` actions run out (``lead`` from the measured p95 latency). A chunk predicted from the
-observation at tick ``s`` holds the action for tick ``s + j``; actions whose tick has passed are
-dropped (latency matching). While the next chunk is late, the current chunk's remaining actions
-(up to its horizon) are used; after that the hold action is sent and a deadline miss counted.
-``budget_s`` caps each Picard call: past it the sampler returns its current estimate (counted in
-``budget_hits``). Everything is reported by :meth:`stats`.
+``step`` runs inference of the next chunk in a background thread, started ``lead`` ticks before
+the current chunk's ``Ta`` actions run out (``lead`` from the measured p95 latency). A chunk
+predicted from the observation at tick ``s`` holds the action for tick ``s + j``; actions whose
+tick has passed are dropped (latency matching). While the next chunk is late, the current chunk's
+remaining actions (up to its horizon) are used; after that the hold action is sent and a deadline
+miss counted. ``budget_s`` caps each Picard call: past it the sampler returns its current estimate
+(counted in ``budget_hits``). Everything is reported by :meth:`stats`.
+
+``act`` is the synchronous alternative (LeRobot's ``select_action``): no thread; when the chunk's
+``Ta`` actions are used up, the call infers the next chunk from this tick's observation and blocks.
 
 ``inference_process=True`` runs the policy in a separate worker process
 (:class:`~paradiffpolicy.control.worker.ProcessAgent`, ``threads`` torch threads) instead of a
-thread of yours: on a small CPU the inference then does not queue for the GIL behind your loop's
-Python code. The background thread stays; it only waits on the worker.
+thread of yours, so the inference does not queue for the GIL behind your loop's Python code.
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
 from paradiffpolicy.control.agent import Chunk, PolicyAgent
 from paradiffpolicy.control.worker import ProcessAgent
-from paradiffpolicy.policy import DiffusionPolicy
+from paradiffpolicy.policy import DiffusionPolicy, Sampler
 
 HOLDS = ("zero_motion", "repeat")
 
@@ -46,60 +48,103 @@ def hold_action(last: np.ndarray, kind: str) -> np.ndarray:
 
 
 class PolicyRunner:
-    def __init__(self, policy: DiffusionPolicy | PolicyAgent, hz: float, hold: str = "zero_motion",
-                 budget_s: float | None = None, warm_start: bool = False, inference_process: bool = False,
-                 threads: int = 1):
-        if hz <= 0:
-            raise ValueError(f"hz={hz} must be > 0")
+    """Args:
+        policy: the policy.
+        hz: the control rate (``step`` paces background inference by it; ``act`` needs none).
+        hold: ``"zero_motion"`` (delta actions) or ``"repeat"`` (absolute targets); see
+            :func:`hold_action`.
+        sampler: the sampler of every call (``policy.make_sampler(...)``); default the policy's.
+        reference: a sampler run after every call on the same input (deviation and latency ratio
+            in :meth:`stats`; in-process only).
+        warm_start, budget_s: see :class:`~paradiffpolicy.control.agent.PolicyAgent`.
+        inference_process, threads: run inference in a worker process with ``threads`` threads.
+    """
+
+    def __init__(self, policy: DiffusionPolicy, hz: float | None = None, hold: str = "zero_motion", *,
+                 sampler: Sampler | None = None, reference: Sampler | None = None, warm_start: bool = False,
+                 budget_s: float | None = None, inference_process: bool = False, threads: int = 1):
+        if hz is not None and not hz > 0:
+            raise ValueError(f"hz={hz} must be > 0 (or None for act() only)")
         if hold not in HOLDS:
             raise ValueError(f"hold={hold!r} must be one of {HOLDS}")
-        if budget_s is not None and budget_s <= 0:
-            raise ValueError(f"budget_s={budget_s} must be > 0 or None")
-        self._owns_agent = not isinstance(policy, PolicyAgent)
-        if isinstance(policy, PolicyAgent):
-            self.agent = policy
-            if budget_s is not None:
-                if isinstance(policy, ProcessAgent) and policy.budget_s != budget_s:
-                    raise ValueError(f"budget_s={budget_s}: a ProcessAgent's budget is fixed when it starts ({policy.budget_s})")
-                self.agent.budget_s = budget_s
-        elif inference_process:
-            self.agent = ProcessAgent(policy, warm_start=warm_start, budget_s=budget_s, threads=threads)
+        if inference_process:
+            if reference is not None or sampler is not None:
+                raise ValueError("inference_process=True runs the policy's own sampler; sampler= and reference= need it off")
+            self.agent: PolicyAgent = ProcessAgent(policy, warm_start=warm_start, budget_s=budget_s, threads=threads)
         else:
-            self.agent = PolicyAgent(policy, warm_start=warm_start, budget_s=budget_s)
-        self.period = 1.0 / hz
+            self.agent = PolicyAgent(policy, sampler=sampler, reference=reference, warm_start=warm_start, budget_s=budget_s)
+        self.period = None if hz is None else 1.0 / hz
         self.hold = hold
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-inference")
+        self._pool: ThreadPoolExecutor | None = None  # started by the first background call
         self._pending: Future | None = None
         self._chunk: Chunk | None = None
+        self._seed: int | None = None  # set by reset(); the episode starts at the first observation
+        self._closed = False
         self.tick = 0
         self.deadline_misses = 0
         self._last: np.ndarray | None = None
 
-    def reset(self, obs: np.ndarray, seed: int = 0) -> None:
-        """Start an episode: compute the first chunk synchronously from ``obs``."""
-        obs = self._check_obs(obs)
+    @property
+    def log(self):
+        """This episode's per-call statistics (:class:`~paradiffpolicy.control.agent.InferenceLog`)."""
+        return self.agent.log
+
+    def reset(self, obs=None, seed: int = 0) -> None:
+        """Start an episode with noise stream ``seed``. With ``obs``, the first chunk is computed
+        now (before your clock starts); without, at the first ``step``/``act``."""
+        self._check_open()
         self._drain()  # no inference is running past this point
-        self.agent.reset(obs, seed)
+        self._seed, self._chunk = seed, None
         self.tick = 0
         self.deadline_misses = 0
+        if obs is not None:
+            self._begin(obs)
+
+    def _begin(self, obs) -> None:
+        self.agent.reset(obs, self._seed)
         self._chunk = self.agent.infer(0)
         self._last = self._chunk.actions[0]
 
-    def step(self, obs: np.ndarray) -> np.ndarray:
-        """The action for this tick, given this tick's observation (after the first call, which
-        is ``reset``'s observation and needs no ``step`` observation, use the newest one)."""
+    def _observe(self, obs) -> None:
+        """This tick's observation: the episode's first (blocking first call), or the newest one
+        (tick 0's observation is the one the episode began with)."""
+        self._check_open()
+        if self._seed is None:
+            raise RuntimeError("call reset() before step(obs) or act(obs)")
         if self._chunk is None:
-            raise RuntimeError("call reset(obs) before step(obs)")
-        obs = self._check_obs(obs)
-        if self.tick > 0:  # tick 0's observation is reset()'s
+            self._begin(obs)
+        elif self.tick > 0:
             self.agent.observe(obs)
+        else:
+            self.agent.policy.check_step(obs)  # checked all the same: a bad one raises here
+
+    def step(self, obs) -> np.ndarray:
+        """The action for this tick, given this tick's observation; the next chunk is inferred in
+        the background (see the module docstring)."""
+        if self.period is None:
+            raise RuntimeError("step() paces background inference by the control rate: construct PolicyRunner(policy, hz=...) "
+                               "or call act(obs)")
+        self._observe(obs)
         if self._pending is not None and self._pending.done():
             self._chunk, self._pending = self._pending.result(), None  # re-raises inference errors
         ta = self.agent.policy.config.n_action_steps
         lat = self.agent.log.latency_ms
         lead = math.ceil(np.percentile(lat, 95) / 1e3 / self.period) + 1 if lat else ta // 2
         if self._pending is None and self.tick >= self._chunk.obs_tick + max(0, ta - lead):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-inference")
             self._pending = self._pool.submit(self.agent.infer, self.tick, self.agent.snapshot())
+        return self._emit()
+
+    def act(self, obs) -> np.ndarray:
+        """The action for this tick, synchronously: when the current chunk's ``Ta`` actions are
+        used up, infer the next chunk from this observation (blocking)."""
+        self._observe(obs)
+        if self.tick - self._chunk.obs_tick >= self.agent.policy.config.n_action_steps:
+            self._chunk = self.agent.infer(self.tick)
+        return self._emit()
+
+    def _emit(self) -> np.ndarray:
         off = self.tick - self._chunk.obs_tick
         if off < len(self._chunk.actions):
             action = self._chunk.actions[off]
@@ -110,30 +155,30 @@ class PolicyRunner:
         self.tick += 1
         return action
 
-    def _check_obs(self, obs):
-        """Reject a bad observation here, in the caller's thread, before it enters the history
-        (the runner stays usable for the next valid call)."""
-        return self.agent.policy.check_step(obs)
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this PolicyRunner is closed; create a new one")
 
     def stats(self) -> dict:
         return {"ticks": self.tick, "deadline_misses": self.deadline_misses, **self.agent.log.summary()}
 
     def _drain(self) -> None:
+        """Wait for a background call still running; its chunk (or error) is no longer wanted."""
         if self._pending is not None:
-            try:
-                self._pending.result()
-            finally:
-                self._pending = None
+            wait([self._pending])
+            self._pending = None
 
     def close(self) -> None:
-        """Wait for a running inference and stop the thread (and the worker process, if this
-        runner started one)."""
-        try:
-            self._drain()
-        finally:
+        """Wait for a running inference and stop the thread (and the worker process, if any).
+        Closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        self._drain()
+        if self._pool is not None:
             self._pool.shutdown(wait=True)
-            if self._owns_agent and isinstance(self.agent, ProcessAgent):
-                self.agent.close()
+        if isinstance(self.agent, ProcessAgent):
+            self.agent.close()
 
     def __enter__(self) -> "PolicyRunner":
         return self

@@ -1,8 +1,7 @@
 """Policy inference in its own process, so it does not share the GIL with the control loop.
 
 On a small CPU a thread-based runner loses much of its speed to the loop it serves: every one of
-the U-Net's ~150 tensor ops has to win the GIL back from the simulator's Python code (measured on
-the 2-core CPU: DDIM-16 sequential, 183 ms alone, ~300 ms inside a 20 Hz robosuite loop).
+the U-Net's tensor ops has to win the GIL back from the simulator's Python code.
 :class:`ProcessAgent` is a :class:`PolicyAgent` whose ``infer`` runs in a spawned worker process
 holding its own copy of the policy; the observation history, statistics and the API stay in the
 caller's process, so :class:`PolicyRunner` and the realtime controller use it unchanged.
@@ -18,7 +17,7 @@ import multiprocessing as mp
 import numpy as np
 import torch
 
-from paradiffpolicy.control.agent import Chunk, InferenceLog, PolicyAgent, infer_batch
+from paradiffpolicy.control.agent import Chunk, InferenceLog, PolicyAgent
 from paradiffpolicy.policy import DiffusionPolicy
 
 
@@ -47,9 +46,9 @@ def _serve(conn, payload: dict) -> None:
                 agent.reset(msg[1], msg[2])
                 conn.send(("ok",))
             elif msg[0] == "infer":
-                agent.log = InferenceLog()  # this call's statistics only; the caller keeps the history
-                chunk = infer_batch([agent], [msg[1]], [msg[2]])[0]
-                conn.send(("ok", chunk, agent.log))
+                agent.log = InferenceLog()  # the worker's own agent: this call's statistics only
+                chunk = agent.infer(msg[1], msg[2])
+                conn.send(("ok", chunk, agent.log))  # the caller keeps the episode's log
             else:
                 conn.send(("error", "ValueError", f"unknown message {msg[0]!r}"))
         except Exception as e:  # noqa: BLE001 - the caller decides; the worker stays usable

@@ -4,7 +4,6 @@ from paradiffpolicy.envs.base import PolicyEnv, StepResult, TaskConfig
 
 
 def make_env(task: TaskConfig, render: bool = False) -> PolicyEnv:
-    task.validate()
     if task.suite == "robosuite":
         from paradiffpolicy.envs.robosuite_env import RobosuiteEnv
 

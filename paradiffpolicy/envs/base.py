@@ -35,7 +35,8 @@ class TaskConfig:
     # robosuite camera observations: image size (square) of every camera named in features
     camera_size: int = 84
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        """Validate once, at construction; ``ValueError`` names the offending key."""
         if self.suite not in SUITES:
             raise ValueError(f"task.suite={self.suite!r} is unknown; expected one of {SUITES}")
         if self.control_hz <= 0:
@@ -44,6 +45,8 @@ class TaskConfig:
             raise ValueError(f"task.hold={self.hold!r} must be 'zero_motion' or 'repeat'")
         if self.max_steps < 1:
             raise ValueError(f"task.max_steps={self.max_steps} must be >= 1")
+        if self.camera_size < 1:
+            raise ValueError(f"task.camera_size={self.camera_size} must be >= 1")
 
 
 @dataclass

@@ -1,17 +1,14 @@
 """The denoiser through ``torch.compile``: CUDA graphs on a GPU, inductor kernels on a CPU.
 
-On a GPU a call of the small Diffusion Policy U-Net is expected to be bound by kernel launches
-(dozens of small kernels per call), which replaying a captured CUDA graph
-(``mode="reduce-overhead"``) removes; not yet measured here (no GPU lent so far:
-``scripts/gpu_bench.sh``). Graphs need fixed input shapes: the Picard
-sampler runs every call at (batch x window) rows with this backend (``PicardSampler(fixed_shape=
-True)``), so one graph per sampler is captured, on the first call (compilation takes tens of
-seconds; warm up before a control loop starts).
+On a GPU a call of the small Diffusion Policy U-Net is bound by kernel launches (dozens of small
+kernels per call), which replaying a captured CUDA graph (``mode="reduce-overhead"``) removes.
+Graphs need fixed input shapes: the Picard sampler runs every call at (batch x window) rows with
+this backend (``PicardSampler(fixed_shape=True)``), so one graph per sampler is captured, on the
+first call (compilation takes tens of seconds; warm up before a control loop starts).
 
-On a CPU it compiles with inductor's default mode and does not pay (AMD EPYC, 2 threads, Lift
-U-Net: batch 1 4.18 ms compiled vs 3.63 ms traced, batch 8 9.29 vs 9.16 ms, after 25-42 s of
-compilation per shape); use ``backend=jit`` there. Outputs match eager to ~1e-6 (kernels reorder
-float sums), not bitwise.
+On a CPU it compiles with inductor's default mode, which has not beaten the traced graph
+(``backend=jit``) on the CPUs measured (``benchmarks/README.md``). Outputs match eager to ~1e-6
+(kernels reorder float sums), not bitwise.
 """
 
 from __future__ import annotations

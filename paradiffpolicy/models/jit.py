@@ -1,21 +1,16 @@
 """The denoiser as a traced TorchScript graph: same numbers, less Python per network call.
 
-On a CPU the small Diffusion Policy U-Net spends much of a batch-1 call in Python (module calls,
-FiLM reshapes); a traced graph removes most of it. Lift checkpoint, 2-core CPU, 2 threads: batch 1
-10.9 → 5.9 ms, batch 8 24.7 → 20.3 ms; outputs bitwise equal. It helps the sequential sampler (many
-batch-1 calls) more than Picard (few batched calls), so benchmarks report Picard against both
-(``scripts/bench_sampler.py backends=[eager,jit]``).
+A batch-1 call of the small Diffusion Policy U-Net on a CPU spends much of its time in Python
+(module calls, FiLM reshapes); a traced graph removes most of that, with bitwise-equal outputs. It
+helps the sequential sampler (many batch-1 calls) more than Picard (few batched calls), so a
+speed-up is only honest against a sequential sampler on the same backend
+(``scripts/bench_sampler.py backends=[eager,jit]``; measurements in ``benchmarks/README.md``).
 
 The traced graph shares the module's parameters (in-place updates and ``load_state_dict`` are
 seen); it is rebuilt per device because tracing records the device of tensors created inside
-``forward``. TorchScript is deprecated upstream in favour of ``torch.compile``, which on this CPU
-costs 30-40 s of compilation per input shape and gains nothing over the trace (inductor, default
-mode, Lift U-Net, 2 threads: batch 1 6.6 vs 5.7 ms, batch 8 17.3 vs 17.3 ms, batch 16 25.0 vs
-25.7 ms); this backend is opt-in (``sampler.backend=jit``).
-
-Tried and not offered: splitting a batched call into slices run on inter-op threads
-(``torch.jit.fork``): batch 8 as two forked slices of 4 takes 16.8 ms at 1 intra-op thread, but
-inside the full sampler it was no faster than 2 intra-op threads (330 vs 318 ms per Lift chunk).
+``forward``. TorchScript is deprecated upstream in favour of ``torch.compile`` (``models/compiled.py``),
+which on CPUs costs tens of seconds of compilation per input shape; this backend is opt-in
+(``sampler.backend=jit``).
 """
 
 from __future__ import annotations
@@ -34,6 +29,11 @@ class TracedDenoiser:
         self.model = model
         self._graph: torch.jit.ScriptModule | None = None
         self._device: torch.device | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the graph is traced (the first call traces it; ``policy.warm_up`` makes that call)."""
+        return self._graph is not None
 
     def __call__(self, sample: Tensor, timestep: Tensor, global_cond: Tensor | None = None) -> Tensor:
         if global_cond is None:

@@ -1,10 +1,11 @@
 """Samplers: the sequential reference and the Picard sampler, sharing pre-drawn noise."""
 
-from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise, WarmStart, draw_noise
+from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise, SamplerOutput, Trajectory, WarmStart, draw_noise
 from paradiffpolicy.sampling.picard import PicardSampler
 from paradiffpolicy.sampling.sequential import SequentialSampler
 
-__all__ = ["Denoiser", "make_sampler", "PicardSampler", "SampleStats", "SamplerNoise", "SequentialSampler", "WarmStart", "draw_noise"]
+__all__ = ["Denoiser", "make_sampler", "PicardSampler", "SampleStats", "SamplerNoise", "SamplerOutput", "SequentialSampler",
+           "Trajectory", "WarmStart", "draw_noise"]
 
 
 def make_sampler(scheduler, sampler):
@@ -18,7 +19,6 @@ def make_sampler(scheduler, sampler):
 
     from paradiffpolicy.schedulers import make_step_table
 
-    sampler.validate()
     overrides = {}
     if sampler.scheduler is not None:
         overrides["name"] = sampler.scheduler
@@ -29,5 +29,4 @@ def make_sampler(scheduler, sampler):
     table = make_step_table(dataclasses.replace(scheduler, **overrides))
     if sampler.name == "sequential":
         return SequentialSampler(table)
-    return PicardSampler(table, window=sampler.window, tol=sampler.tol, max_iters=sampler.max_iters, init=sampler.init,
-                         anderson=sampler.anderson, fixed_shape=sampler.backend == "compile")
+    return PicardSampler(table, sampler)

@@ -1,8 +1,9 @@
-"""Shared pieces of every sampler: the denoiser signature, pre-drawn noise and call statistics."""
+"""Shared pieces of every sampler: the denoiser signature, pre-drawn noise, warm starts and typed
+outputs (statistics, trajectory)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -83,9 +84,10 @@ class WarmStart:
     x0: Tensor | None = None
 
     @classmethod
-    def from_previous(cls, states: Tensor, shift: int, x0: Tensor | None = None) -> "WarmStart | None":
+    def from_previous(cls, previous: "Trajectory", shift: int) -> "WarmStart | None":
         """The previous trajectory (B, N+1, T, Da) (and its x̂0) moved ``shift`` positions earlier
         in time; the last ``shift`` positions are left to the sampler's own guess."""
+        states, x0 = previous.states, previous.x0
         horizon = states.shape[2]
         if shift < 0 or shift >= horizon:
             return None
@@ -106,7 +108,8 @@ class SampleStats:
     ``nfe``: network evaluations spent on the sample (window padding included);
     ``residual``: the last convergence error (0 for the sequential sampler);
     ``converged``: whether the sample is the sampler's fixed point within tolerance.
-    ``rounds`` is the number of batched network calls the whole call made (its latency driver).
+    ``rounds`` is the number of batched network calls the whole call made (its latency driver);
+    ``deadline_hit``: the call stopped at its deadline with some sample unconverged.
     """
 
     iterations: Tensor
@@ -114,7 +117,7 @@ class SampleStats:
     residual: Tensor
     converged: Tensor
     rounds: int
-    extra: dict = field(default_factory=dict)
+    deadline_hit: bool = False
 
     def summary(self) -> dict:
         """Plain-Python summary for logs and JSON."""
@@ -124,5 +127,33 @@ class SampleStats:
             "nfe_mean": float(self.nfe.float().mean()),
             "residual_max": float(self.residual.max()),
             "all_converged": bool(self.converged.all()),
-            **self.extra,
+            "deadline_hit": self.deadline_hit,
         }
+
+
+@dataclass
+class Trajectory:
+    """A sampling call's whole path: ``states`` x_0..x_N (B, N+1, T, Da) and, from the Picard
+    sampler, ``x0`` the data prediction made at each state (B, N+1, T, Da; slot N unused). The
+    next control tick's :class:`WarmStart` is built from it."""
+
+    states: Tensor
+    x0: Tensor | None = None
+
+    def rows(self, index: slice) -> "Trajectory":
+        return Trajectory(self.states[index], None if self.x0 is None else self.x0[index])
+
+    @staticmethod
+    def cat(parts: "list[Trajectory]") -> "Trajectory":
+        x0 = None if any(p.x0 is None for p in parts) else torch.cat([p.x0 for p in parts])
+        return Trajectory(torch.cat([p.states for p in parts]), x0)
+
+
+@dataclass
+class SamplerOutput:
+    """What a sampler returns: the sample x_N (B, T, Da), its statistics and, when asked for,
+    its trajectory."""
+
+    sample: Tensor
+    stats: SampleStats
+    trajectory: Trajectory | None = None

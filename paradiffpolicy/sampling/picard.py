@@ -39,10 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise, WarmStart
+from paradiffpolicy.config import SamplerConfig
+from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise, SamplerOutput, Trajectory, WarmStart
 from paradiffpolicy.schedulers import StepTable
-
-INITS = ("rollout", "copy")
 
 
 class PicardSampler:
@@ -50,38 +49,32 @@ class PicardSampler:
 
     Args:
         table: scheduler coefficients.
-        window: states refined per iteration (``p``), >= 1.
-        tol: convergence tolerance (``τ``), >= 0; see the module docstring for its scale.
-        max_iters: cap on batched network calls (default N, which always suffices). A sample that
-            hits the cap is returned as its current estimate with ``converged=False``.
-        init: guess for states beyond the window: ``"rollout"`` or ``"copy"``.
-        anderson: Anderson memory m (0: plain Picard updates).
+        config: a :class:`~paradiffpolicy.config.SamplerConfig` (validated when it was built), or
+            None with the settings as keywords: ``window`` (``p``, states refined per iteration),
+            ``tol`` (``τ``, see the module docstring for its scale), ``max_iters`` (cap on batched
+            network calls, default N, which always suffices; a sample that hits it is returned as
+            its current estimate with ``converged=False``), ``init`` (``"rollout"`` or ``"copy"``:
+            the guess for states beyond the window), ``anderson`` (memory m; 0: plain Picard).
         fixed_shape: run every network call at (batch x window) rows, finished rows and steps past
             N included and discarded, so a compiled graph sees one input shape (CUDA graphs).
+            Default: on for ``backend="compile"``.
     """
 
     name = "picard"
 
-    def __init__(self, table: StepTable, window: int = 16, tol: float = 0.1, max_iters: int | None = None, init: str = "rollout",
-                 anderson: int = 0, fixed_shape: bool = False):
-        if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
-            raise ValueError(f"sampler.window={window!r} must be an integer >= 1")
-        if not np.isfinite(tol) or tol < 0:
-            raise ValueError(f"sampler.tol={tol!r} must be a finite number >= 0")
-        if max_iters is not None and max_iters < 1:
-            raise ValueError(f"sampler.max_iters={max_iters!r} must be >= 1 (or null for N)")
-        if not isinstance(anderson, (int, np.integer)) or anderson < 0:
-            raise ValueError(f"sampler.anderson={anderson!r} must be an integer >= 0")
-        if init not in INITS:
-            raise ValueError(f"sampler.init={init!r} is unknown; expected one of {INITS}")
+    def __init__(self, table: StepTable, config: SamplerConfig | None = None, fixed_shape: bool | None = None, **settings):
+        if config is None:
+            config = SamplerConfig(name="picard", **settings)
+        elif settings:
+            raise TypeError(f"pass either a SamplerConfig or keyword settings, not both ({sorted(settings)})")
         self.table = table
         self.num_steps = n = table.num_steps
-        self.window = int(min(window, n))
-        self.tol = float(tol)
-        self.max_iters = n if max_iters is None else int(max_iters)
-        self.init = init
-        self.anderson = int(anderson)
-        self.fixed_shape = bool(fixed_shape)
+        self.window = int(min(config.window, n))
+        self.tol = float(config.tol)
+        self.max_iters = n if config.max_iters is None else int(config.max_iters)
+        self.init = config.init
+        self.anderson = int(config.anderson)
+        self.fixed_shape = config.backend == "compile" if fixed_shape is None else bool(fixed_shape)
         # convergence scale of state k+1; 1 where no noise is injected (ODE steps, DDPM's last step)
         sig = table.noise_std
         self.scale = torch.where(sig > 0, sig, torch.ones_like(sig)) if table.stochastic else torch.ones_like(sig)
@@ -106,17 +99,17 @@ class PicardSampler:
         noise: SamplerNoise,
         global_cond: Tensor | None = None,
         warm_start: WarmStart | None = None,
-        return_states: bool = False,
+        return_trajectory: bool = False,
         deadline: float | None = None,
-    ) -> tuple[Tensor, SampleStats]:
-        """Return (x_N (B, T, Da), stats); same result as SequentialSampler within ``tol``.
+    ) -> SamplerOutput:
+        """Sample x_N (B, T, Da); the same result as SequentialSampler within ``tol``.
 
         ``warm_start``: a guess for the whole trajectory (e.g. the previous control tick's, shifted
         in time); where ``warm_start.valid``, it replaces the rollout guess (corrected as the
         window moves, see ``_fill_tail``). Only the iteration count changes, not the fixed point.
-        ``return_states``: put the final trajectory (B, N+1, ...) in ``stats.extra["states"]``.
+        ``return_trajectory``: also return the final trajectory and its x̂0 (a warm start's source).
         ``deadline``: a ``time.perf_counter()`` instant; past it, stop after the current iteration
-        and return the current estimate with ``converged=False`` and ``extra["deadline_hit"]``.
+        and return the current estimate with ``converged=False`` and ``stats.deadline_hit``.
         """
         table, n, p = self.table, self.num_steps, self.window
         if noise.num_steps != n:
@@ -212,13 +205,10 @@ class PicardSampler:
             rounds += 1
 
         converged = (b >= n).cpu()
-        stats = SampleStats(iterations=iterations, nfe=nfe, residual=residual.cpu(), converged=converged, rounds=rounds)
-        if deadline is not None:
-            stats.extra["deadline_hit"] = deadline_hit
-        if return_states:
-            stats.extra["states"] = xs[:, : n + 1].clone()
-            stats.extra["x0"] = x0buf.clone()  # slot N is unused
-        return xs[:, n].clone(), stats
+        stats = SampleStats(iterations=iterations, nfe=nfe, residual=residual.cpu(), converged=converged, rounds=rounds,
+                            deadline_hit=deadline_hit)
+        trajectory = Trajectory(xs[:, : n + 1].clone(), x0buf.clone()) if return_trajectory else None
+        return SamplerOutput(xs[:, n].clone(), stats, trajectory)
 
     def _fill_tail(self, xs: Tensor, x0: Tensor, r_noise: Tensor, rows: Tensor, end: Tensor, steps: Tensor,
                    warm: tuple[Tensor, Tensor, Tensor | None] | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise
+from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise, SamplerOutput, Trajectory
 from paradiffpolicy.schedulers import StepTable
 
 
@@ -35,13 +35,12 @@ class SequentialSampler:
         noise: SamplerNoise,
         global_cond: Tensor | None = None,
         warm_start=None,
-        return_states: bool = False,
+        return_trajectory: bool = False,
         deadline: float | None = None,
-    ) -> tuple[Tensor, SampleStats]:
-        """Return (x_N (B, T, Da), stats). ``warm_start`` is accepted for interface parity and
-        ignored (there is nothing to guess), so is ``deadline`` (a partly denoised sample is no
-        action); ``return_states`` stores x_0..x_N in
-        ``stats.extra["states"]`` (B, N+1, ...)."""
+    ) -> SamplerOutput:
+        """Sample x_N (B, T, Da). ``warm_start`` is accepted for interface parity and ignored
+        (there is nothing to guess), so is ``deadline`` (a partly denoised sample is no action);
+        ``return_trajectory`` also returns the states x_0..x_N (B, N+1, ...)."""
         table = self.table
         n = table.num_steps
         if noise.num_steps != n:
@@ -49,7 +48,7 @@ class SequentialSampler:
         x = noise.initial.clone()
         bsz = x.shape[0]
         x0_prev = torch.zeros_like(x)
-        states = [x] if return_states else None
+        states = [x] if return_trajectory else None
         for k in range(n):
             kk = torch.full((bsz,), k, dtype=torch.long, device=x.device)
             out = model(x, table.timesteps[kk], global_cond=global_cond)
@@ -62,6 +61,5 @@ class SequentialSampler:
         stats = SampleStats(
             iterations=full, nfe=full.clone(), residual=torch.zeros(bsz), converged=torch.ones(bsz, dtype=torch.bool), rounds=n
         )
-        if states is not None:
-            stats.extra["states"] = torch.stack(states, dim=1)
-        return x, stats
+        trajectory = None if states is None else Trajectory(torch.stack(states, dim=1))
+        return SamplerOutput(x, stats, trajectory)
