@@ -33,8 +33,13 @@ def test_bench_reports_deviation_and_speedups_for_every_variant(tmp_path):
     for name, r in variants.items():
         assert r["speedup"] > 0
         assert ("speedup_vs" in r) == (not name.startswith("sequential"))
+    # every speed-up names its reference: the headline one is against the same backend
+    assert variants["picard-rollout-jit"]["speedup_same_backend"]["reference"] == "sequential-jit"
+    assert variants["picard-rollout"]["speedup_same_backend"]["reference"] == "sequential"
+    assert report["speedup_reference"] == "sequential" and report["speedup"] > 0
     assert json.loads(out.read_text())["variants"].keys() == variants.keys()
-    assert "vs sequential-jit" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "vs sequential-jit" in md and "same backend" in md and "(cross-backend)" in md
     # deviation per sample over the 2 timed trials and the default 64-sample untimed batch
     assert all(r["abs_dev"]["samples"] == 2 + 64 for r in variants.values())
 
@@ -58,6 +63,18 @@ def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
                             f"out={tmp_path / 'bench.json'}"])
     assert set(report["variants"]) == {"picard-copy"}
     assert report["variants"]["picard-copy"]["max_abs_dev"] > 0
+
+
+def test_bench_uses_the_shipped_observations_and_says_so(tmp_path, capsys):
+    """A fresh clone has no training data: the bench reads the observation windows shipped with the
+    checkpoint (and refuses obs=dataset rather than fall back silently)."""
+    report = _bench().main(["checkpoint=checkpoints/pusht", "trials=1", "warmup=0", "window=8", "tol=0.1", "dev_samples=4",
+                            "threads=1", "num_inference_steps=10", "scheduler=ddim", f"out={tmp_path / 'b.json'}"])
+    assert report["observations"].startswith("shipped sample checkpoints/pusht/observations.safetensors: 256 windows")
+    assert "observations: shipped sample" in capsys.readouterr().err
+    if not (ROOT / "data" / "pusht.zarr").exists():
+        with pytest.raises(SystemExit, match="training data .* is not here"):
+            _bench().main(["checkpoint=checkpoints/pusht", "obs=dataset", "trials=1", "threads=1"])
 
 
 def test_bench_rejects_unknown_keys():

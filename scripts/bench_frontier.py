@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Success × latency for every sampler a user would consider, on the same episodes.
+
+    python scripts/bench_frontier.py phase=success task=lift       # closed-loop episodes (hours; resumable)
+    python scripts/bench_frontier.py phase=latency task=lift       # batch-1 latency, run alone
+    python scripts/bench_frontier.py phase=report task=lift        # JSON + Markdown + plot
+
+``success`` runs ``paradiffpolicy.eval`` once per sampler setting (``n_episodes`` fixed seeds, the
+same for every setting; ``n_envs`` environments batched for throughput, which changes no episode)
+into ``runs/<task>/<setting>/`` and skips settings already complete, so it resumes after an
+interruption. ``latency`` times one policy call per setting at batch 1 on the same observation and
+noise, settings interleaved in an order that rotates per trial, all on one network backend, on the
+observations shipped with the checkpoint; run it with nothing else on the machine. ``report`` joins
+both: success with its standard error sqrt(p(1-p)/n), mean max reward, latency p50/p95.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from paradiffpolicy import SamplerConfig, __version__, load_policy  # noqa: E402
+from paradiffpolicy.config import from_dict  # noqa: E402
+from paradiffpolicy.data.obs_sample import load_observation_sample  # noqa: E402
+from paradiffpolicy.runtime import cpu_model, versions  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# what a user would pick instead of (or as) Picard, all from the same DDPM-100-trained network
+SETTINGS: dict[str, dict] = {
+    "ddpm100": dict(name="sequential"),
+    "ddim8": dict(name="sequential", scheduler="ddim", num_inference_steps=8),
+    "ddim10": dict(name="sequential", scheduler="ddim", num_inference_steps=10),
+    "ddim16": dict(name="sequential", scheduler="ddim", num_inference_steps=16),
+    "dpmsolver10": dict(name="sequential", scheduler="dpmsolver++", num_inference_steps=10),
+    "picard-p16-tol0.1": dict(name="picard", window=16, tol=0.1),
+    "picard-p8-tol0.005": dict(name="picard", window=8, tol=0.005),
+    "paraddim10-p4": dict(name="picard", scheduler="ddim", num_inference_steps=10, window=4, tol=1e-3),
+    "paraddim16-p4": dict(name="picard", scheduler="ddim", num_inference_steps=16, window=4, tol=1e-3),
+}
+LABELS = {
+    "ddpm100": "sequential DDPM-100", "ddim8": "sequential DDIM-8", "ddim10": "sequential DDIM-10",
+    "ddim16": "sequential DDIM-16", "dpmsolver10": "sequential DPM-Solver++-10",
+    "picard-p16-tol0.1": "Picard DDPM-100 p=16 τ=0.1", "picard-p8-tol0.005": "Picard DDPM-100 p=8 τ=0.005",
+    "paraddim10-p4": "ParaDDIM-10 p=4 τ=1e-3", "paraddim16-p4": "ParaDDIM-16 p=4 τ=1e-3",
+}
+
+
+@dataclass
+class FrontierConfig:
+    phase: str = "success"  # success | latency | report
+    task: str = "lift"
+    settings: List[str] = field(default_factory=lambda: list(SETTINGS))
+    n_episodes: int = 100
+    n_envs: int = 10
+    seed: int = 10_000_000
+    backend: str = "jit"
+    threads: int = 2
+    trials: int = 30
+    warmup: int = 3
+    runs: str = "outputs/frontier"
+    out: str = "benchmarks/results"
+
+    def __post_init__(self) -> None:
+        if self.phase not in ("success", "latency", "report"):
+            raise ValueError(f"phase={self.phase!r} must be success, latency or report")
+        unknown = [s for s in self.settings if s not in SETTINGS]
+        if unknown:
+            raise ValueError(f"settings {unknown} are unknown; expected some of {list(SETTINGS)}")
+        for key in ("n_episodes", "n_envs", "threads", "trials"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+
+
+def sampler_config(cfg: FrontierConfig, name: str) -> SamplerConfig:
+    return SamplerConfig(**SETTINGS[name], backend=cfg.backend)
+
+
+def checkpoint_of(task: str) -> Path:
+    return ROOT / "checkpoints" / task
+
+
+def complete(run: Path, n: int) -> bool:
+    try:
+        info = json.loads((run / "eval_info.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not info.get("interrupted") and info["overall"]["n_episodes"] == n
+
+
+def success_phase(cfg: FrontierConfig) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from paradiffpolicy.eval import Evaluator
+
+    for name in cfg.settings:
+        run = Path(cfg.runs) / cfg.task / name
+        if complete(run, cfg.n_episodes):
+            print(f"{cfg.task} {name}: done, skipped", flush=True)
+            continue
+        shutil.rmtree(run, ignore_errors=True)  # a partial run restarts: its episodes file would repeat seeds
+        overrides = [f"task={cfg.task}", f"n_episodes={cfg.n_episodes}", f"n_envs={cfg.n_envs}", f"seed={cfg.seed}",
+                     f"threads={cfg.threads}", f"output_dir={run}", "progress=false",
+                     *[f"sampler.{k}={v}" for k, v in dataclasses.asdict(sampler_config(cfg, name)).items() if v is not None]]
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            eval_cfg = OmegaConf.to_object(compose(config_name="eval", overrides=overrides))
+        t0 = time.time()
+        info = Evaluator(eval_cfg, run).run_all()
+        print(f"{cfg.task} {name}: {info['overall']['pc_success']:.0f}% in {time.time() - t0:.0f} s", flush=True)
+
+
+def latency_phase(cfg: FrontierConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    ckpt = checkpoint_of(cfg.task)
+    policy = load_policy(ckpt, sampler=SamplerConfig(name="sequential", backend=cfg.backend))
+    sample = load_observation_sample(ckpt)
+    if sample is None:
+        raise SystemExit(f"{ckpt} has no observation sample ({ckpt}/observations.safetensors); see scripts/make_obs_sample.py")
+    obs_all, obs_meta = sample
+    samplers = {name: policy.make_sampler(sampler_config(cfg, name)) for name in cfg.settings}
+    for s in samplers.values():
+        policy.warm_up(1, s)
+    gen = torch.Generator().manual_seed(0)
+    k = next(iter(obs_all.values())).shape[0]
+    lat = {n: [] for n in samplers}
+    iters = {n: [] for n in samplers}
+    names = list(samplers)
+    for trial in range(cfg.warmup + cfg.trials):
+        i = int(torch.randint(k, (1,), generator=gen))
+        obs = {f: v[i : i + 1] for f, v in obs_all.items()}
+        order = names[trial % len(names):] + names[: trial % len(names)]
+        for name in order:
+            noise = policy.draw_noise(1, torch.Generator().manual_seed(trial), samplers[name])
+            t0 = time.perf_counter()
+            out = policy.predict_action(obs, noise=noise, sampler=samplers[name])
+            dt = time.perf_counter() - t0
+            if trial >= cfg.warmup:
+                lat[name].append(dt * 1e3)
+                iters[name].append(out.stats.rounds)
+    result = {
+        "task": cfg.task, "checkpoint": str(ckpt.relative_to(ROOT)), "backend": cfg.backend, "batch": 1,
+        "trials": cfg.trials, "observations": obs_meta, "cpu": cpu_model(), "threads": cfg.threads,
+        "versions": versions(), "paradiffpolicy_version": __version__,
+        "settings": {n: {"latency_ms": {"p50": float(np.percentile(lat[n], 50)), "p95": float(np.percentile(lat[n], 95)),
+                                        "min": float(np.min(lat[n]))},
+                         "iterations_mean": float(np.mean(iters[n]))} for n in names},
+    }
+    path = Path(cfg.runs) / cfg.task / "latency.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    for n in names:
+        s = result["settings"][n]
+        print(f"{cfg.task} {n}: p50 {s['latency_ms']['p50']:.1f} ms, p95 {s['latency_ms']['p95']:.1f} ms, "
+              f"{s['iterations_mean']:.1f} rounds", flush=True)
+    return result
+
+
+def report_phase(cfg: FrontierConfig) -> dict:
+    runs = Path(cfg.runs) / cfg.task
+    lat_path = runs / "latency.json"
+    latency = json.loads(lat_path.read_text()) if lat_path.exists() else None
+    rows, seeds = {}, None
+    for name in cfg.settings:
+        if not complete(runs / name, cfg.n_episodes):
+            print(f"{cfg.task} {name}: success phase not complete, left out", flush=True)
+            continue
+        info = json.loads((runs / name / "eval_info.json").read_text())
+        if seeds is None:
+            seeds = info["seeds"]
+        if info["seeds"] != seeds:
+            raise SystemExit(f"{runs / name} ran other seeds than the first setting: not comparable")
+        n = info["overall"]["n_episodes"]
+        p = info["overall"]["pc_success"] / 100
+        rows[name] = {
+            "label": LABELS[name], "sampler": SETTINGS[name], "n_episodes": n, "pc_success": 100 * p,
+            "pc_success_se": 100 * float(np.sqrt(p * (1 - p) / n)), "avg_max_reward": info["overall"]["avg_max_reward"],
+            "success_per_seed": [bool(e["success"]) for e in sorted(info["per_episode"], key=lambda e: e["seed"])],
+            "latency_ms": None if latency is None else latency["settings"].get(name, {}).get("latency_ms"),
+            "rounds": None if latency is None else latency["settings"].get(name, {}).get("iterations_mean"),
+        }
+    result = {"task": cfg.task, "seeds": seeds and [seeds[0], seeds[-1]], "episodes_per_setting": cfg.n_episodes,
+              "success_machine": "episodes are deterministic given the seeds (fast mode, no wall clock)",
+              "latency": None if latency is None else {k: latency[k] for k in ("backend", "batch", "trials", "observations",
+                                                                              "cpu", "threads", "versions")},
+              "settings": rows}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"frontier-{cfg.task}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(markdown(result))
+    plot(result, stem.with_suffix(".png"))
+    print(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    lat = result["latency"]
+    head = (f"# Success × latency frontier: {result['task']}\n\n{result['episodes_per_setting']} episodes per setting, "
+            f"seeds {result['seeds'][0]}..{result['seeds'][1]}, the same for every setting. ")
+    head += ("Latency: one call at batch 1, " f"backend `{lat['backend']}` for every setting, {lat['trials']} trials "
+             f"interleaved, {lat['cpu']}, {lat['threads']} threads, observations: {lat['observations'].get('source', '?')}.\n"
+             if lat else "Latency not measured yet.\n")
+    lines = [head, "| sampler | success % (± SE) | avg max reward | latency p50 ms | p95 ms | network rounds |", "|---|---|---|---|---|---|"]
+    for r in result["settings"].values():
+        l50 = "" if r["latency_ms"] is None else f"{r['latency_ms']['p50']:.0f}"
+        l95 = "" if r["latency_ms"] is None else f"{r['latency_ms']['p95']:.0f}"
+        rounds = "" if r["rounds"] is None else f"{r['rounds']:.1f}"
+        lines.append(f"| {r['label']} | {r['pc_success']:.0f} ± {r['pc_success_se']:.0f} | {r['avg_max_reward']:.3f} | "
+                     f"{l50} | {l95} | {rounds} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, r in result["settings"].items():
+        if r["latency_ms"] is None:
+            continue
+        marker = "o" if SETTINGS[name]["name"] == "sequential" else "s"
+        ax.errorbar(r["latency_ms"]["p50"], r["pc_success"], yerr=r["pc_success_se"], fmt=marker, capsize=3)
+        ax.annotate(r["label"], (r["latency_ms"]["p50"], r["pc_success"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per chunk, batch 1, p50 (ms, log)")
+    ax.set_ylabel("success % (± standard error)")
+    ax.set_title(f"{result['task']}: {result['episodes_per_setting']} episodes per sampler, same seeds")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    try:
+        cfg = from_dict(FrontierConfig, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    {"success": success_phase, "latency": latency_phase, "report": report_phase}[cfg.phase](cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

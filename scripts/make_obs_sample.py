@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Ship real observation windows with a checkpoint (``<checkpoint>/observations.safetensors``).
+
+    python scripts/make_obs_sample.py task=lift                    # checkpoint=checkpoints/lift
+    python scripts/make_obs_sample.py task=pusht_keypoints windows=256 seed=7
+
+Runs the task's scripted expert on collection seeds ``seed * 1e6 + attempt`` (``seed`` other than
+the training data's, 0 by default, so no window comes from a training episode) and keeps
+``windows`` windows of ``To`` consecutive observations drawn uniformly over the episodes' steps.
+Benchmarks and ``tune`` use them by default, and say so.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from paradiffpolicy import load_policy  # noqa: E402
+from paradiffpolicy.collect import SEED_STRIDE, run_expert_episode  # noqa: E402
+from paradiffpolicy.config import from_dict  # noqa: E402
+from paradiffpolicy.data.obs_sample import save_observation_sample  # noqa: E402
+from paradiffpolicy.envs import make_env  # noqa: E402
+from paradiffpolicy.envs.base import TaskConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class SampleConfig:
+    task: str = "lift"
+    checkpoint: str = ""  # default checkpoints/<task>
+    episodes: int = 8
+    windows: int = 256
+    seed: int = 7  # collection seed namespace; the shipped checkpoints were trained on seed 0
+    training_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seed == self.training_seed:
+            raise ValueError(f"seed={self.seed} is the training data's collection seed; pick another (held-out episodes)")
+        if self.episodes < 1 or self.windows < 1:
+            raise ValueError(f"episodes={self.episodes} and windows={self.windows} must be >= 1")
+
+
+def main(argv: list[str]) -> Path:
+    try:
+        cfg = from_dict(SampleConfig, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    ckpt = Path(cfg.checkpoint or ROOT / "checkpoints" / cfg.task)
+    policy = load_policy(ckpt)
+    to = policy.config.n_obs_steps
+    task = from_dict(TaskConfig, OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / f"{cfg.task}.yaml")), name="task")
+    if task.features:
+        raise SystemExit(f"task {cfg.task} has named-feature (camera) observations; only flat low-dim tasks so far")
+    env = make_env(task)
+    episodes, seeds, attempt = [], [], 0
+    try:
+        while len(episodes) < cfg.episodes and attempt < 3 * cfg.episodes:
+            seed = cfg.seed * SEED_STRIDE + attempt
+            attempt += 1
+            episode, success = run_expert_episode(env, task.expert, seed)
+            if success and len(episode["obs"]) >= to:
+                episodes.append(episode["obs"])
+                seeds.append(seed)
+    finally:
+        env.close()
+    if not episodes:
+        raise SystemExit(f"the {task.expert} expert succeeded in none of {attempt} episodes")
+    rng = np.random.default_rng(cfg.seed)
+    starts = [(e, t) for e, obs in enumerate(episodes) for t in range(len(obs) - to + 1)]
+    picks = rng.choice(len(starts), size=min(cfg.windows, len(starts)), replace=False)
+    windows = np.stack([episodes[e][t : t + to] for e, t in (starts[i] for i in sorted(picks))])
+    name = policy.features[0].name
+    source = {"source": f"{len(windows)} windows from {len(episodes)} held-out scripted-expert episodes of task {cfg.task}",
+              "task": cfg.task, "expert": task.expert, "episode_seeds": seeds, "held_out": True,
+              "training_collection_seed": cfg.training_seed, "command": "python scripts/make_obs_sample.py " + " ".join(argv)}
+    path = save_observation_sample(ckpt, {name: torch.from_numpy(windows.astype(np.float32))}, source)
+    print(f"{path}: {source['source']}")
+    return path
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
