@@ -1,8 +1,10 @@
 """Closed-loop evaluation on real environments with tiny (untrained) checkpoints."""
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -347,14 +349,38 @@ def test_vector_envs_give_the_single_env_episodes(tmp_path, pusht_ckpt):
         assert abs(a["sum_reward"] - b["sum_reward"]) < 1e-3
 
 
+@contextlib.contextmanager
+def launcher_for(name, tmp_path):
+    """Hydra launcher overrides; for Ray, a local cluster started here and stopped afterwards."""
+    if name != "ray":
+        yield [] if name == "basic" else [f"hydra/launcher={name}"]
+        return
+    ray = str(Path(sys.executable).with_name("ray"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=300)
+    try:
+        yield ["hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address=127.0.0.1:{port}"]
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=300)
+
+
 @pytest.mark.slow
-def test_two_by_two_sweep_produces_table_and_plot(tmp_path, pusht_ckpt):
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local", "ray"])
+def test_two_by_two_sweep_runs_on_each_launcher_and_is_collected(tmp_path, pusht_ckpt, launcher):
+    """A 2x2 window x tolerance sweep through Hydra's launchers (in-process, submitit's local
+    executor, a Ray cluster): every job writes its eval_info.json; plot_sweep collects all four."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "paradiffpolicy.eval", "-m", "task=pusht", f"checkpoint={pusht_ckpt}", "n_episodes=1",
-           "task.max_steps=8", "compare=true", "progress=false", "sampler.window=2,4", "sampler.tol=0.1,0.0",
-           f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=env, timeout=600)
+    with launcher_for(launcher, tmp_path) as launch:
+        cmd = [sys.executable, "-m", "paradiffpolicy.eval", "-m", "task=pusht", f"checkpoint={pusht_ckpt}", "n_episodes=1",
+               "task.max_steps=8", "compare=true", "progress=false", "threads=1", "sampler.window=2,4", "sampler.tol=0.1,0.0",
+               f"hydra.sweep.dir={sweep}", *launch]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(sweep.rglob("eval_info.json"))) == 4
     subprocess.run([sys.executable, "scripts/plot_sweep.py", str(sweep)], cwd=ROOT, check=True, capture_output=True, env=env)
     import csv
 
