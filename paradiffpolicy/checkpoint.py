@@ -75,19 +75,27 @@ def read_config(directory: str | os.PathLike) -> tuple[PolicyConfig, dict]:
     return cfg, doc.get("metadata", {})
 
 
-def load_policy(path: str | os.PathLike, sampler: SamplerConfig | None = None, device: str | torch.device = "cpu"):
+def load_policy(path: str | os.PathLike, sampler: SamplerConfig | str | None = None, device: str | torch.device = "cpu"):
     """Load a policy from ``path``, whichever of the three formats it holds (chosen by content):
 
     * ours (a directory with ``config.json`` of format ``paradiffpolicy/1`` and ``model.safetensors``);
     * a LeRobot diffusion policy (``save_pretrained`` folder: ``config.json`` with ``"type": "diffusion"``);
     * a diffusion_policy workspace checkpoint (a ``.ckpt`` file; read without unpickling any code).
 
+    ``sampler``: a :class:`SamplerConfig`, or ``"tuned"`` (or ``SamplerConfig(name="tuned")``) for
+    the settings ``python -m paradiffpolicy.tune`` saved beside the checkpoint.
     Errors name the file, the format detected and what does not match or is unsupported.
     """
     from paradiffpolicy.interop import detect_format, load_foreign
 
     path = Path(path)
     fmt = detect_format(path)
+    if sampler == "tuned" or (isinstance(sampler, SamplerConfig) and sampler.name == "tuned"):
+        from paradiffpolicy.presets import load_tuned
+
+        sampler = load_tuned(path, sampler if isinstance(sampler, SamplerConfig) else None)
+    elif isinstance(sampler, str):
+        raise ValueError(f"sampler={sampler!r}: pass a SamplerConfig or 'tuned'")
     if fmt != "paradiffpolicy":
         cfg, tensors, metadata = load_foreign(path, fmt)
         return build_policy(cfg, tensors, metadata, sampler, device, source=str(path))

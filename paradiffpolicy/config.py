@@ -22,7 +22,7 @@ from paradiffpolicy.schedulers import SCHEDULERS, SchedulerConfig
 
 T = TypeVar("T")
 
-SAMPLERS = ("sequential", "picard")
+SAMPLERS = ("sequential", "picard", "tuned")
 BACKENDS = ("eager", "jit", "compile")
 INITS = ("rollout", "copy")
 
@@ -114,7 +114,9 @@ class PolicyConfig:
 @dataclass
 class SamplerConfig:
     """How to sample at inference. ``scheduler``/``num_inference_steps`` override the policy's
-    (e.g. DDIM-16 on a DDPM-100-trained policy); None keeps the training scheduler."""
+    (e.g. DDIM-16 on a DDPM-100-trained policy); None keeps the training scheduler.
+    ``name="tuned"`` stands for the settings ``python -m paradiffpolicy.tune`` saved beside the
+    checkpoint (resolved when the checkpoint is loaded; see :mod:`paradiffpolicy.presets`)."""
 
     name: str = "picard"
     window: int = 16

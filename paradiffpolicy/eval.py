@@ -128,24 +128,26 @@ class Evaluator:
 
     def run_all(self) -> dict:
         cfg = self.cfg
-        info: dict = {"task": cfg.task.name, "checkpoint": cfg.checkpoint, "n_envs": cfg.n_envs, "sampler": {**to_dict(cfg.sampler), **self.policy.sampler.settings(),
-                      "num_inference_steps": self.policy.num_inference_steps},
+        sampler = self.policy.sampler_config  # cfg.sampler, or the tuned preset it names
+        info: dict = {"task": cfg.task.name, "checkpoint": cfg.checkpoint, "n_envs": cfg.n_envs,
+                      "sampler": {**to_dict(sampler), **self.policy.sampler.settings(), "num_inference_steps": self.policy.num_inference_steps,
+                                  **({"preset": "tuned"} if cfg.sampler.name == "tuned" else {})},
                       "controller": to_dict(cfg.controller), "seeds": [cfg.seed + i for i in range(cfg.n_episodes)],
                       "versions": versions(), "device": cfg.device, "cpu": cpu_model(), "threads": cfg.threads, "interrupted": False}
         reference = None
         if cfg.compare:  # the sequential sampler of the same scheduler and steps, on the same backend
-            reference = self.policy.make_sampler(SamplerConfig(name="sequential", scheduler=cfg.sampler.scheduler,
-                                                               num_inference_steps=cfg.sampler.num_inference_steps,
-                                                               backend=cfg.sampler.backend))
-        if cfg.sampler.backend != "eager":  # trace / compile (each sampler's input shape) before the first timed call
+            reference = self.policy.make_sampler(SamplerConfig(name="sequential", scheduler=sampler.scheduler,
+                                                               num_inference_steps=sampler.num_inference_steps,
+                                                               backend=sampler.backend))
+        if sampler.backend != "eager":  # trace / compile (each sampler's input shape) before the first timed call
             ready = sum(self.policy.warm_up(cfg.n_envs, s) for s in (self.policy.sampler, reference) if s is not None)
-            log.info("%s backend ready after %.1f s", cfg.sampler.backend, ready)
+            log.info("%s backend ready after %.1f s", sampler.backend, ready)
         t0 = time.perf_counter()
         results: list[EpisodeResult] = []  # filled as episodes finish, so an interrupt keeps them
         seq_results: list[EpisodeResult] = []
         try:
             with sigterm_as_keyboard_interrupt():
-                self._episodes(None, reference, cfg.sampler.warm_start, "episodes.jsonl", "eval", results)
+                self._episodes(None, reference, sampler.warm_start, "episodes.jsonl", "eval", results)
                 if cfg.compare:
                     self._episodes(reference, None, False, "episodes_sequential.jsonl", "sequential", seq_results)
         except KeyboardInterrupt:
@@ -166,7 +168,7 @@ class Evaluator:
                 seq["overall"]["pc_success"] = None
             ratios, devs = inf_log.reference_ratio, inf_log.reference_dev
             info["compare"] = {
-                "reference": f"sequential, backend={cfg.sampler.backend} (the same backend)",
+                "reference": f"sequential, backend={sampler.backend} (the same backend)",
                 "speedup": float(np.median(ratios)) if ratios else None,
                 "speedup_p5_p95": [float(np.percentile(ratios, q)) for q in (5, 95)] if ratios else None,
                 "max_abs_dev": inf_log.max_abs_dev,

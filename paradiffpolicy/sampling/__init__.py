@@ -19,6 +19,9 @@ def make_sampler(scheduler, sampler):
 
     from paradiffpolicy.schedulers import make_step_table
 
+    if sampler.name == "tuned":
+        raise ValueError("sampler.name='tuned' stands for a checkpoint's tuned preset: load it with "
+                         "load_policy(path, sampler='tuned') (eval: sampler=tuned)")
     overrides = {}
     if sampler.scheduler is not None:
         overrides["name"] = sampler.scheduler

@@ -1,0 +1,49 @@
+"""Sampler settings tuned for a checkpoint on a machine, saved beside the checkpoint.
+
+``python -m paradiffpolicy.tune`` writes ``sampler_tuned.json`` into the checkpoint's directory (for
+a diffusion_policy ``.ckpt`` file: ``<file>.sampler_tuned.json`` beside it); ``sampler=tuned`` in
+eval and ``load_policy(path, sampler="tuned")`` read it back. The file also records the deviation
+budget, the machine and what was measured, so a preset tuned elsewhere is recognisable as such.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from paradiffpolicy.config import SamplerConfig, from_dict
+
+FILENAME = "sampler_tuned.json"
+
+
+def tuned_path(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint)
+    return path / FILENAME if path.is_dir() else path.with_name(path.name + "." + FILENAME)
+
+
+def save_tuned(checkpoint: str | Path, sampler: SamplerConfig, report: dict) -> Path:
+    path = tuned_path(checkpoint)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"sampler": dataclasses.asdict(sampler), **report}, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def load_tuned(checkpoint: str | Path, requested: SamplerConfig | None = None) -> SamplerConfig:
+    """The tuned settings of ``checkpoint``; ``warm_start`` (a closed-loop choice, not tuned) is
+    taken from ``requested``."""
+    path = tuned_path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f"sampler=tuned: {path} does not exist; run python -m paradiffpolicy.tune checkpoint={checkpoint}")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"sampler=tuned: {path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or "sampler" not in doc:
+        raise ValueError(f"sampler=tuned: {path} has no 'sampler' entry")
+    cfg = from_dict(SamplerConfig, doc["sampler"], name=f"tuned sampler in {path}")
+    if cfg.name == "tuned":
+        raise ValueError(f"sampler=tuned: {path} names no sampler ('tuned' refers to itself)")
+    warm = requested.warm_start if requested is not None else cfg.warm_start
+    return dataclasses.replace(cfg, warm_start=warm)

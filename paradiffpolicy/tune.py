@@ -1,0 +1,380 @@
+"""Find the fastest Picard setting that keeps a deviation budget, on this machine, for a checkpoint.
+
+    python -m paradiffpolicy.tune checkpoint=checkpoints/lift max_dev=1e-2
+    python -m paradiffpolicy.tune checkpoint=... scheduler=ddim num_inference_steps=16 device=cuda
+
+The best window and tolerance depend on what a batched network call costs here (on a small CPU a
+batch of 8 costs several batch-1 calls, on a GPU about one), so they are measured, not assumed:
+
+1. **Cost of a batched call**: the network's latency against batch size, per backend, and the
+   sampler loop's own cost per iteration.
+2. **Deviation and iterations**: on real observation windows (the sample shipped with the
+   checkpoint, or a zarr store), split into a tuning half and a held-out half. For each window,
+   init and Anderson memory, tolerances are tried from the loosest down; the first whose executed
+   chunk stays within ``max_dev`` of the sequential sample (same noise) for ``coverage`` of the
+   tuning samples is that combination's candidate. Its batch-1 latency is predicted from its
+   iterations and windows with the cost curve.
+3. **Verification**: the fastest predicted candidates, and the README's preset for this budget,
+   are timed at batch 1, interleaved with the sequential sampler on the same backend; the fastest
+   measured wins (the sequential sampler itself when no Picard setting beats it here). Its
+   deviation is then checked on the held-out half it was not tuned on.
+
+Writes ``sampler_tuned.json`` beside the checkpoint (``sampler=tuned`` reads it) and
+``tune_report.json`` into the run directory. Scheduler and step count are held as given.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from paradiffpolicy.checkpoint import load_policy
+from paradiffpolicy.config import BACKENDS, INITS, SamplerConfig
+from paradiffpolicy.data.obs_sample import load_observation_sample
+from paradiffpolicy.presets import save_tuned
+from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, versions
+from paradiffpolicy.sampling import PicardSampler, draw_noise
+
+log = logging.getLogger(__name__)
+
+# tolerance grids, loosest first: DDPM's τ is relative to the injected noise σ_k, the ODE samplers'
+# an absolute RMS change in normalised action units (see sampling/picard.py)
+TOLS_STOCHASTIC = [0.3, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001]
+TOLS_ODE = [3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4]
+
+
+@dataclass
+class TuneConfig:
+    checkpoint: str = "checkpoints/lift"
+    max_dev: float = 1e-2  # largest |chunk - sequential chunk| (normalised units) allowed ...
+    coverage: float = 0.99  # ... for this fraction of samples
+    scheduler: Optional[str] = None  # held fixed; None: the checkpoint's
+    num_inference_steps: Optional[int] = None
+    windows: List[int] = field(default_factory=lambda: [2, 4, 8, 12, 16, 24, 32])
+    tols: List[float] = field(default_factory=list)  # default: TOLS_STOCHASTIC or TOLS_ODE
+    inits: List[str] = field(default_factory=lambda: ["rollout", "copy"])
+    andersons: List[int] = field(default_factory=lambda: [0])
+    backends: List[str] = field(default_factory=lambda: ["eager", "jit"])
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    observations: str = ""  # "": the sample shipped with the checkpoint; or a zarr store (its "obs")
+    tune_samples: int = 64  # observation windows tuned on; as many others are held out
+    verify_top: int = 3  # candidates timed (besides the README preset)
+    trials: int = 20
+    device: str = "cpu"
+    threads: int = 2
+    seed: int = 0
+    write: bool = True  # save the chosen setting beside the checkpoint
+    output_dir: str = ""  # default: the Hydra run directory
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.max_dev > 0:
+            raise ValueError(f"max_dev={self.max_dev} must be > 0")
+        if not 0 < self.coverage <= 1:
+            raise ValueError(f"coverage={self.coverage} must be in (0, 1]")
+        for key in ("windows", "batch_sizes"):
+            if not getattr(self, key) or min(getattr(self, key)) < 1:
+                raise ValueError(f"{key}={list(getattr(self, key))} must be a non-empty list of integers >= 1")
+        if any(not t > 0 for t in self.tols):
+            raise ValueError(f"tols={list(self.tols)} must be > 0 (tol=0 is the exact, slowest setting)")
+        bad = [i for i in self.inits if i not in INITS] + [b for b in self.backends if b not in BACKENDS]
+        if bad or not self.inits or not self.backends:
+            raise ValueError(f"inits={list(self.inits)} / backends={list(self.backends)}: expected some of {INITS} / {BACKENDS}")
+        for key in ("tune_samples", "verify_top", "trials", "threads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        resolve_device(self.device)
+
+
+ConfigStore.instance().store(name="tune_schema", node=TuneConfig)
+
+
+@dataclass
+class Candidate:
+    sampler: SamplerConfig
+    tune_dev_max: float
+    tune_over: int
+    iterations: float  # mean over the tuning samples
+    rows_per_iteration: float
+    predicted_ms: float = 0.0
+    label: str = ""
+
+
+def load_windows(cfg: TuneConfig, policy) -> tuple[dict[str, torch.Tensor], str]:
+    if cfg.observations:
+        from paradiffpolicy.data.replay_buffer import ReplayBuffer
+
+        if len(policy.features) != 1 or policy.features[0].is_image:
+            raise ValueError(f"observations={cfg.observations}: a zarr store feeds single low-dim policies; this one reads "
+                             f"{[f.name for f in policy.features]}")
+        buf = ReplayBuffer.open(cfg.observations)
+        obs, ends = np.asarray(buf["obs"], dtype=np.float32), buf.episode_ends
+        to = policy.config.n_obs_steps
+        starts = [t for s, e in zip(np.concatenate([[0], ends[:-1]]), ends) for t in range(int(s), int(e) - to + 1)]
+        pick = np.random.default_rng(cfg.seed).choice(len(starts), size=min(2 * cfg.tune_samples, len(starts)), replace=False)
+        windows = np.stack([obs[starts[i] : starts[i] + to] for i in pick])
+        return {policy.features[0].name: torch.from_numpy(windows)}, f"{len(windows)} windows from {cfg.observations}"
+    sample = load_observation_sample(cfg.checkpoint)
+    if sample is None:
+        raise ValueError(f"{cfg.checkpoint} ships no observation sample (observations.safetensors); pass observations=<zarr>")
+    windows, source = sample
+    return windows, f"shipped sample: {source.get('source', '?')}"
+
+
+def split(windows: dict[str, torch.Tensor], n_tune: int, seed: int):
+    k = next(iter(windows.values())).shape[0]
+    if k < 2:
+        raise ValueError(f"need at least 2 observation windows (tuning and held out), got {k}")
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    n_tune = min(n_tune, k // 2)
+    tune_idx, held_idx = perm[:n_tune], perm[n_tune : 2 * n_tune]
+    return {f: v[tune_idx] for f, v in windows.items()}, {f: v[held_idx] for f, v in windows.items()}
+
+
+def time_call(fn, reps: int) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` calls after one warm-up call."""
+    fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return float(np.median(out) * 1e3)
+
+
+def batch_costs(cfg: TuneConfig, networks: dict, cond: torch.Tensor, sync) -> dict[str, dict[int, float]]:
+    """Milliseconds of one network call at each batch size, per backend."""
+    pc = next(iter(networks.values())).config
+    costs = {}
+    for backend, pol in networks.items():
+        costs[backend] = {}
+        for b in cfg.batch_sizes:
+            x = torch.randn(b, pc.horizon, pc.action_dim, device=pol.device)
+            t = torch.full((b,), 10, dtype=torch.long, device=pol.device)
+            c = cond[:1].expand(b, -1).contiguous()
+
+            def call():
+                with torch.no_grad():
+                    pol.denoiser(x, t, global_cond=c)
+                sync()
+
+            costs[backend][b] = time_call(call, 7)
+    return costs
+
+
+def loop_overhead_ms(table, device) -> float:
+    """The Picard loop's own cost per iteration (a network that costs nothing), batch 1."""
+    def free(sample, timestep, global_cond=None):
+        return torch.zeros_like(sample)
+
+    sampler = PicardSampler(table, window=8, tol=0.0)
+    noise = draw_noise((1, 16, 2), table.num_steps, torch.Generator().manual_seed(0)).to(device)
+    ms = time_call(lambda: sampler.sample(free, noise), 5)
+    return ms / table.num_steps
+
+
+def predict_ms(cost: dict[int, float], overhead: float, iterations: float, rows: float) -> float:
+    """Batch-1 latency of ``iterations`` network calls of ``rows`` rows each (cost interpolated
+    in the batch size) plus the loop's own cost."""
+    sizes = sorted(cost)
+    per_call = float(np.interp(rows, sizes, [cost[s] for s in sizes]))
+    return iterations * (per_call + overhead)
+
+
+def deviation(a, b) -> torch.Tensor:
+    """Per sample: the largest |a - b| over the executed chunks of two PolicyOutputs (normalised units)."""
+    return (a.actions_normalized - b.actions_normalized).abs().flatten(1).amax(dim=1)
+
+
+def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
+    torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fixed = dict(scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps)
+    base = load_policy(cfg.checkpoint, sampler=SamplerConfig(name="sequential", **fixed), device=device)
+    windows, obs_source = load_windows(cfg, base)
+    tune_obs, held_obs = split(windows, cfg.tune_samples, cfg.seed)
+    networks = {}
+    for backend in cfg.backends:
+        networks[backend] = copy.deepcopy(base)
+        networks[backend].set_sampler(SamplerConfig(name="sequential", backend=backend, **fixed))
+    table = base.sampler.table
+    stochastic = bool(table.stochastic)
+    tols = sorted(cfg.tols or (TOLS_STOCHASTIC if stochastic else TOLS_ODE), reverse=True)
+    combos = [(w, i, m) for w in sorted(set(cfg.windows)) for i in cfg.inits for m in cfg.andersons]
+    bar = tqdm(total=2 + len(combos) + cfg.trials + 1, desc="tune", disable=not cfg.progress)
+
+    # 1. what a batched call costs here
+    cond_tune = base.encode_observation({f: v.to(device) for f, v in tune_obs.items()})
+    costs = batch_costs(cfg, networks, cond_tune, sync)
+    overhead = loop_overhead_ms(table, device)
+    bar.update(1)
+
+    # 2. deviation and iterations on the tuning half, the same noise for every setting
+    n_tune = cond_tune.shape[0]
+    noise = base.draw_noise(n_tune, torch.Generator().manual_seed(cfg.seed))
+    ref = base.sample_from_condition(cond_tune, noise=noise)
+    allowed = int(np.floor((1 - cfg.coverage) * n_tune + 1e-9))
+    bar.update(1)
+    candidates: list[Candidate] = []
+    tried = []
+    for window, init, anderson in combos:
+        for tol in tols:
+            scfg = SamplerConfig(name="picard", window=window, tol=tol, init=init, anderson=anderson, **fixed)
+            out = base.sample_from_condition(cond_tune, noise=noise, sampler=base.make_sampler(scfg))
+            dev = deviation(out, ref)
+            over = int((dev > cfg.max_dev).sum())
+            iters = float(out.stats.iterations.float().mean())
+            rows = float((out.stats.nfe.float() / out.stats.iterations.float()).mean())
+            tried.append({"window": window, "tol": tol, "init": init, "anderson": anderson, "over": over,
+                          "dev_max": float(dev.max()), "iterations": iters})
+            if over <= allowed:
+                candidates.append(Candidate(scfg, float(dev.max()), over, iters, rows))
+                break
+        bar.update(1)
+    if not candidates:
+        raise ValueError(f"no setting keeps max_dev={cfg.max_dev} for {cfg.coverage:.0%} of {n_tune} samples; "
+                         f"add smaller tols (tried down to {tols[-1]}) or use the sequential sampler")
+    ranked = []
+    for cand in candidates:
+        for backend in cfg.backends:
+            c = dataclasses.replace(cand, sampler=dataclasses.replace(cand.sampler, backend=backend))
+            c.predicted_ms = predict_ms(costs[backend], overhead, c.iterations, c.rows_per_iteration)
+            ranked.append(c)
+    ranked.sort(key=lambda c: c.predicted_ms)
+    verify = ranked[: cfg.verify_top]
+    for v in verify:
+        v.label = f"p={v.sampler.window} τ={v.sampler.tol:g} {v.sampler.init}" + (f" aa{v.sampler.anderson}" if v.sampler.anderson else "") + f" {v.sampler.backend}"
+    preset = readme_preset(cfg, stochastic, fixed)
+    if preset is not None:
+        pbackend = verify[0].sampler.backend  # the preset on the same backend as the best candidate
+        verify.append(Candidate(dataclasses.replace(preset, backend=pbackend), float("nan"), -1, float("nan"), float("nan"),
+                                predicted_ms=float("nan"), label=f"README preset p={preset.window} τ={preset.tol:g} {pbackend}"))
+
+    # 3. batch-1 timing on held-out observations, interleaved with the same-backend sequential sampler
+    samplers = {v.label: (networks[v.sampler.backend], networks[v.sampler.backend].make_sampler(v.sampler)) for v in verify}
+    for backend in sorted({v.sampler.backend for v in verify}):
+        samplers[f"sequential {backend}"] = (networks[backend], networks[backend].sampler)
+    for pol, s in samplers.values():
+        pol.warm_up(1, s)
+    held_cond = base.encode_observation({f: v.to(device) for f, v in held_obs.items()})
+    names = list(samplers)
+    lat = {n: [] for n in names}
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    for trial in range(cfg.trials):
+        i = int(torch.randint(held_cond.shape[0], (1,), generator=gen))
+        nz = base.draw_noise(1, gen)
+        for name in names[trial % len(names):] + names[: trial % len(names)]:
+            pol, s = samplers[name]
+            sync()
+            t0 = time.perf_counter()
+            pol.sample_from_condition(held_cond[i : i + 1], noise=nz, sampler=s)
+            sync()
+            lat[name].append((time.perf_counter() - t0) * 1e3)
+        bar.update(1)
+    timed = []
+    for v in verify:
+        seq = lat[f"sequential {v.sampler.backend}"]
+        ratios = np.asarray(seq) / np.asarray(lat[v.label])
+        timed.append({"label": v.label, "sampler": dataclasses.asdict(v.sampler), "predicted_ms": v.predicted_ms,
+                      "latency_ms": {"p50": float(np.median(lat[v.label])), "p95": float(np.percentile(lat[v.label], 95))},
+                      "speedup_vs_sequential_same_backend": {"reference": f"sequential, backend={v.sampler.backend}",
+                                                             "median": float(np.median(ratios)),
+                                                             "p5_p95": [float(np.percentile(ratios, 5)), float(np.percentile(ratios, 95))]},
+                      "tune_dev_max": v.tune_dev_max, "tune_over": v.tune_over})
+    eligible = [t for t in timed if not t["label"].startswith("README") or meets(base, t, cond_tune, noise, ref, cfg, allowed)]
+    for backend in sorted({v.sampler.backend for v in verify}):  # the sequential sampler is a candidate too (deviation 0)
+        name = f"sequential {backend}"
+        seq_cfg = dataclasses.asdict(dataclasses.replace(networks[backend].sampler_config))
+        eligible.append({"label": name, "sampler": seq_cfg, "predicted_ms": float("nan"),
+                         "latency_ms": {"p50": float(np.median(lat[name])), "p95": float(np.percentile(lat[name], 95))},
+                         "speedup_vs_sequential_same_backend": {"reference": f"sequential, backend={backend}", "median": 1.0,
+                                                                "p5_p95": [1.0, 1.0]},
+                         "tune_dev_max": 0.0, "tune_over": 0})
+        timed.append(eligible[-1])
+    best = min(eligible, key=lambda t: t["latency_ms"]["p50"])
+    chosen = SamplerConfig(**best["sampler"])
+
+    # 4. the chosen setting on the held-out half it was not tuned on
+    held_noise = base.draw_noise(held_cond.shape[0], torch.Generator().manual_seed(cfg.seed + 2))
+    held_ref = base.sample_from_condition(held_cond, noise=held_noise)
+    held_dev = deviation(base.sample_from_condition(held_cond, noise=held_noise, sampler=base.make_sampler(chosen)), held_ref)
+    bar.update(1)
+    bar.close()
+    held = {"samples": int(held_dev.numel()), "max": float(held_dev.max()), "over": int((held_dev > cfg.max_dev).sum()),
+            "fraction_within": float((held_dev <= cfg.max_dev).float().mean())}
+    report = {
+        "checkpoint": cfg.checkpoint, "max_dev": cfg.max_dev, "coverage": cfg.coverage, "chosen": dataclasses.asdict(chosen),
+        "chosen_label": best["label"], "speedup": best["speedup_vs_sequential_same_backend"], "latency_ms": best["latency_ms"],
+        "held_out": {**held, "meets_budget": held["fraction_within"] >= cfg.coverage},
+        "observations": obs_source, "tune_samples": n_tune, "held_out_samples": int(held_cond.shape[0]),
+        "batch_cost_ms": costs, "loop_overhead_ms_per_iteration": overhead, "timed": timed, "tried": tried,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(), "cpu": cpu_model(),
+        "threads": cfg.threads, "versions": versions(), "trials": cfg.trials,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tune_report.json").write_text(json.dumps(report, indent=2))
+    if cfg.write:
+        keep = {k: report[k] for k in ("max_dev", "coverage", "speedup", "latency_ms", "held_out", "observations", "device", "cpu", "threads")}
+        report["written"] = str(save_tuned(cfg.checkpoint, chosen, {"tuned_on": keep}))
+    print(summary(report))
+    return report
+
+
+def meets(policy, timed_row: dict, cond, noise, ref, cfg: TuneConfig, allowed: int) -> bool:
+    """Whether a setting (the README preset) keeps the budget on the tuning samples."""
+    s = SamplerConfig(**timed_row["sampler"])
+    dev = deviation(policy.sample_from_condition(cond, noise=noise, sampler=policy.make_sampler(s)), ref)
+    timed_row["tune_dev_max"], timed_row["tune_over"] = float(dev.max()), int((dev > cfg.max_dev).sum())
+    return timed_row["tune_over"] <= allowed
+
+
+def readme_preset(cfg: TuneConfig, stochastic: bool, fixed: dict) -> SamplerConfig | None:
+    """The hand-picked setting the README recommends for agreement with the sequential sample
+    (DDPM: p=8, τ=0.005; the ODE samplers: the paraddim preset, p=4, τ=1e-3)."""
+    if stochastic:
+        return SamplerConfig(name="picard", window=8, tol=0.005, **fixed)
+    return SamplerConfig(name="picard", window=4, tol=1e-3, **fixed)
+
+
+def summary(report: dict) -> str:
+    lines = [f"tuned {report['checkpoint']} for max_dev={report['max_dev']:g} on {report['tune_samples']} samples "
+             f"({report['observations']}); {report['device']} ({report['cpu']}), {report['threads']} threads",
+             "| setting | predicted ms | latency p50 ms | p95 ms | speed-up vs sequential, same backend (p5-p95) | tuning max dev |",
+             "|---|---|---|---|---|---|"]
+    for t in report["timed"]:
+        s = t["speedup_vs_sequential_same_backend"]
+        pred = "" if t["predicted_ms"] != t["predicted_ms"] else f"{t['predicted_ms']:.0f}"
+        lines.append(f"| {t['label']} | {pred} | {t['latency_ms']['p50']:.0f} | {t['latency_ms']['p95']:.0f} | "
+                     f"{s['median']:.2f}x ({s['p5_p95'][0]:.2f}-{s['p5_p95'][1]:.2f}) | {t['tune_dev_max']:.1e} |")
+    h = report["held_out"]
+    lines.append(f"chosen: {report['chosen_label']}; held out: {h['over']} of {h['samples']} samples over {report['max_dev']:g} "
+                 f"(max {h['max']:.1e}) → {'meets' if h['meets_budget'] else 'MISSES'} the budget"
+                 + (f"; written to {report['written']}" if report.get("written") else ""))
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../conf", config_name="tune", version_base="1.3")
+def main(cfg) -> None:
+    with exit_on_bad_input():
+        obj: TuneConfig = OmegaConf.to_object(cfg)
+        out = Path(obj.output_dir) if obj.output_dir else Path(HydraConfig.get().runtime.output_dir)
+        run_tune(obj, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""paradiffpolicy.tune: the chosen setting keeps its budget, is written beside the checkpoint and
+is what sampler=tuned loads."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from paradiffpolicy import DiffusionPolicy, PolicyConfig, SamplerConfig, SchedulerConfig, load_policy, save_policy
+from paradiffpolicy.data.obs_sample import load_observation_sample, save_observation_sample
+import paradiffpolicy.eval  # noqa: F401 - registers the eval schema with Hydra
+from paradiffpolicy.tune import TuneConfig, predict_ms, run_tune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    cfg = PolicyConfig(obs_dim=5, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16,
+                       scheduler=SchedulerConfig(num_train_timesteps=20, num_inference_steps=20))
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg)
+    policy.obs_normalizer.fit(torch.tensor([[0.0] * 5, [1.0] * 5]))
+    policy.action_normalizer.fit(torch.tensor([[-1.0] * 2, [1.0] * 2]))
+    save_policy(policy, path)
+    windows = torch.rand(48, 2, 5, generator=torch.Generator().manual_seed(1))
+    save_observation_sample(path, {"observation.state": windows}, {"source": "48 random windows (test)"})
+    return path
+
+
+def test_observation_sample_round_trip(checkpoint):
+    windows, source = load_observation_sample(checkpoint)
+    assert windows["observation.state"].shape == (48, 2, 5) and source["source"].startswith("48 random")
+    assert load_observation_sample(checkpoint.parent) is None
+
+
+def test_tune_writes_a_setting_that_keeps_the_budget_and_sampler_tuned_loads_it(checkpoint, tmp_path):
+    cfg = TuneConfig(checkpoint=str(checkpoint), max_dev=0.05, windows=[2, 4, 8], inits=["rollout"], backends=["eager"],
+                     batch_sizes=[1, 2, 4, 8], tune_samples=24, verify_top=2, trials=3, threads=1, progress=False)
+    report = run_tune(cfg, tmp_path / "run")
+    chosen = report["chosen"]
+    assert chosen["name"] in ("picard", "sequential")  # sequential when no Picard setting is faster here
+    assert {t["label"] for t in report["timed"]} >= {"sequential eager", report["chosen_label"]}
+    assert report["tune_samples"] == report["held_out_samples"] == 24
+    picked = next(t for t in report["timed"] if t["label"] == report["chosen_label"])
+    assert picked["tune_over"] == 0 and picked["tune_dev_max"] <= 0.05  # coverage 0.99 of 24: none over
+    assert any(t["label"].startswith("README preset") for t in report["timed"])  # timed side by side
+    assert report["speedup"]["reference"] == "sequential, backend=eager"
+    # tolerances are scanned loosest first and the scan stops at the first that keeps the budget
+    for window in (2, 4, 8):
+        scan = [t for t in report["tried"] if t["window"] == window]
+        assert [t["tol"] for t in scan] == sorted((t["tol"] for t in scan), reverse=True)
+        assert all(t["over"] > 0 for t in scan[:-1])
+    held = report["held_out"]
+    assert held["samples"] == 24 and held["meets_budget"] == (held["fraction_within"] >= 0.99)
+    assert json.loads((tmp_path / "run" / "tune_report.json").read_text())["chosen"] == chosen
+    saved = json.loads((checkpoint / "sampler_tuned.json").read_text())
+    assert saved["sampler"] == chosen and saved["tuned_on"]["max_dev"] == 0.05
+    # sampler=tuned, from Python and from Hydra; warm_start stays the caller's choice
+    policy = load_policy(checkpoint, sampler=SamplerConfig(name="tuned", warm_start=True))
+    assert policy.sampler_config == SamplerConfig(**{**chosen, "warm_start": True})
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        eval_cfg = OmegaConf.to_object(compose(config_name="eval", overrides=["sampler=tuned", f"checkpoint={checkpoint}"]))
+    assert eval_cfg.sampler.name == "tuned"
+    assert load_policy(checkpoint, sampler="tuned").sampler_config == SamplerConfig(**chosen)
+
+
+def test_tuned_without_a_preset_and_bad_settings_say_what_to_do(tmp_path, checkpoint):
+    with pytest.raises(ValueError, match="sampler_tuned.json does not exist; run python -m paradiffpolicy.tune"):
+        load_policy(ROOT / "checkpoints" / "pusht", sampler="tuned")
+    with pytest.raises(ValueError, match="load_policy"):
+        DiffusionPolicy(PolicyConfig(obs_dim=2, action_dim=2), SamplerConfig(name="tuned"))
+    for kw, match in ((dict(max_dev=0), "max_dev"), (dict(coverage=1.5), "coverage"), (dict(tols=[0.0]), "tols"),
+                      (dict(backends=["onnx"]), "backends"), (dict(device="cuda:7" if torch.cuda.is_available() else "cuda"), "device")):
+        with pytest.raises(ValueError, match=match):
+            TuneConfig(**kw)
+
+
+def test_latency_prediction_interpolates_the_measured_batch_cost():
+    cost = {1: 2.0, 4: 3.0, 16: 9.0}
+    assert predict_ms(cost, 0.5, iterations=10, rows=4) == pytest.approx(10 * (3.0 + 0.5))
+    assert predict_ms(cost, 0.5, iterations=10, rows=10) == pytest.approx(10 * (6.0 + 0.5))
