@@ -11,8 +11,9 @@ batch of 8 costs several batch-1 calls, on a GPU about one), so they are measure
 2. **Deviation and iterations**: on real observation windows (the sample shipped with the
    checkpoint, or a zarr store), split into a tuning half and a held-out half. For each window,
    init and Anderson memory, tolerances are tried from the loosest down; the first whose executed
-   chunk stays within ``max_dev`` of the sequential sample (same noise) for ``coverage`` of the
-   tuning samples is that combination's candidate. Its batch-1 latency is predicted from its
+   chunk stays within ``margin * max_dev`` of the sequential sample (same noise) for ``coverage``
+   of the tuning samples is that combination's candidate (the margin because the deviation is
+   heavy-tailed: a setting right at the budget on some samples exceeds it on others). Its batch-1 latency is predicted from its
    iterations and windows with the cost curve.
 3. **Verification**: the fastest predicted candidates, and the README's preset for this budget,
    are timed at batch 1, interleaved with the sequential sampler on the same backend; the fastest
@@ -62,16 +63,19 @@ class TuneConfig:
     checkpoint: str = "checkpoints/lift"
     max_dev: float = 1e-2  # largest |chunk - sequential chunk| (normalised units) allowed ...
     coverage: float = 0.99  # ... for this fraction of samples
+    # tuning asks for max_dev * margin: the deviation is heavy-tailed, and a setting right at the
+    # budget on the tuning samples tends to exceed it on others
+    margin: float = 0.5
     scheduler: Optional[str] = None  # held fixed; None: the checkpoint's
     num_inference_steps: Optional[int] = None
-    windows: List[int] = field(default_factory=lambda: [2, 4, 8, 12, 16, 24, 32])
+    windows: List[int] = field(default_factory=lambda: [4, 8, 12, 16, 24, 32])
     tols: List[float] = field(default_factory=list)  # default: TOLS_STOCHASTIC or TOLS_ODE
     inits: List[str] = field(default_factory=lambda: ["rollout", "copy"])
     andersons: List[int] = field(default_factory=lambda: [0])
     backends: List[str] = field(default_factory=lambda: ["eager", "jit"])
     batch_sizes: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     observations: str = ""  # "": the sample shipped with the checkpoint; or a zarr store (its "obs")
-    tune_samples: int = 64  # observation windows tuned on; as many others are held out
+    tune_samples: int = 128  # observation windows tuned on; as many others are held out
     verify_top: int = 3  # candidates timed (besides the README preset)
     trials: int = 20
     device: str = "cpu"
@@ -86,6 +90,8 @@ class TuneConfig:
             raise ValueError(f"max_dev={self.max_dev} must be > 0")
         if not 0 < self.coverage <= 1:
             raise ValueError(f"coverage={self.coverage} must be in (0, 1]")
+        if not 0 < self.margin <= 1:
+            raise ValueError(f"margin={self.margin} must be in (0, 1]")
         for key in ("windows", "batch_sizes"):
             if not getattr(self, key) or min(getattr(self, key)) < 1:
                 raise ValueError(f"{key}={list(getattr(self, key))} must be a non-empty list of integers >= 1")
@@ -237,7 +243,7 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
             scfg = SamplerConfig(name="picard", window=window, tol=tol, init=init, anderson=anderson, **fixed)
             out = base.sample_from_condition(cond_tune, noise=noise, sampler=base.make_sampler(scfg))
             dev = deviation(out, ref)
-            over = int((dev > cfg.max_dev).sum())
+            over = int((dev > cfg.max_dev * cfg.margin).sum())
             iters = float(out.stats.iterations.float().mean())
             rows = float((out.stats.nfe.float() / out.stats.iterations.float()).mean())
             tried.append({"window": window, "tol": tol, "init": init, "anderson": anderson, "over": over,
@@ -247,7 +253,7 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
                 break
         bar.update(1)
     if not candidates:
-        raise ValueError(f"no setting keeps max_dev={cfg.max_dev} for {cfg.coverage:.0%} of {n_tune} samples; "
+        raise ValueError(f"no setting keeps margin*max_dev={cfg.margin * cfg.max_dev:g} for {cfg.coverage:.0%} of {n_tune} samples; "
                          f"add smaller tols (tried down to {tols[-1]}) or use the sequential sampler")
     ranked = []
     for cand in candidates:
@@ -318,7 +324,8 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     held = {"samples": int(held_dev.numel()), "max": float(held_dev.max()), "over": int((held_dev > cfg.max_dev).sum()),
             "fraction_within": float((held_dev <= cfg.max_dev).float().mean())}
     report = {
-        "checkpoint": cfg.checkpoint, "max_dev": cfg.max_dev, "coverage": cfg.coverage, "chosen": dataclasses.asdict(chosen),
+        "checkpoint": cfg.checkpoint, "max_dev": cfg.max_dev, "coverage": cfg.coverage, "margin": cfg.margin,
+        "chosen": dataclasses.asdict(chosen),
         "chosen_label": best["label"], "speedup": best["speedup_vs_sequential_same_backend"], "latency_ms": best["latency_ms"],
         "held_out": {**held, "meets_budget": held["fraction_within"] >= cfg.coverage},
         "observations": obs_source, "tune_samples": n_tune, "held_out_samples": int(held_cond.shape[0]),
@@ -329,17 +336,17 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tune_report.json").write_text(json.dumps(report, indent=2))
     if cfg.write:
-        keep = {k: report[k] for k in ("max_dev", "coverage", "speedup", "latency_ms", "held_out", "observations", "device", "cpu", "threads")}
+        keep = {k: report[k] for k in ("max_dev", "coverage", "margin", "speedup", "latency_ms", "held_out", "observations", "device", "cpu", "threads")}
         report["written"] = str(save_tuned(cfg.checkpoint, chosen, {"tuned_on": keep}))
     print(summary(report))
     return report
 
 
 def meets(policy, timed_row: dict, cond, noise, ref, cfg: TuneConfig, allowed: int) -> bool:
-    """Whether a setting (the README preset) keeps the budget on the tuning samples."""
+    """Whether a setting (the README preset) keeps the tuning budget (``margin * max_dev``)."""
     s = SamplerConfig(**timed_row["sampler"])
     dev = deviation(policy.sample_from_condition(cond, noise=noise, sampler=policy.make_sampler(s)), ref)
-    timed_row["tune_dev_max"], timed_row["tune_over"] = float(dev.max()), int((dev > cfg.max_dev).sum())
+    timed_row["tune_dev_max"], timed_row["tune_over"] = float(dev.max()), int((dev > cfg.max_dev * cfg.margin).sum())
     return timed_row["tune_over"] <= allowed
 
 
@@ -352,7 +359,8 @@ def readme_preset(cfg: TuneConfig, stochastic: bool, fixed: dict) -> SamplerConf
 
 
 def summary(report: dict) -> str:
-    lines = [f"tuned {report['checkpoint']} for max_dev={report['max_dev']:g} on {report['tune_samples']} samples "
+    lines = [f"tuned {report['checkpoint']} for max_dev={report['max_dev']:g} (tuning at {report['margin']:g}x that) "
+             f"on {report['tune_samples']} samples "
              f"({report['observations']}); {report['device']} ({report['cpu']}), {report['threads']} threads",
              "| setting | predicted ms | latency p50 ms | p95 ms | speed-up vs sequential, same backend (p5-p95) | tuning max dev |",
              "|---|---|---|---|---|---|"]
