@@ -4,7 +4,9 @@
 
 Episode ``i`` uses environment and expert seed ``seed * 1_000_000 + i``; only successful episodes
 are kept unless ``keep_failed=true``. Rerunning with the same settings resumes where the store ends;
-different settings refuse with a message. Ctrl-C / SIGTERM keep every finished episode.
+different settings refuse with a message. Ctrl-C / SIGTERM keep every finished episode. A task
+with named features (``task=pusht_image``) stores each feature under its name (``data/observation.image``
+as uint8 frames, one compressed chunk per frame, as Diffusion Policy does); flat tasks store ``data/obs``.
 """
 
 from __future__ import annotations
@@ -50,12 +52,11 @@ ConfigStore.instance().store(name="collect_schema", node=CollectConfig)
 
 
 def collect(cfg: CollectConfig) -> ReplayBuffer:
-    if cfg.task.features:
-        raise ValueError(f"task={cfg.task.name} has named-feature (image) observations; collect stores flat low-dim "
-                         "observations only so far: use a low-dim task")
     path = Path(cfg.output)
     identity = {"task": cfg.task.name, "env_name": cfg.task.env_name, "expert": cfg.task.expert, "seed": cfg.seed,
                 "obs_keys": list(cfg.task.obs_keys), "keep_failed": cfg.keep_failed}
+    if cfg.task.features:  # named features (cameras): stored under their names, images uint8 per frame
+        identity["features"] = {k: v if isinstance(v, str) else list(v) for k, v in cfg.task.features.items()}
     if path.exists():
         buf = ReplayBuffer.open(path, mode="a")
         found = {k: buf.attrs.get(k) for k in identity}
@@ -93,14 +94,17 @@ def collect(cfg: CollectConfig) -> ReplayBuffer:
 
 
 def run_expert_episode(env, expert_name: str, seed: int) -> tuple[dict[str, np.ndarray], bool]:
+    """One scripted-expert episode: ``{"obs" or each feature name, "action", "reward": (L, ...)}``
+    and whether it succeeded."""
     obs = env.reset(seed)
     expert = make_expert(expert_name, seed)
-    rows: dict[str, list] = {"obs": [], "action": [], "reward": []}
+    rows: dict[str, list] = {"action": [], "reward": []}
     result = None
     for _ in range(env.max_steps):
         action = expert.act(env.expert_state())
         result = env.step(action)
-        rows["obs"].append(obs)
+        for key, value in (obs.items() if isinstance(obs, dict) else [("obs", obs)]):
+            rows.setdefault(key, []).append(value)
         rows["action"].append(np.asarray(action, dtype=np.float32))
         rows["reward"].append(np.float32(result.reward))
         obs = result.obs

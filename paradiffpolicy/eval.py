@@ -230,6 +230,9 @@ def summary_table(info: dict) -> str:
         f"{i['latency_ms']['p50']:.1f} / {i['latency_ms']['p95']:.1f} | {i['iterations_mean']:.1f} | {i['nfe_mean']:.0f} | "
         f"{c['mode']} | {c['achieved_hz']:.1f} | {c['deadline_misses']} |",
     ]
+    if i.get("encoder_ms", {}).get("p50", 0.0) >= 0.5:  # camera policies: where a call's time goes
+        rows.append(f"\nper call: observation encoder p50 {i['encoder_ms']['p50']:.1f} ms (p95 {i['encoder_ms']['p95']:.1f}), "
+                    f"sampling p50 {i['sampling_ms']['p50']:.1f} ms (p95 {i['sampling_ms']['p95']:.1f})")
     if "compare" in info:
         cmp = info["compare"]
         seq = "n/a" if cmp["pc_success_sequential"] is None else f"{cmp['pc_success_sequential']:.1f}%"

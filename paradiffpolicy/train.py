@@ -36,6 +36,7 @@ from paradiffpolicy.config import PolicyConfig
 from paradiffpolicy.data.replay_buffer import ReplayBuffer
 from paradiffpolicy.data.sequence import SequenceSampler
 from paradiffpolicy.envs import TaskConfig
+from paradiffpolicy.features import FeatureSpec
 from paradiffpolicy.policy import DiffusionPolicy
 from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, seed_everything, sigterm_as_keyboard_interrupt, versions
 
@@ -81,6 +82,34 @@ class TrainConfig:
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+def dataset_observations(buf: ReplayBuffer, policy: PolicyConfig):
+    """The store's observations and the policy config that reads them: ``data/obs`` (one flat
+    feature of ``obs_dim``), or one array per named feature (``data/observation.*``; (N, H, W, 3)
+    uint8 arrays are cameras: identity-normalised [0, 1] images through the RGB encoder; the rest
+    low-dim, affine-normalised). Declared ``policy.input_features`` must match the store."""
+    if "obs" in buf.keys:
+        obs = torch.from_numpy(np.asarray(buf["obs"], dtype=np.float32))
+        return obs, dataclasses.replace(policy, obs_dim=obs.shape[1])
+    names = [k for k in buf.keys if k.startswith("observation.")]
+    if not names:
+        raise ValueError(f"dataset {buf.path} has neither data/obs nor data/observation.* arrays (keys {buf.keys})")
+    obs, found = {}, []
+    for name in names:
+        arr = np.asarray(buf[name])
+        if arr.ndim == 4 and arr.dtype == np.uint8:
+            obs[name] = torch.from_numpy(arr)
+            found.append(FeatureSpec(name, "image", [3, arr.shape[1], arr.shape[2]], "identity"))
+        else:
+            obs[name] = torch.from_numpy(arr.astype(np.float32).reshape(len(arr), -1))
+            found.append(FeatureSpec(name, "state", [obs[name].shape[1]], "affine"))
+    if policy.input_features:
+        declared = {f.name: list(f.shape) for f in policy.input_features}
+        if declared != {f.name: list(f.shape) for f in found}:
+            raise ValueError(f"policy.input_features {declared} do not match dataset {buf.path} ({ {f.name: f.shape for f in found} })")
+        return obs, dataclasses.replace(policy, obs_dim=0)
+    return obs, dataclasses.replace(policy, obs_dim=0, input_features=found)
+
+
 def ema_decay(step: int, power: float, max_value: float) -> float:
     """Diffusion Policy's EMAModel: ``1 - (1 + step) ** -power``, clipped to [0, max_value]."""
     return float(min(max(1.0 - (1.0 + step) ** -power, 0.0), max_value))
@@ -113,16 +142,20 @@ class Trainer:
         if buf.n_episodes == 0:
             raise ValueError(f"dataset {cfg.dataset} has no episodes")
         self.n_episodes, self.n_steps = buf.n_episodes, buf.n_steps
-        self.obs = torch.from_numpy(np.asarray(buf["obs"], dtype=np.float32))
         self.action = torch.from_numpy(np.asarray(buf["action"], dtype=np.float32))
-        pcfg = dataclasses.replace(cfg.policy, obs_dim=self.obs.shape[1], action_dim=self.action.shape[1])
+        self.obs, pcfg = dataset_observations(buf, dataclasses.replace(cfg.policy, action_dim=self.action.shape[1]))
         self.policy = DiffusionPolicy(pcfg)
-        self.policy.obs_normalizer.fit(self.obs)
+        for spec, norm in zip(self.policy.features, self.policy.obs_encoder.normalizers):
+            if norm.mode == "affine":
+                norm.fit(self.obs[spec.name] if isinstance(self.obs, dict) else self.obs)
         self.policy.action_normalizer.fit(self.action)
         self.policy.to(self.device)
         self.ema = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.sampler = SequenceSampler(buf.episode_ends, pcfg.horizon, pcfg.n_obs_steps - 1, pcfg.n_action_steps - 1)
-        self.opt = torch.optim.AdamW(self.policy.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.95, 0.999))
+        # the U-Net and, for camera policies, the image encoder (normalisers are fitted buffers)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.ema_params = [pe for pe, p in zip(self.ema.parameters(), self.policy.parameters()) if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.95, 0.999))
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
@@ -142,7 +175,7 @@ class Trainer:
         save_file({k: v.cpu().contiguous() for k, v in self.policy.state_dict().items()}, str(tmp / "model.safetensors"))
         save_file({k: v.cpu().contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
         opt_tensors = {}
-        for i, p in enumerate(self.policy.model.parameters()):
+        for i, p in enumerate(self.params):
             for k, v in self.opt.state.get(p, {}).items():
                 opt_tensors[f"{i}.{k}"] = torch.as_tensor(v).cpu().contiguous()
         opt_tensors["torch_generator"] = self.gen.get_state()
@@ -171,10 +204,9 @@ class Trainer:
         self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
         opt = load_file(str(path / "optimizer.safetensors"))
         self.gen.set_state(opt.pop("torch_generator"))
-        params = list(self.policy.model.parameters())
         for key, v in opt.items():
             i, name = key.split(".", 1)
-            self.opt.state[params[int(i)]][name] = v.to(self.device) if name != "step" else v
+            self.opt.state[self.params[int(i)]][name] = v.to(self.device) if name != "step" else v
         self.rng.bit_generator.state = state["numpy_rng"]
         self.step, self.elapsed = state["step"], state["elapsed_s"]
         self._truncate_log()
@@ -214,11 +246,17 @@ class Trainer:
 
     # -- loop ---------------------------------------------------------------------------------
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self):
+        """(observations (B, To, ...) — a tensor, or a dict of them with images as uint8 frames —,
+        actions (B, T, Da)) of ``batch_size`` random training windows."""
         ids = self.rng.integers(0, len(self.sampler), self.cfg.batch_size)
         pos = torch.from_numpy(self.sampler.positions(ids))
-        to = self.policy.config.n_obs_steps
-        return self.obs[pos[:, :to]].to(self.device), self.action[pos].to(self.device)
+        obs_pos = pos[:, : self.policy.config.n_obs_steps]
+        if isinstance(self.obs, dict):
+            obs = {k: v[obs_pos].to(self.device) for k, v in self.obs.items()}
+        else:
+            obs = self.obs[obs_pos].to(self.device)
+        return obs, self.action[pos].to(self.device)
 
     def train(self) -> DiffusionPolicy:
         cfg = self.cfg
@@ -238,7 +276,7 @@ class Trainer:
                     self.opt.step()
                     decay = ema_decay(self.step, cfg.ema_power, cfg.ema_max)
                     with torch.no_grad():
-                        for pe, p in zip(self.ema.model.parameters(), self.policy.model.parameters()):
+                        for pe, p in zip(self.ema_params, self.params):
                             pe.mul_(decay).add_(p.detach(), alpha=1 - decay)
                     self.step += 1
                     self.elapsed += time.perf_counter() - t0

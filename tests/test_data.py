@@ -1,6 +1,7 @@
 """ReplayBuffer (real zarr stores on disk), sequence padding, and collect → train → load."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ import torch
 
 from paradiffpolicy.data.replay_buffer import ReplayBuffer, ReplayBufferError
 from paradiffpolicy.data.sequence import SequenceSampler
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _episode(length, seed=0):
@@ -168,3 +171,44 @@ def test_sigterm_during_training_keeps_a_resumable_state(tmp_path):
     state = json.loads((out / "last" / "state.json").read_text())
     assert state["step"] >= 50  # saved on the signal although no periodic checkpoint was due
     assert not (out / "last.tmp").exists()
+
+
+@pytest.mark.slow
+def test_pixel_demonstrations_train_an_image_policy_that_resumes(tmp_path):
+    """pusht_image: frames stored uint8, one chunk per frame; the trainer builds the camera policy
+    from the store, trains encoder and U-Net (EMA of both), resumes, and the export runs."""
+    from omegaconf import OmegaConf
+
+    from paradiffpolicy import load_policy
+    from paradiffpolicy.collect import CollectConfig, collect
+    from paradiffpolicy.config import PolicyConfig, from_dict
+    from paradiffpolicy.envs import TaskConfig
+    from paradiffpolicy.models.vision import VisionConfig
+    from paradiffpolicy.train import TrainConfig, Trainer
+
+    task = from_dict(TaskConfig, OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / "pusht_image.yaml")), name="task")
+    task.max_steps = 40
+    store = tmp_path / "pusht_image.zarr"
+    buf = collect(CollectConfig(task=task, n_episodes=2, seed=3, output=str(store), progress=False, keep_failed=True))
+    assert set(buf.keys) == {"action", "observation.image", "observation.state", "reward"}
+    frames = buf.group["data"]["observation.image"]
+    assert frames.dtype == np.uint8 and frames.shape[1:] == (96, 96, 3) and frames.chunks == (1, 96, 96, 3)
+    assert buf.attrs["features"] == {"observation.image": "pixels", "observation.state": "agent_pos"}
+
+    pcfg = PolicyConfig(down_dims=[16, 32], diffusion_step_embed_dim=16,
+                        vision=VisionConfig(backbone_width=16, spatial_softmax_num_keypoints=8))
+    cfg = TrainConfig(task=task, policy=pcfg, dataset=str(store), output_dir=str(tmp_path / "run"), steps=2, batch_size=4,
+                      checkpoint_every=2, warmup_steps=1, export=str(tmp_path / "ck"), progress=False)
+    trainer = Trainer(cfg)
+    assert [f.name for f in trainer.policy.features] == ["observation.image", "observation.state"]
+    encoder_before = trainer.policy.obs_encoder.state_dict()["rgb_encoders.0.out.weight"].clone()
+    trainer.train()
+    assert not torch.equal(trainer.policy.obs_encoder.state_dict()["rgb_encoders.0.out.weight"], encoder_before)  # trained
+    cfg.steps = 3
+    resumed = Trainer(cfg)
+    assert resumed.step == 2
+    resumed.train()
+    policy = load_policy(tmp_path / "ck")
+    obs = {"observation.image": torch.from_numpy(np.asarray(buf["observation.image"][:2]))[None],
+           "observation.state": torch.from_numpy(np.asarray(buf["observation.state"][:2]))[None]}
+    assert policy.predict_action(obs).actions.shape == (1, 8, 2)

@@ -51,7 +51,7 @@ def lift_ckpt(tmp_path_factory):
 
 REQUIRED = {
     "overall": ["pc_success", "avg_sum_reward", "avg_max_reward", "n_episodes", "eval_s"],
-    "inference": ["latency_ms", "iterations_mean", "nfe_mean", "calls"],
+    "inference": ["latency_ms", "encoder_ms", "sampling_ms", "iterations_mean", "nfe_mean", "calls"],
     "control": ["mode", "target_hz", "achieved_hz", "deadline_misses"],
 }
 
@@ -159,14 +159,14 @@ def test_realtime_counts_deadline_misses_when_inference_is_late(pusht_ckpt):
     from paradiffpolicy import load_policy
 
     policy = load_policy(pusht_ckpt, sampler=SamplerConfig(name="sequential"))
-    real, released = policy.predict_action, threading.Event()
+    real, released = policy.sample_from_condition, threading.Event()
 
     def late(*a, **k):
         if threading.current_thread().name.startswith("policy-inference"):
             released.wait(timeout=60)
         return real(*a, **k)
 
-    policy.predict_action = late
+    policy.sample_from_condition = late
     clock = FakeClock()
     env, _ = paced_env(clock, 0.001)
     with PolicyRunner(policy, hz=50, hold="repeat") as runner:

@@ -348,6 +348,8 @@ def test_image_policy_runs_in_the_closed_loop(tmp_path):
         info = json.loads((tmp_path / out / "eval_info.json").read_text())
         assert info["overall"]["n_episodes"] == 2 and info["control"]["steps"] == 32
         assert all(e["failure_reason"] == "time limit" for e in info["per_episode"])
+        inf = info["inference"]  # the latency split: the ResNet encoder once per call, then the sampler
+        assert inf["encoder_ms"]["p50"] > 0 and inf["sampling_ms"]["p50"] > 0
 
 
 @pytest.mark.slow

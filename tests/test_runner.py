@@ -59,14 +59,14 @@ def test_act_is_synchronous_and_matches_step_chunks():
 def test_misses_are_counted_and_hold_is_sent_when_inference_is_late():
     pol = policy()
     gate = threading.Event()
-    real = pol.predict_action
+    real = pol.sample_from_condition
 
     def blocked(*a, **k):  # the background call waits until the test lets it go
         if threading.current_thread().name.startswith("policy-inference"):
             gate.wait(timeout=30)
         return real(*a, **k)
 
-    pol.predict_action = blocked
+    pol.sample_from_condition = blocked
     runner = PolicyRunner(pol, hz=200, hold="zero_motion")
     runner.reset(np.zeros(3))
     horizon_left = len(runner._chunk.actions)

@@ -116,8 +116,10 @@ class ReplayBuffer:
         for key, value in episode.items():
             value = np.asarray(value)
             if key not in self.keys:
+                # images (N, H, W, C) uint8: one compressed chunk per frame, as Diffusion Policy stores them
+                rows = 1 if value.ndim == 4 and value.dtype == np.uint8 else CHUNK_ROWS
                 self.group.create_array(f"data/{key}", shape=(0, *value.shape[1:]),
-                                        chunks=(CHUNK_ROWS, *value.shape[1:]), dtype=value.dtype)
+                                        chunks=(rows, *value.shape[1:]), dtype=value.dtype)
             arr = self.group["data"][key]
             if arr.shape[1:] != value.shape[1:]:
                 raise ReplayBufferError(f"data/{key} rows have shape {arr.shape[1:]}, episode has {value.shape[1:]}")

@@ -33,6 +33,9 @@ class VisionConfig:
     """The image encoder; names and defaults follow LeRobot's ``DiffusionConfig``."""
 
     vision_backbone: str = "resnet18"
+    # channels of the trunk's first stage (stages: w, 2w, 4w, 8w); 64 is torchvision's ResNet (and
+    # loads LeRobot weights); a narrower trunk (16: 1/16 of the compute) trains on a CPU
+    backbone_width: int = 64
     use_group_norm: bool = True
     spatial_softmax_num_keypoints: int = 32
     crop_shape: Optional[List[int]] = field(default_factory=lambda: [84, 84])
@@ -43,6 +46,8 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.vision_backbone not in BACKBONES:
             raise ValueError(f"policy.vision.vision_backbone={self.vision_backbone!r} is unsupported; expected one of {tuple(BACKBONES)}")
+        if self.backbone_width < 16 or self.backbone_width % 16:
+            raise ValueError(f"policy.vision.backbone_width={self.backbone_width} must be a multiple of 16 (GroupNorm(C/16))")
         if self.spatial_softmax_num_keypoints < 1:
             raise ValueError(f"policy.vision.spatial_softmax_num_keypoints={self.spatial_softmax_num_keypoints} must be >= 1")
         if self.crop_shape is not None and (len(self.crop_shape) != 2 or min(self.crop_shape) < 1):
@@ -78,12 +83,12 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-def resnet_trunk(name: str, group_norm: bool) -> nn.Sequential:
-    """conv1 → norm → ReLU → maxpool → layer1..4 (512 channels at stride 32)."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), _norm(64, group_norm), nn.ReLU(inplace=True),
+def resnet_trunk(name: str, group_norm: bool, width: int = 64) -> nn.Sequential:
+    """conv1 → norm → ReLU → maxpool → layer1..4 (8·width channels at stride 32; width 64: ResNet)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 7, 2, 3, bias=False), _norm(width, group_norm), nn.ReLU(inplace=True),
                                nn.MaxPool2d(3, 2, 1)]
-    inplanes = 64
-    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), BACKBONES[name])):
+    inplanes = width
+    for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), BACKBONES[name])):
         stride = 1 if i == 0 else 2
         stage = [BasicBlock(inplanes, planes, stride, group_norm)]
         stage += [BasicBlock(planes, planes, 1, group_norm) for _ in range(blocks - 1)]
@@ -135,7 +140,7 @@ class RgbEncoder(nn.Module):
         if self.crop is not None and (self.crop[0] > image_shape[1] or self.crop[1] > image_shape[2]):
             raise ValueError(f"policy.vision.crop_shape={list(self.crop)} is larger than the image {list(image_shape[1:])}")
         self.crop_is_random = cfg.crop_is_random
-        self.backbone = resnet_trunk(cfg.vision_backbone, cfg.use_group_norm)
+        self.backbone = resnet_trunk(cfg.vision_backbone, cfg.use_group_norm, cfg.backbone_width)
         h, w = self.crop or image_shape[1:]
         with torch.no_grad():
             fmap = self.backbone.eval()(torch.zeros(1, 3, h, w)).shape[1:]
