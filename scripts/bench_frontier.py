@@ -117,6 +117,8 @@ def success_phase(cfg: FrontierConfig) -> None:
             eval_cfg = OmegaConf.to_object(compose(config_name="eval", overrides=overrides))
         t0 = time.time()
         info = Evaluator(eval_cfg, run).run_all()
+        if info["interrupted"]:  # Ctrl-C / SIGTERM: stop here; this setting reruns next time
+            raise SystemExit(f"{cfg.task} {name}: interrupted after {info['overall']['n_episodes']} episodes")
         print(f"{cfg.task} {name}: {info['overall']['pc_success']:.0f}% in {time.time() - t0:.0f} s", flush=True)
 
 
