@@ -71,6 +71,7 @@ class FrontierConfig:
     warmup: int = 3
     runs: str = "outputs/frontier"
     out: str = "benchmarks/results"
+    max_steps: int = 0  # 0: the task's episode length (smoke tests shorten it)
 
     def __post_init__(self) -> None:
         if self.phase not in ("success", "latency", "report"):
@@ -112,6 +113,7 @@ def success_phase(cfg: FrontierConfig) -> None:
         shutil.rmtree(run, ignore_errors=True)  # a partial run restarts: its episodes file would repeat seeds
         overrides = [f"task={cfg.task}", f"n_episodes={cfg.n_episodes}", f"n_envs={cfg.n_envs}", f"seed={cfg.seed}",
                      f"threads={cfg.threads}", f"output_dir={run}", "progress=false",
+                     *([f"task.max_steps={cfg.max_steps}"] if cfg.max_steps else []),
                      *[f"sampler.{k}={v}" for k, v in dataclasses.asdict(sampler_config(cfg, name)).items() if v is not None]]
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             eval_cfg = OmegaConf.to_object(compose(config_name="eval", overrides=overrides))
@@ -246,12 +248,12 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]):
     try:
         cfg = from_dict(FrontierConfig, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    {"success": success_phase, "latency": latency_phase, "report": report_phase}[cfg.phase](cfg)
+    return {"success": success_phase, "latency": latency_phase, "report": report_phase}[cfg.phase](cfg)
 
 
 if __name__ == "__main__":

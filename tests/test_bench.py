@@ -102,3 +102,33 @@ def test_bench_times_the_image_encoder_apart(tmp_path):
     assert "observation encoder" in out.with_suffix(".md").read_text()
     baseline = report["variants"]["baseline-ddim4"]  # another scheduler's sample: timed, no deviation
     assert baseline["iterations"]["mean"] == 4 and "abs_dev" not in baseline and baseline["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
+    """scripts/bench_frontier.py end to end on the shipped PushT policy, two samplers, short
+    episodes: complete settings are skipped on rerun, the report has success ± SE and latency."""
+    spec = importlib.util.spec_from_file_location("bench_frontier", ROOT / "scripts" / "bench_frontier.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    common = ["task=pusht", "settings=[ddim8,paraddim10-p4]", "n_episodes=3", "n_envs=2", "max_steps=24", "threads=1",
+              f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"]
+    mod.main(["phase=success", *common])
+    first = (tmp_path / "runs" / "pusht" / "ddim8" / "eval_info.json").stat().st_mtime_ns
+    mod.main(["phase=success", *common])  # complete: nothing reruns
+    assert (tmp_path / "runs" / "pusht" / "ddim8" / "eval_info.json").stat().st_mtime_ns == first
+    mod.main(["phase=latency", "trials=2", "warmup=1", *common])
+    report = mod.main(["phase=report", *common])
+    assert json.loads((tmp_path / "out" / "frontier-pusht.json").read_text())["settings"].keys() == report["settings"].keys()
+    rows = report["settings"]
+    assert set(rows) == {"ddim8", "paraddim10-p4"}
+    for r in rows.values():
+        p = r["pc_success"] / 100
+        assert r["n_episodes"] == 3 and r["pc_success_se"] == pytest.approx(100 * (p * (1 - p) / 3) ** 0.5)
+        assert len(r["success_per_seed"]) == 3 and r["latency_ms"]["p50"] > 0
+    assert report["latency"]["observations"]["held_out"] is True  # the shipped observation windows
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "out" / "frontier-pusht.png").std() > 0  # a drawn plot
+    assert "± " in (tmp_path / "out" / "frontier-pusht.md").read_text()
