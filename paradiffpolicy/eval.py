@@ -24,7 +24,6 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -34,7 +33,7 @@ from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
 from paradiffpolicy.control.controller import ControllerConfig, EpisodeResult, run_fast, run_realtime, run_vector
 from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs import TaskConfig, make_env
-from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, sigterm_as_keyboard_interrupt, versions
+from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, run_dir, sigterm_as_keyboard_interrupt, versions
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +246,7 @@ def summary_table(info: dict) -> str:
 def main(cfg) -> None:
     with exit_on_bad_input():
         obj: EvalConfig = OmegaConf.to_object(cfg)
-        out = Path(obj.output_dir) if obj.output_dir else Path(HydraConfig.get().runtime.output_dir)
-        Evaluator(obj, out).run_all()
+        Evaluator(obj, run_dir(obj.output_dir)).run_all()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import platform
 import random
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,6 +67,15 @@ def exit_on_bad_input():
         yield
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def run_dir(output_dir: str) -> Path:
+    """Where an entry point writes: ``output_dir`` when given, else the Hydra run directory."""
+    if output_dir:
+        return Path(output_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
 
 
 def seed_everything(seed: int) -> None:

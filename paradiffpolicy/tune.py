@@ -39,7 +39,6 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -47,7 +46,7 @@ from paradiffpolicy.checkpoint import load_policy
 from paradiffpolicy.config import BACKENDS, INITS, SamplerConfig
 from paradiffpolicy.data.obs_sample import load_observation_sample
 from paradiffpolicy.presets import save_tuned
-from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, versions
+from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, run_dir, versions
 from paradiffpolicy.sampling import PicardSampler, draw_noise
 
 log = logging.getLogger(__name__)
@@ -380,8 +379,7 @@ def summary(report: dict) -> str:
 def main(cfg) -> None:
     with exit_on_bad_input():
         obj: TuneConfig = OmegaConf.to_object(cfg)
-        out = Path(obj.output_dir) if obj.output_dir else Path(HydraConfig.get().runtime.output_dir)
-        run_tune(obj, out)
+        run_tune(obj, run_dir(obj.output_dir))
 
 
 if __name__ == "__main__":
