@@ -14,6 +14,10 @@ import json
 from pathlib import Path
 
 
+def feature_text(feature: dict) -> str:
+    return f"`{feature['name']}` {feature['kind']} {feature['shape']}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
@@ -34,6 +38,11 @@ def main() -> None:
         f"To={pol['n_obs_steps']}, T={pol['horizon']}, Ta={pol['n_action_steps']}, obs_dim={pol['obs_dim']}, "
         f"action_dim={pol['action_dim']}; DDPM {pol['scheduler']['num_train_timesteps']} steps, "
         f"{pol['scheduler']['beta_schedule']}, {pol['scheduler']['prediction_type']} prediction, clip_sample={pol['scheduler']['clip_sample']}.",
+        *([f"Inputs: {', '.join(feature_text(f) for f in pol['input_features'])}; image encoder "
+           f"{pol['vision']['vision_backbone']} trunk of width {pol['vision'].get('backbone_width', 64)}, "
+           f"{'GroupNorm' if pol['vision']['use_group_norm'] else 'BatchNorm'}, spatial softmax with "
+           f"{pol['vision']['spatial_softmax_num_keypoints']} keypoints, crop {pol['vision']['crop_shape']}."]
+          if pol.get("input_features") else []),
         "Weights: EMA, `model.safetensors`; configuration and metadata: `config.json`.",
         "",
         "## How it was made",
@@ -47,7 +56,7 @@ def main() -> None:
         "",
         "## Measured success (evaluation seeds 10,000,000+, disjoint from the collection seeds)",
         "",
-        "| policy / sampler | episodes | success % | avg max reward | latency p50 ms | iterations | NFE | controller |",
+        "| policy / sampler | episodes | success % (± SE) | avg max reward | latency p50 ms | iterations | NFE | controller |",
         "|---|---|---|---|---|---|---|---|",
     ]
     if a.expert:
@@ -66,7 +75,9 @@ def main() -> None:
                 f"picard p={sampler['window']} τ={sampler['tol']}{' warm start' if sampler.get('warm_start') else ''}"
             desc += f", {sampler.get('scheduler') or pol['scheduler']['name']}-{sampler['num_inference_steps']}"
             cov = f" (mean max coverage {o['avg_max_coverage']:.3f})" if "avg_max_coverage" in o else ""
-            lines.append(f"| {desc}{cov} | {o['n_episodes']} | {o['pc_success']:.1f} | {o['avg_max_reward']:.3f} | "
+            p, n = o["pc_success"] / 100, o["n_episodes"]
+            se = 100 * (p * (1 - p) / n) ** 0.5 if n else 0.0
+            lines.append(f"| {desc}{cov} | {n} | {o['pc_success']:.1f} ± {se:.1f} | {o['avg_max_reward']:.3f} | "
                          f"{inf['latency_ms']['p50']:.0f} | {inf['iterations_mean']:.1f} | {inf['nfe_mean']:.0f} | "
                          f"{info['control']['mode']}, n_envs={info.get('n_envs', 1)} |")
         if "compare" in info:
