@@ -132,3 +132,27 @@ def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
 
     assert matplotlib.image.imread(tmp_path / "out" / "frontier-pusht.png").std() > 0  # a drawn plot
     assert "± " in (tmp_path / "out" / "frontier-pusht.md").read_text()
+
+
+@pytest.mark.slow
+def test_make_obs_sample_ships_held_out_windows(tmp_path):
+    """scripts/make_obs_sample.py: windows of To real observations from expert episodes on a
+    collection seed other than the training data's, with their source recorded."""
+    import shutil
+
+    from paradiffpolicy.data.obs_sample import load_observation_sample
+
+    spec = importlib.util.spec_from_file_location("make_obs_sample", ROOT / "scripts" / "make_obs_sample.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    ck = tmp_path / "pusht"
+    shutil.copytree(ROOT / "checkpoints" / "pusht", ck)
+    (ck / "observations.safetensors").unlink()
+    mod.main(["task=pusht", f"checkpoint={ck}", "episodes=2", "windows=16"])
+    windows, source = load_observation_sample(ck)
+    assert windows["observation.state"].shape == (16, 2, 5)
+    assert source["held_out"] and source["training_collection_seed"] == 0
+    assert all(s // 1_000_000 == 7 for s in source["episode_seeds"])
+    with pytest.raises(SystemExit, match="training data's collection seed"):
+        mod.main(["task=pusht", f"checkpoint={ck}", "seed=0"])
