@@ -230,15 +230,17 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, r in result["settings"].items():
         if r["latency_ms"] is None:
             continue
         marker = "o" if SETTINGS[name]["name"] == "sequential" else "s"
-        ax.errorbar(r["latency_ms"]["p50"], r["pc_success"], yerr=r["pc_success_se"], fmt=marker, capsize=3)
-        ax.annotate(r["label"], (r["latency_ms"]["p50"], r["pc_success"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.errorbar(r["latency_ms"]["p50"], r["pc_success"], yerr=r["pc_success_se"], fmt=marker, capsize=3, label=r["label"])
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("latency per chunk, batch 1, p50 (ms, log)")
     ax.set_ylabel("success % (± standard error)")
     ax.set_title(f"{result['task']}: {result['episodes_per_setting']} episodes per sampler, same seeds")
