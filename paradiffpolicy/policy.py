@@ -8,6 +8,8 @@ inputs, runs the encoder once per call and delegates sampling of the U-Net to a 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Union
@@ -130,6 +132,13 @@ class DiffusionPolicy(nn.Module):
         # a plain attribute, not a submodule: the checkpoint's keys stay the model's
         wrapper = {"eager": None, "jit": TracedDenoiser, "compile": CompiledDenoiser}[sampler.backend]
         self._backend = None if wrapper is None else wrapper(self.model)
+
+    def with_backend(self, backend: str) -> "DiffusionPolicy":
+        """A copy of this policy (same weights, own sampler unchanged) whose network runs on
+        ``backend``: eager, jit or compile, e.g. to time backends side by side."""
+        other = copy.deepcopy(self)
+        other.set_sampler(dataclasses.replace(self.sampler_config, backend=backend))
+        return other
 
     def make_sampler(self, sampler: SamplerConfig) -> Sampler:
         """A sampler for this policy's scheduler on its device, e.g. a sequential reference to pass

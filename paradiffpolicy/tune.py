@@ -26,7 +26,6 @@ Writes ``sampler_tuned.json`` beside the checkpoint (``sampler=tuned`` reads it)
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -181,13 +180,14 @@ def batch_costs(cfg: TuneConfig, networks: dict, cond: torch.Tensor, sync) -> di
     return costs
 
 
-def loop_overhead_ms(table, device) -> float:
-    """The Picard loop's own cost per iteration (a network that costs nothing), batch 1."""
+def loop_overhead_ms(table, shape: tuple[int, int], device) -> float:
+    """The Picard loop's own cost per iteration (a network that costs nothing), batch 1, samples
+    of ``shape`` (T, Da)."""
     def free(sample, timestep, global_cond=None):
         return torch.zeros_like(sample)
 
     sampler = PicardSampler(table, window=8, tol=0.0)
-    noise = draw_noise((1, 16, 2), table.num_steps, torch.Generator().manual_seed(0)).to(device)
+    noise = draw_noise((1, *shape), table.num_steps, torch.Generator().manual_seed(0)).to(device)
     ms = time_call(lambda: sampler.sample(free, noise), 5)
     return ms / table.num_steps
 
@@ -213,10 +213,7 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     base = load_policy(cfg.checkpoint, sampler=SamplerConfig(name="sequential", **fixed), device=device)
     windows, obs_source = load_windows(cfg, base)
     tune_obs, held_obs = split(windows, cfg.tune_samples, cfg.seed)
-    networks = {}
-    for backend in cfg.backends:
-        networks[backend] = copy.deepcopy(base)
-        networks[backend].set_sampler(SamplerConfig(name="sequential", backend=backend, **fixed))
+    networks = {backend: base.with_backend(backend) for backend in cfg.backends}
     table = base.sampler.table
     stochastic = bool(table.stochastic)
     tols = sorted(cfg.tols or (TOLS_STOCHASTIC if stochastic else TOLS_ODE), reverse=True)
@@ -226,7 +223,7 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     # 1. what a batched call costs here
     cond_tune = base.encode_observation({f: v.to(device) for f, v in tune_obs.items()})
     costs = batch_costs(cfg, networks, cond_tune, sync)
-    overhead = loop_overhead_ms(table, device)
+    overhead = loop_overhead_ms(table, (base.config.horizon, base.config.action_dim), device)
     bar.update(1)
 
     # 2. deviation and iterations on the tuning half, the same noise for every setting
@@ -304,7 +301,7 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     eligible = [t for t in timed if not t["label"].startswith("README") or meets(base, t, cond_tune, noise, ref, cfg, allowed)]
     for backend in sorted({v.sampler.backend for v in verify}):  # the sequential sampler is a candidate too (deviation 0)
         name = f"sequential {backend}"
-        seq_cfg = dataclasses.asdict(dataclasses.replace(networks[backend].sampler_config))
+        seq_cfg = dataclasses.asdict(networks[backend].sampler_config)
         eligible.append({"label": name, "sampler": seq_cfg, "predicted_ms": float("nan"),
                          "latency_ms": {"p50": float(np.median(lat[name])), "p95": float(np.percentile(lat[name], 95))},
                          "speedup_vs_sequential_same_backend": {"reference": f"sequential, backend={backend}", "median": 1.0,

@@ -21,7 +21,6 @@ speed-ups are of the sampling that follows it, on the same conditioning.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
@@ -203,10 +202,7 @@ def main(argv: list[str]) -> dict:
         samplers[name] = SamplerConfig(name="picard", window=window, tol=tol, max_iters=cfg.max_iters,
                                        init=init, anderson=m, backend=backend, **common)
     # one policy per network backend (same weights); each sampler is passed per call
-    networks = {}
-    for backend in {s.backend for s in samplers.values()}:
-        networks[backend] = copy.deepcopy(policy)
-        networks[backend].set_sampler(SamplerConfig(name="sequential", backend=backend, **common))
+    networks = {backend: policy.with_backend(backend) for backend in {s.backend for s in samplers.values()}}
     built = {name: (networks[scfg.backend], networks[scfg.backend].make_sampler(scfg)) for name, scfg in samplers.items()}
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     pc = policy.config

@@ -14,6 +14,7 @@ failure reason of an environment or policy fault, wall time, achieved rate).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -115,8 +116,15 @@ class Episode:
         self.done = step.done
         return step.done
 
-    def guard(self) -> "_Guard":
-        return _Guard(self)
+    @contextmanager
+    def guard(self) -> Iterator["Episode"]:
+        """An environment or policy fault inside the block ends this episode only, with its reason."""
+        try:
+            yield self
+        except Exception as e:  # noqa: BLE001 - KeyboardInterrupt / SystemExit go on
+            self.result.failure_reason = f"{type(e).__name__}: {e}"
+            self.result.success = False
+            self.done = True
 
     def finish(self, inference: InferenceLog | None = None, achieved_hz: float | None = None) -> EpisodeResult:
         """Close the books: wall time, rate (default: steps per second of the whole episode), the
@@ -130,24 +138,6 @@ class Episode:
         if res.failure_reason is None and not res.success:
             res.failure_reason = "time limit"
         return res
-
-
-class _Guard:
-    """An environment or policy fault ends this episode only, with its reason recorded."""
-
-    def __init__(self, episode: Episode):
-        self.episode = episode
-
-    def __enter__(self) -> Episode:
-        return self.episode
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if kind is None or not issubclass(kind, Exception):
-            return False  # KeyboardInterrupt / SystemExit go on
-        self.episode.result.failure_reason = f"{kind.__name__}: {exc}"
-        self.episode.result.success = False
-        self.episode.done = True
-        return True
 
 
 def run_fast(env: PolicyEnv, agent: PolicyAgent, seed: int, record_video: bool = False) -> EpisodeResult:
