@@ -56,8 +56,6 @@ def main(argv: list[str]) -> Path:
     policy = load_policy(ckpt)
     to = policy.config.n_obs_steps
     task = from_dict(TaskConfig, OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / f"{cfg.task}.yaml")), name="task")
-    if task.features:
-        raise SystemExit(f"task {cfg.task} has named-feature (camera) observations; only flat low-dim tasks so far")
     env = make_env(task)
     episodes, seeds, attempt = [], [], 0
     try:
@@ -65,22 +63,23 @@ def main(argv: list[str]) -> Path:
             seed = cfg.seed * SEED_STRIDE + attempt
             attempt += 1
             episode, success = run_expert_episode(env, task.expert, seed)
-            if success and len(episode["obs"]) >= to:
-                episodes.append(episode["obs"])
+            if success and len(episode["action"]) >= to:
+                episodes.append({f.name: episode["obs" if not task.features else f.name] for f in policy.features})
                 seeds.append(seed)
     finally:
         env.close()
     if not episodes:
         raise SystemExit(f"the {task.expert} expert succeeded in none of {attempt} episodes")
     rng = np.random.default_rng(cfg.seed)
-    starts = [(e, t) for e, obs in enumerate(episodes) for t in range(len(obs) - to + 1)]
-    picks = rng.choice(len(starts), size=min(cfg.windows, len(starts)), replace=False)
-    windows = np.stack([episodes[e][t : t + to] for e, t in (starts[i] for i in sorted(picks))])
-    name = policy.features[0].name
-    source = {"source": f"{len(windows)} windows from {len(episodes)} held-out scripted-expert episodes of task {cfg.task}",
+    starts = [(e, t) for e, obs in enumerate(episodes) for t in range(len(obs[policy.features[0].name]) - to + 1)]
+    picks = [starts[i] for i in sorted(rng.choice(len(starts), size=min(cfg.windows, len(starts)), replace=False))]
+    # images stay uint8 frames as the environment gives them; low-dim features float32
+    windows = {f.name: torch.from_numpy(np.stack([episodes[e][f.name][t : t + to] for e, t in picks])
+                                        .astype(np.uint8 if f.is_image else np.float32)) for f in policy.features}
+    source = {"source": f"{len(picks)} windows from {len(episodes)} held-out scripted-expert episodes of task {cfg.task}",
               "task": cfg.task, "expert": task.expert, "episode_seeds": seeds, "held_out": True,
               "training_collection_seed": cfg.training_seed, "command": "python scripts/make_obs_sample.py " + " ".join(argv)}
-    path = save_observation_sample(ckpt, {name: torch.from_numpy(windows.astype(np.float32))}, source)
+    path = save_observation_sample(ckpt, windows, source)
     print(f"{path}: {source['source']}")
     return path
 

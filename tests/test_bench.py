@@ -11,12 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_sampler", ROOT / "scripts" / "bench_sampler.py")
+def _load_script(name: str):
+    """``scripts/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # its dataclasses resolve their module through sys.modules
     spec.loader.exec_module(mod)
     return mod
+
+
+def _bench():
+    return _load_script("bench_sampler")
 
 
 def test_bench_reports_deviation_and_speedups_for_every_variant(tmp_path):
@@ -108,10 +113,7 @@ def test_bench_times_the_image_encoder_apart(tmp_path):
 def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
     """scripts/bench_frontier.py end to end on the shipped PushT policy, two samplers, short
     episodes: complete settings are skipped on rerun, the report has success ± SE and latency."""
-    spec = importlib.util.spec_from_file_location("bench_frontier", ROOT / "scripts" / "bench_frontier.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = _load_script("bench_frontier")
     common = ["task=pusht", "settings=[ddim8,paraddim10-p4]", "n_episodes=3", "n_envs=2", "max_steps=24", "threads=1",
               f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"]
     mod.main(["phase=success", *common])
@@ -142,10 +144,7 @@ def test_make_obs_sample_ships_held_out_windows(tmp_path):
 
     from paradiffpolicy.data.obs_sample import load_observation_sample
 
-    spec = importlib.util.spec_from_file_location("make_obs_sample", ROOT / "scripts" / "make_obs_sample.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = _load_script("make_obs_sample")
     ck = tmp_path / "pusht"
     shutil.copytree(ROOT / "checkpoints" / "pusht", ck)
     (ck / "observations.safetensors").unlink()
@@ -156,3 +155,28 @@ def test_make_obs_sample_ships_held_out_windows(tmp_path):
     assert all(s // 1_000_000 == 7 for s in source["episode_seeds"])
     with pytest.raises(SystemExit, match="training data's collection seed"):
         mod.main(["task=pusht", f"checkpoint={ck}", "seed=0"])
+
+
+@pytest.mark.slow
+def test_make_obs_sample_keeps_camera_frames(tmp_path):
+    """A camera policy's sample holds every feature it reads, frames as the environment's uint8
+    (H, W, 3), and the policy accepts a window of it."""
+    import torch
+
+    from paradiffpolicy import load_policy
+    from paradiffpolicy.convert import convert
+    from paradiffpolicy.data.obs_sample import load_observation_sample
+
+    image = ROOT.parent / "shared" / "interop" / "lerobot_image_small"
+    if not image.is_dir():
+        pytest.skip("../shared/interop/lerobot_image_small is not here")
+    mod = _load_script("make_obs_sample")
+    ck = tmp_path / "pusht_image"
+    convert(image, ck)
+    mod.main(["task=pusht_image", f"checkpoint={ck}", "episodes=1", "windows=8"])
+    windows, source = load_observation_sample(ck)
+    frames, state = windows["observation.image"], windows["observation.state"]
+    assert frames.dtype == torch.uint8 and frames.shape == (8, 2, 96, 96, 3) and frames.float().std() > 0
+    assert state.dtype == torch.float32 and state.shape == (8, 2, 2)
+    assert source["task"] == "pusht_image" and source["held_out"]
+    assert load_policy(ck).predict_action({k: v[:1] for k, v in windows.items()}).actions.shape[0] == 1
