@@ -188,11 +188,18 @@ def report_phase(cfg: FrontierConfig) -> dict:
         p = info["overall"]["pc_success"] / 100
         rows[name] = {
             "label": LABELS[name], "sampler": SETTINGS[name], "n_episodes": n, "pc_success": 100 * p,
-            "pc_success_se": 100 * float(np.sqrt(p * (1 - p) / n)), "avg_max_reward": info["overall"]["avg_max_reward"],
+            "pc_success_se": 100 * float(np.sqrt(p * (1 - p) / n)),
+            "pc_success_ci95": [100 * b for b in wilson_interval(round(p * n), n)],
+            "avg_max_reward": info["overall"]["avg_max_reward"],
             "success_per_seed": [bool(e["success"]) for e in sorted(info["per_episode"], key=lambda e: e["seed"])],
             "latency_ms": None if latency is None else latency["settings"].get(name, {}).get("latency_ms"),
             "rounds": None if latency is None else latency["settings"].get(name, {}).get("iterations_mean"),
         }
+    ref = rows.get("ddpm100")
+    for r in rows.values():  # paired on the seeds: episodes this sampler wins / loses against sequential DDPM-100
+        r["vs_ddpm100"] = None if ref is None else {
+            "won": sum(a and not b for a, b in zip(r["success_per_seed"], ref["success_per_seed"])),
+            "lost": sum(b and not a for a, b in zip(r["success_per_seed"], ref["success_per_seed"]))}
     result = {"task": cfg.task, "seeds": seeds and [seeds[0], seeds[-1]], "episodes_per_setting": cfg.n_episodes,
               "success_machine": "episodes are deterministic given the seeds (fast mode, no wall clock)",
               "latency": None if latency is None else {k: latency[k] for k in ("backend", "batch", "trials", "observations",
@@ -208,6 +215,15 @@ def report_phase(cfg: FrontierConfig) -> dict:
     return result
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a success rate k/n (Wilson 1927): unlike p ± z·SE it stays inside
+    [0, 1] and does not collapse to a point at 0 or n successes."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def markdown(result: dict) -> str:
     lat = result["latency"]
     head = (f"# Success × latency frontier: {result['task']}\n\n{result['episodes_per_setting']} episodes per setting, "
@@ -215,13 +231,18 @@ def markdown(result: dict) -> str:
     head += ("Latency: one call at batch 1, " f"backend `{lat['backend']}` for every setting, {lat['trials']} trials "
              f"interleaved, {lat['cpu']}, {lat['threads']} threads, observations: {lat['observations'].get('source', '?')}.\n"
              if lat else "Latency not measured yet.\n")
-    lines = [head, "| sampler | success % (± SE) | avg max reward | latency p50 ms | p95 ms | network rounds |", "|---|---|---|---|---|---|"]
+    head += ("\nSuccess: ± its standard error sqrt(p(1-p)/n), and the 95% Wilson interval. \"vs DDPM-100\": episodes "
+             "(same seeds) this sampler succeeds in and sequential DDPM-100 fails / the reverse.\n")
+    lines = [head, "| sampler | success % (± SE) | 95% interval | vs DDPM-100 won / lost | avg max reward | latency p50 ms | p95 ms | network rounds |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["settings"].values():
         l50 = "" if r["latency_ms"] is None else f"{r['latency_ms']['p50']:.0f}"
         l95 = "" if r["latency_ms"] is None else f"{r['latency_ms']['p95']:.0f}"
         rounds = "" if r["rounds"] is None else f"{r['rounds']:.1f}"
-        lines.append(f"| {r['label']} | {r['pc_success']:.0f} ± {r['pc_success_se']:.0f} | {r['avg_max_reward']:.3f} | "
-                     f"{l50} | {l95} | {rounds} |")
+        lo, hi = r["pc_success_ci95"]
+        paired = "" if r["vs_ddpm100"] is None else f"+{r['vs_ddpm100']['won']} / −{r['vs_ddpm100']['lost']}"
+        lines.append(f"| {r['label']} | {r['pc_success']:.0f} ± {r['pc_success_se']:.0f} | {lo:.0f}-{hi:.0f} | {paired} | "
+                     f"{r['avg_max_reward']:.3f} | {l50} | {l95} | {rounds} |")
     return "\n".join(lines) + "\n"
 
 

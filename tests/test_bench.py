@@ -109,12 +109,20 @@ def test_bench_times_the_image_encoder_apart(tmp_path):
     assert baseline["iterations"]["mean"] == 4 and "abs_dev" not in baseline and baseline["speedup"] > 0
 
 
+def test_frontier_success_interval_is_wilsons():
+    """Textbook Wilson 95% intervals: 50/100 → 40.4-59.6%, 100/100 → 96.3-100%, 0/10 → 0-27.8%."""
+    wilson = _load_script("bench_frontier").wilson_interval
+    assert wilson(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert wilson(100, 100) == pytest.approx((0.9630, 1.0), abs=1e-4)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+
+
 @pytest.mark.slow
 def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
     """scripts/bench_frontier.py end to end on the shipped PushT policy, two samplers, short
     episodes: complete settings are skipped on rerun, the report has success ± SE and latency."""
     mod = _load_script("bench_frontier")
-    common = ["task=pusht", "settings=[ddim8,paraddim10-p4]", "n_episodes=3", "n_envs=2", "max_steps=24", "threads=1",
+    common = ["task=pusht", "settings=[ddpm100,ddim8,paraddim10-p4]", "n_episodes=3", "n_envs=2", "max_steps=24", "threads=1",
               f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"]
     mod.main(["phase=success", *common])
     first = (tmp_path / "runs" / "pusht" / "ddim8" / "eval_info.json").stat().st_mtime_ns
@@ -124,10 +132,15 @@ def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
     report = mod.main(["phase=report", *common])
     assert json.loads((tmp_path / "out" / "frontier-pusht.json").read_text())["settings"].keys() == report["settings"].keys()
     rows = report["settings"]
-    assert set(rows) == {"ddim8", "paraddim10-p4"}
+    assert set(rows) == {"ddpm100", "ddim8", "paraddim10-p4"}
     for r in rows.values():
         p = r["pc_success"] / 100
         assert r["n_episodes"] == 3 and r["pc_success_se"] == pytest.approx(100 * (p * (1 - p) / 3) ** 0.5)
+        lo, hi = r["pc_success_ci95"]
+        assert lo <= r["pc_success"] <= hi and hi - lo > 0
+        # paired on the seeds: the difference in successes is what was won minus what was lost
+        paired = r["vs_ddpm100"]
+        assert paired["won"] - paired["lost"] == round(3 * (r["pc_success"] - rows["ddpm100"]["pc_success"]) / 100)
         assert len(r["success_per_seed"]) == 3 and r["latency_ms"]["p50"] > 0
     assert report["latency"]["observations"]["held_out"] is True  # the shipped observation windows
     import matplotlib.image
