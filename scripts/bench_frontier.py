@@ -4,6 +4,7 @@
     python scripts/bench_frontier.py phase=success task=lift       # closed-loop episodes (hours; resumable)
     python scripts/bench_frontier.py phase=latency task=lift       # batch-1 latency, run alone
     python scripts/bench_frontier.py phase=report task=lift        # JSON + Markdown + plot
+    python scripts/bench_frontier.py phase=summary tasks=[lift,stack,pusht_keypoints]  # one table, all tasks
 
 ``success`` runs ``paradiffpolicy.eval`` once per sampler setting (``n_episodes`` fixed seeds, the
 same for every setting; ``n_envs`` environments batched for throughput, which changes no episode)
@@ -12,6 +13,7 @@ interruption. ``latency`` times one policy call per setting at batch 1 on the sa
 noise, settings interleaved in an order that rotates per trial, all on one network backend, on the
 observations shipped with the checkpoint; run it with nothing else on the machine. ``report`` joins
 both: success with its standard error sqrt(p(1-p)/n), mean max reward, latency p50/p95.
+``summary`` puts the reports of ``tasks`` side by side (``frontier-summary.md``).
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ LABELS = {
 
 @dataclass
 class FrontierConfig:
-    phase: str = "success"  # success | latency | report
+    phase: str = "success"  # success | latency | report | summary
     task: str = "lift"
+    tasks: List[str] = field(default_factory=lambda: ["lift", "stack", "pusht_keypoints"])  # summary only
     settings: List[str] = field(default_factory=lambda: list(SETTINGS))
     n_episodes: int = 100
     n_envs: int = 10
@@ -74,8 +77,8 @@ class FrontierConfig:
     max_steps: int = 0  # 0: the task's episode length (smoke tests shorten it)
 
     def __post_init__(self) -> None:
-        if self.phase not in ("success", "latency", "report"):
-            raise ValueError(f"phase={self.phase!r} must be success, latency or report")
+        if self.phase not in ("success", "latency", "report", "summary"):
+            raise ValueError(f"phase={self.phase!r} must be success, latency, report or summary")
         unknown = [s for s in self.settings if s not in SETTINGS]
         if unknown:
             raise ValueError(f"settings {unknown} are unknown; expected some of {list(SETTINGS)}")
@@ -215,6 +218,41 @@ def report_phase(cfg: FrontierConfig) -> dict:
     return result
 
 
+def summary_phase(cfg: FrontierConfig) -> str:
+    """One Markdown table from the ``report`` JSONs of ``tasks``: per sampler, latency p50 and
+    success ± SE on each task (every task's own seeds and latency run)."""
+    out = Path(cfg.out)
+    missing = [t for t in cfg.tasks if not (out / f"frontier-{t}.json").is_file()]
+    if missing:
+        raise SystemExit(f"no report for {missing} in {out}; run phase=report task=<task> first")
+    reports = {t: json.loads((out / f"frontier-{t}.json").read_text()) for t in cfg.tasks}
+    names = [n for n in cfg.settings if all(n in r["settings"] for r in reports.values())]
+    tasks = " / ".join(cfg.tasks)
+    cpus = sorted({r["latency"]["cpu"] for r in reports.values() if r["latency"]})
+    episodes = sorted({r["episodes_per_setting"] for r in reports.values()})
+    lines = [f"Every sampler on the same {'/'.join(map(str, episodes))} episodes "
+             f"per task ({tasks}); batch-1 latency measured alone ({'; '.join(cpus)}, "
+             f"{'/'.join(sorted({r['latency']['backend'] for r in reports.values() if r['latency']}))} backend for all).\n",
+             f"| sampler | latency p50 ms ({tasks}) | " + " | ".join(f"{t} success % ± SE" for t in cfg.tasks) + " |",
+             "|---|---|" + "---|" * len(cfg.tasks)]
+    for n in names:
+        rows = [reports[t]["settings"][n] for t in cfg.tasks]
+        lat = " / ".join("-" if r["latency_ms"] is None else f"{r['latency_ms']['p50']:.0f}" for r in rows)
+        lines.append(f"| {LABELS[n]} | {lat} | " + " | ".join(success_cell(r) for r in rows) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "frontier-summary.md").write_text(text)
+    print(text)
+    return text
+
+
+def success_cell(row: dict) -> str:
+    """"70 ± 5"; at 0 or n successes, where the standard error is 0, the 95% Wilson bound instead."""
+    lo, hi = row["pc_success_ci95"]
+    if row["pc_success_se"] > 0:
+        return f"{row['pc_success']:.0f} ± {row['pc_success_se']:.0f}"
+    return f"{row['pc_success']:.0f} (95%: ≥ {lo:.0f})" if row["pc_success"] > 0 else f"0 (95%: ≤ {hi:.0f})"
+
+
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a success rate k/n (Wilson 1927): unlike p ± z·SE it stays inside
     [0, 1] and does not collapse to a point at 0 or n successes."""
@@ -241,7 +279,7 @@ def markdown(result: dict) -> str:
         rounds = "" if r["rounds"] is None else f"{r['rounds']:.1f}"
         lo, hi = r["pc_success_ci95"]
         paired = "" if r["vs_ddpm100"] is None else f"+{r['vs_ddpm100']['won']} / −{r['vs_ddpm100']['lost']}"
-        lines.append(f"| {r['label']} | {r['pc_success']:.0f} ± {r['pc_success_se']:.0f} | {lo:.0f}-{hi:.0f} | {paired} | "
+        lines.append(f"| {r['label']} | {success_cell(r)} | {lo:.0f}-{hi:.0f} | {paired} | "
                      f"{r['avg_max_reward']:.3f} | {l50} | {l95} | {rounds} |")
     return "\n".join(lines) + "\n"
 
@@ -276,7 +314,7 @@ def main(argv: list[str]):
         cfg = from_dict(FrontierConfig, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    return {"success": success_phase, "latency": latency_phase, "report": report_phase}[cfg.phase](cfg)
+    return {"success": success_phase, "latency": latency_phase, "report": report_phase, "summary": summary_phase}[cfg.phase](cfg)
 
 
 if __name__ == "__main__":

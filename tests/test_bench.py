@@ -147,6 +147,10 @@ def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
 
     assert matplotlib.image.imread(tmp_path / "out" / "frontier-pusht.png").std() > 0  # a drawn plot
     assert "± " in (tmp_path / "out" / "frontier-pusht.md").read_text()
+    summary = mod.main(["phase=summary", "tasks=[pusht]", *common])
+    assert "| sequential DDIM-8 |" in summary and (tmp_path / "out" / "frontier-summary.md").read_text() == summary
+    with pytest.raises(SystemExit, match="no report for"):
+        mod.main(["phase=summary", "tasks=[pusht,lift]", *common])
 
 
 @pytest.mark.slow
