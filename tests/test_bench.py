@@ -20,13 +20,9 @@ def _load_script(name: str):
     return mod
 
 
-def _bench():
-    return _load_script("bench_sampler")
-
-
 def test_bench_reports_deviation_and_speedups_for_every_variant(tmp_path):
     out = tmp_path / "bench.json"
-    report = _bench().main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
+    report = _load_script("bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
                             "trials=2", "warmup=1", "window=8", "tol=0.5", "inits=[copy,rollout]", "backends=[eager,jit]",
                             "threads=1", f"out={out}"])
     variants = report["variants"]
@@ -50,7 +46,7 @@ def test_bench_reports_deviation_and_speedups_for_every_variant(tmp_path):
 
 
 def test_bench_sweeps_tolerances_and_counts_deviating_samples(tmp_path):
-    report = _bench().main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
+    report = _load_script("bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
                             "trials=1", "warmup=0", "window=8", "tols=[0.0,2.0]", "dev_samples=16", "threads=1",
                             f"out={tmp_path / 'bench.json'}"])
     exact, loose = report["variants"]["picard-rollout-tol0"], report["variants"]["picard-rollout-tol2"]
@@ -63,7 +59,7 @@ def test_bench_sweeps_tolerances_and_counts_deviating_samples(tmp_path):
 
 
 def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
-    report = _bench().main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
+    report = _load_script("bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
                             "trials=2", "warmup=1", "window=8", "tol=0.5", "inits=[copy]", "threads=1",
                             f"out={tmp_path / 'bench.json'}"])
     assert set(report["variants"]) == {"picard-copy"}
@@ -73,24 +69,24 @@ def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
 def test_bench_uses_the_shipped_observations_and_says_so(tmp_path, capsys):
     """A fresh clone has no training data: the bench reads the observation windows shipped with the
     checkpoint (and refuses obs=dataset rather than fall back silently)."""
-    report = _bench().main(["checkpoint=checkpoints/pusht", "trials=1", "warmup=0", "window=8", "tol=0.1", "dev_samples=4",
+    report = _load_script("bench_sampler").main(["checkpoint=checkpoints/pusht", "trials=1", "warmup=0", "window=8", "tol=0.1", "dev_samples=4",
                             "threads=1", "num_inference_steps=10", "scheduler=ddim", f"out={tmp_path / 'b.json'}"])
     assert report["observations"].startswith("shipped sample checkpoints/pusht/observations.safetensors: 256 windows")
     assert "observations: shipped sample" in capsys.readouterr().err
     if not (ROOT / "data" / "pusht.zarr").exists():
         with pytest.raises(SystemExit, match="training data .* is not here"):
-            _bench().main(["checkpoint=checkpoints/pusht", "obs=dataset", "trials=1", "threads=1"])
+            _load_script("bench_sampler").main(["checkpoint=checkpoints/pusht", "obs=dataset", "trials=1", "threads=1"])
 
 
 def test_bench_rejects_unknown_keys():
     with pytest.raises(SystemExit, match="windw"):
-        _bench().main(["windw=8"])
+        _load_script("bench_sampler").main(["windw=8"])
 
 
 @pytest.mark.parametrize("checkpoint", [str(ROOT / "tests" / "fixtures" / "interop" / "dp_lowdim_tiny" / "latest.ckpt"),
                                         str(ROOT / "tests" / "fixtures" / "interop" / "lerobot_lowdim_tiny")])
 def test_bench_takes_foreign_checkpoints(tmp_path, checkpoint):
-    report = _bench().main([f"checkpoint={checkpoint}", "num_inference_steps=10", "trials=1", "warmup=0", "window=4",
+    report = _load_script("bench_sampler").main([f"checkpoint={checkpoint}", "num_inference_steps=10", "trials=1", "warmup=0", "window=4",
                             "tol=0.0", "dev_samples=4", "threads=1"])
     assert report["picard"]["max_abs_dev"] < 1e-5  # tol=0: the sequential sample
     assert report["observations"].startswith("uniform")
@@ -98,7 +94,7 @@ def test_bench_takes_foreign_checkpoints(tmp_path, checkpoint):
 
 def test_bench_times_the_image_encoder_apart(tmp_path):
     out = tmp_path / "img.json"
-    report = _bench().main(["checkpoint=random", "image_shape=[3,32,32]", "crop_shape=[28,28]", "obs_dim=2", "action_dim=2",
+    report = _load_script("bench_sampler").main(["checkpoint=random", "image_shape=[3,32,32]", "crop_shape=[28,28]", "obs_dim=2", "action_dim=2",
                             "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=8", "trials=2",
                             "warmup=0", "window=4", "tol=0.0", "dev_samples=3", "threads=1", "baselines=[ddim:4]", f"out={out}"])
     assert [f["name"] for f in report["features"]] == ["observation.state", "observation.image"]
@@ -119,8 +115,9 @@ def test_frontier_success_interval_is_wilsons():
 
 @pytest.mark.slow
 def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
-    """scripts/bench_frontier.py end to end on the shipped PushT policy, two samplers, short
-    episodes: complete settings are skipped on rerun, the report has success ± SE and latency."""
+    """scripts/bench_frontier.py end to end on the shipped PushT policy, three samplers, short
+    episodes: complete settings are skipped on rerun, the report has success ± SE, its interval,
+    wins/losses against DDPM-100 and latency; the summary joins reports and names missing ones."""
     mod = _load_script("bench_frontier")
     common = ["task=pusht", "settings=[ddpm100,ddim8,paraddim10-p4]", "n_episodes=3", "n_envs=2", "max_steps=24", "threads=1",
               f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"]
