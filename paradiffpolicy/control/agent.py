@@ -63,10 +63,9 @@ class InferenceLog:
         }
         out["latency_ms"]["max"] = float(lat.max())
         out["latency_ms"]["mean"] = float(lat.mean())
-        enc = np.asarray(self.encoder_ms) if self.encoder_ms else np.zeros(1)
-        sampling = lat - enc if len(enc) == len(lat) else lat
+        enc = np.asarray(self.encoder_ms) if self.encoder_ms else np.zeros(1)  # appended with every latency
         out["encoder_ms"] = {q: float(np.percentile(enc, p)) for q, p in (("p50", 50), ("p95", 95))}
-        out["sampling_ms"] = {q: float(np.percentile(sampling, p)) for q, p in (("p50", 50), ("p95", 95))}
+        out["sampling_ms"] = {q: float(np.percentile(lat - enc, p)) for q, p in (("p50", 50), ("p95", 95))}
         return out
 
     def extend(self, other: "InferenceLog") -> None:
