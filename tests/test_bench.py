@@ -194,3 +194,32 @@ def test_make_obs_sample_keeps_camera_frames(tmp_path):
     assert state.dtype == torch.float32 and state.shape == (8, 2, 2)
     assert source["task"] == "pusht_image" and source["held_out"]
     assert load_policy(ck).predict_action({k: v[:1] for k, v in windows.items()}).actions.shape[0] == 1
+
+
+def test_compare_checkpoints_measures_the_weight_format_against_the_sampler(tmp_path):
+    import torch
+
+    from paradiffpolicy import DiffusionPolicy, PolicyConfig, SchedulerConfig, save_policy
+    from paradiffpolicy.data.obs_sample import save_observation_sample
+
+    cfg = PolicyConfig(obs_dim=5, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16,
+                       scheduler=SchedulerConfig(num_train_timesteps=20, num_inference_steps=20))
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg)
+    policy.obs_normalizer.fit(torch.tensor([[0.0] * 5, [1.0] * 5]))
+    policy.action_normalizer.fit(torch.tensor([[-1.0] * 2, [1.0] * 2]))
+    save_policy(policy, tmp_path / "f32")
+    save_policy(policy, tmp_path / "f16", weights_dtype="float16")
+    windows = torch.rand(4, 2, 5, generator=torch.Generator().manual_seed(1))
+    save_observation_sample(tmp_path / "f16", {"observation.state": windows}, {"source": "4 random windows (test)"})
+    compare = _load_script("compare_checkpoints").main
+    out = tmp_path / "cmp.json"
+    report = compare([f"a={tmp_path / 'f16'}", f"b={tmp_path / 'f32'}", "threads=1", f"out={out}"])
+    assert report["windows"] == 4 and (report["a_weights_dtype"], report["b_weights_dtype"]) == ("float16", "float32")
+    assert 0 < report["a_vs_b"]["max"] < 1e-2  # float16 rounding moves the sample, a little
+    assert report["picard_p16_tol0.1_vs_sequential_on_b"]["max"] > 0
+    assert json.loads(out.read_text())["a_vs_b"] == report["a_vs_b"]
+    assert compare([f"a={tmp_path / 'f16'}", f"b={tmp_path / 'f16'}", "threads=1"])["a_vs_b"]["max"] == 0
+    save_policy(DiffusionPolicy(PolicyConfig(**{**cfg.__dict__, "down_dims": [16, 16]})), tmp_path / "other")
+    with pytest.raises(SystemExit, match="different policies"):
+        compare([f"a={tmp_path / 'f16'}", f"b={tmp_path / 'other'}", "threads=1"])

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""How far two checkpoints of one policy act apart, against how far the samplers we ship act apart.
+
+    python scripts/compare_checkpoints.py a=checkpoints/pusht_image b=outputs/pusht_image_f32
+
+Typical use: ``a`` the float16 export, ``b`` the same EMA exported in float32 (``train ...
+export_dtype=float32`` on the finished run re-exports it). Both checkpoints get the same
+observation windows (``a``'s shipped ``observations.safetensors``, else ``b``'s) and the same
+pre-drawn noise, with sequential DDPM (the policy's own schedule). The reference scale is the
+deviation the README's Picard preset (p=16, τ=0.1) makes from that sequential sample on ``b``:
+a weight format that moves actions far less than a sampler whose success matches the sequential
+one changes nothing that matters. Deviations are in normalised action units (the network's
+[-1, 1]), over the executed chunk, per window the max over steps and action dimensions.
+Writes JSON to ``out`` when given.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from paradiffpolicy import SamplerConfig, load_policy  # noqa: E402
+from paradiffpolicy.config import from_dict  # noqa: E402
+from paradiffpolicy.data.obs_sample import load_observation_sample  # noqa: E402
+from paradiffpolicy.runtime import cpu_model, versions  # noqa: E402
+
+
+@dataclass
+class CompareConfig:
+    a: str = ""
+    b: str = ""
+    windows: int = 32
+    seed: int = 0
+    threads: int = 2
+    out: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.a or not self.b:
+            raise ValueError("a= and b= (two checkpoint directories) are required")
+        if self.windows < 1:
+            raise ValueError(f"windows={self.windows} must be >= 1")
+
+
+def deviations(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Per window, the max |x - y| over the executed chunk's steps and action dimensions."""
+    return (x - y).abs().flatten(1).max(dim=1).values.numpy()
+
+
+def summary(d: np.ndarray) -> dict:
+    return {"max": float(d.max()), "p50": float(np.median(d)), "mean": float(d.mean())}
+
+
+def compare(cfg: CompareConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    a, b = load_policy(cfg.a), load_policy(cfg.b)
+    if a.config != b.config:
+        raise SystemExit(f"{cfg.a} and {cfg.b} are different policies (configs differ); nothing to compare")
+    sample = load_observation_sample(cfg.a) or load_observation_sample(cfg.b)
+    if sample is None:
+        raise SystemExit(f"neither {cfg.a} nor {cfg.b} has observations.safetensors; see scripts/make_obs_sample.py")
+    obs_all, obs_meta = sample
+    k = min(cfg.windows, next(iter(obs_all.values())).shape[0])
+    sequential = SamplerConfig(name="sequential")
+    picard = SamplerConfig(name="picard", window=16, tol=0.1)
+    seq_a, seq_b, pic_b = a.make_sampler(sequential), b.make_sampler(sequential), b.make_sampler(picard)
+    weights, sampler = [], []
+    for i in range(k):
+        obs = {f: v[i : i + 1] for f, v in obs_all.items()}
+        noise = b.draw_noise(1, torch.Generator().manual_seed(cfg.seed + i), seq_b)
+        ya = a.predict_action(obs, noise=noise, sampler=seq_a).actions_normalized
+        yb = b.predict_action(obs, noise=noise, sampler=seq_b).actions_normalized
+        yp = b.predict_action(obs, noise=noise, sampler=pic_b).actions_normalized
+        weights.append(deviations(ya, yb))
+        sampler.append(deviations(yp, yb))
+    w, s = np.concatenate(weights), np.concatenate(sampler)
+    dtype = lambda p: json.loads((Path(p) / "config.json").read_text()).get("weights_dtype", "float32")  # noqa: E731
+    return {
+        "a": cfg.a, "b": cfg.b, "a_weights_dtype": dtype(cfg.a), "b_weights_dtype": dtype(cfg.b),
+        "windows": k, "observations": obs_meta, "sampler": "sequential DDPM, same noise",
+        "a_vs_b": summary(w), "picard_p16_tol0.1_vs_sequential_on_b": summary(s),
+        "cpu": cpu_model(), "threads": cfg.threads, "versions": versions(),
+    }
+
+
+def main(argv: list[str]) -> dict:
+    try:
+        cfg = from_dict(CompareConfig, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    result = compare(cfg)
+    print(f"{result['windows']} windows, max |Δ action| (normalised units) over the executed chunk:")
+    for key in ("a_vs_b", "picard_p16_tol0.1_vs_sequential_on_b"):
+        r = result[key]
+        print(f"  {key}: max {r['max']:.2e}, median {r['p50']:.2e}, mean {r['mean']:.2e}")
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
