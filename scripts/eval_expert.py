@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paradiffpolicy.config import from_dict  # noqa: E402
-from paradiffpolicy.control.controller import EpisodeResult  # noqa: E402
+from paradiffpolicy.control.controller import Episode  # noqa: E402
 from paradiffpolicy.data.experts import make_expert  # noqa: E402
 from paradiffpolicy.envs import make_env  # noqa: E402
 import paradiffpolicy.eval  # noqa: E402,F401 - registers the eval schema with Hydra
@@ -41,16 +41,16 @@ def main(argv: list[str]) -> dict:
     task = OmegaConf.to_object(cfg).task
     env = make_env(task)
     rows = []
-    for i in range(args.n_episodes):
-        res = EpisodeResult(seed=args.seed + i)
-        env.reset(res.seed)
-        expert = make_expert(task.expert, res.seed)
-        while True:
-            step = env.step(expert.act(env.expert_state()))
-            res.record(step)
-            if step.done:
-                break
-        rows.append(res.to_json())
+    try:
+        for i in range(args.n_episodes):
+            episode = Episode(env, args.seed + i)  # the bookkeeping the policies' episodes get
+            episode.start()
+            expert = make_expert(task.expert, args.seed + i)
+            while not episode.step(expert.act(env.expert_state())):
+                pass
+            rows.append(episode.finish().to_json())
+    finally:
+        env.close()
     report = {"task": task.name, "expert": task.expert, "n_episodes": args.n_episodes, "max_steps": task.max_steps,
               "seeds": [args.seed, args.seed + args.n_episodes - 1],
               "pc_success": 100.0 * np.mean([r["success"] for r in rows]),

@@ -223,3 +223,13 @@ def test_compare_checkpoints_measures_the_weight_format_against_the_sampler(tmp_
     save_policy(DiffusionPolicy(PolicyConfig(**{**cfg.__dict__, "down_dims": [16, 16]})), tmp_path / "other")
     with pytest.raises(SystemExit, match="different policies"):
         compare([f"a={tmp_path / 'f16'}", f"b={tmp_path / 'other'}", "threads=1"])
+
+
+def test_eval_expert_scores_the_scripted_expert_on_the_evaluation_seeds(tmp_path):
+    out = tmp_path / "expert.json"
+    report = _load_script("eval_expert").main(["task=pusht", "n_episodes=2", f"out={out}"])
+    assert report["seeds"] == [10_000_000, 10_000_001]
+    assert [r["seed"] for r in report["per_episode"]] == [10_000_000, 10_000_001]
+    assert report["avg_max_reward"] > 0.9  # the expert pushes the T onto the goal
+    assert all(r["length"] > 0 and (r["success"] or r["failure_reason"] == "time limit") for r in report["per_episode"])
+    assert json.loads(out.read_text())["pc_success"] == report["pc_success"]
