@@ -39,7 +39,8 @@ def main() -> None:
         f"action_dim={pol['action_dim']}; DDPM {pol['scheduler']['num_train_timesteps']} steps, "
         f"{pol['scheduler']['beta_schedule']}, {pol['scheduler']['prediction_type']} prediction, clip_sample={pol['scheduler']['clip_sample']}.",
         *([f"Inputs: {', '.join(feature_text(f) for f in pol['input_features'])}; image encoder "
-           f"{pol['vision']['vision_backbone']} trunk of width {pol['vision'].get('backbone_width', 64)}, "
+           f"{pol['vision']['vision_backbone']} trunk of width {pol['vision'].get('backbone_width', 64)} "
+           f"({pol['vision'].get('backbone_stages', 4)} of 4 stages), "
            f"{'GroupNorm' if pol['vision']['use_group_norm'] else 'BatchNorm'}, spatial softmax with "
            f"{pol['vision']['spatial_softmax_num_keypoints']} keypoints, crop {pol['vision']['crop_shape']}."]
           if pol.get("input_features") else []),

@@ -245,3 +245,16 @@ def test_weights_of_another_architecture(tmp_path):
     (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "c" / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="wrong shapes"):
         load_policy(tmp_path / "a")
+
+
+def test_fewer_trunk_stages_give_a_finer_keypoint_map_under_the_same_names():
+    from paradiffpolicy.models.vision import RgbEncoder, VisionConfig
+
+    full = RgbEncoder(VisionConfig(backbone_width=16), (3, 96, 96)).backbone.state_dict()
+    short = RgbEncoder(VisionConfig(backbone_width=16, backbone_stages=2), (3, 96, 96))
+    assert (short.pool._h, short.pool._w) == (11, 11)  # 84x84 crop at stride 8 (3x3 at stride 32)
+    assert short.pool.nets.in_channels == 32
+    kept = short.backbone.state_dict()
+    assert set(kept) < set(full) and all(kept[k].shape == full[k].shape for k in kept)  # names and shapes of layer1-2
+    with pytest.raises(ValueError, match="backbone_stages=5"):
+        VisionConfig(backbone_stages=5)

@@ -1,7 +1,7 @@
 """RGB encoder of Diffusion Policy as LeRobot builds it, under LeRobot's parameter names.
 
-``image (N, 3, H, W), normalised → [centre crop] → ResNet trunk (up to layer4) → SpatialSoftmax
-keypoints (K, 2) → Linear(2K, 2K) → ReLU → (N, 2K)``.
+``image (N, 3, H, W), normalised → [centre crop] → ResNet trunk (up to layer4, or fewer stages) →
+SpatialSoftmax keypoints (K, 2) → Linear(2K, 2K) → ReLU → (N, 2K)``.
 
 The trunk is torchvision's ResNet-18/34 (He et al. 2016) without avgpool and fc, written here so
 nothing imports torchvision (its wheel here is a CUDA build that does not import with CPU torch).
@@ -36,6 +36,9 @@ class VisionConfig:
     # channels of the trunk's first stage (stages: w, 2w, 4w, 8w); 64 is torchvision's ResNet (and
     # loads LeRobot weights); a narrower trunk (16: 1/16 of the compute) trains on a CPU
     backbone_width: int = 64
+    # residual stages kept (1-4); 4 is torchvision's trunk (stride 32: a 3x3 map for an 84x84 crop).
+    # Fewer stages give SpatialSoftmax a finer map (2: stride 8, 11x11) at less compute
+    backbone_stages: int = 4
     use_group_norm: bool = True
     spatial_softmax_num_keypoints: int = 32
     crop_shape: Optional[List[int]] = field(default_factory=lambda: [84, 84])
@@ -48,6 +51,8 @@ class VisionConfig:
             raise ValueError(f"policy.vision.vision_backbone={self.vision_backbone!r} is unsupported; expected one of {tuple(BACKBONES)}")
         if self.backbone_width < 16 or self.backbone_width % 16:
             raise ValueError(f"policy.vision.backbone_width={self.backbone_width} must be a multiple of 16 (GroupNorm(C/16))")
+        if not 1 <= self.backbone_stages <= 4:
+            raise ValueError(f"policy.vision.backbone_stages={self.backbone_stages} must be 1, 2, 3 or 4")
         if self.spatial_softmax_num_keypoints < 1:
             raise ValueError(f"policy.vision.spatial_softmax_num_keypoints={self.spatial_softmax_num_keypoints} must be >= 1")
         if self.crop_shape is not None and (len(self.crop_shape) != 2 or min(self.crop_shape) < 1):
@@ -83,12 +88,13 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-def resnet_trunk(name: str, group_norm: bool, width: int = 64) -> nn.Sequential:
-    """conv1 → norm → ReLU → maxpool → layer1..4 (8·width channels at stride 32; width 64: ResNet)."""
+def resnet_trunk(name: str, group_norm: bool, width: int = 64, stages: int = 4) -> nn.Sequential:
+    """conv1 → norm → ReLU → maxpool → layer1..``stages`` (all four: 8·width channels at stride 32;
+    width 64: ResNet). Kept stages keep their torchvision indices, so weights load name for name."""
     layers: list[nn.Module] = [nn.Conv2d(3, width, 7, 2, 3, bias=False), _norm(width, group_norm), nn.ReLU(inplace=True),
                                nn.MaxPool2d(3, 2, 1)]
     inplanes = width
-    for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), BACKBONES[name])):
+    for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width)[:stages], BACKBONES[name])):
         stride = 1 if i == 0 else 2
         stage = [BasicBlock(inplanes, planes, stride, group_norm)]
         stage += [BasicBlock(planes, planes, 1, group_norm) for _ in range(blocks - 1)]
@@ -140,7 +146,7 @@ class RgbEncoder(nn.Module):
         if self.crop is not None and (self.crop[0] > image_shape[1] or self.crop[1] > image_shape[2]):
             raise ValueError(f"policy.vision.crop_shape={list(self.crop)} is larger than the image {list(image_shape[1:])}")
         self.crop_is_random = cfg.crop_is_random
-        self.backbone = resnet_trunk(cfg.vision_backbone, cfg.use_group_norm, cfg.backbone_width)
+        self.backbone = resnet_trunk(cfg.vision_backbone, cfg.use_group_norm, cfg.backbone_width, cfg.backbone_stages)
         h, w = self.crop or image_shape[1:]
         with torch.no_grad():
             fmap = self.backbone.eval()(torch.zeros(1, 3, h, w)).shape[1:]
