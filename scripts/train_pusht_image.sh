@@ -7,10 +7,11 @@ cd /work/main && . .venv/bin/activate
 common="task=pusht_image policy.vision.backbone_width=16 checkpoint_every=500 threads=${THREADS:-1} progress=false"
 python -m paradiffpolicy.train $common dataset=data/pusht_image.zarr output_dir=outputs/train/pusht_image \
   steps=30000 export=outputs/pusht_image_export hydra.run.dir=outputs/train/pusht_image/hydra >> outputs/train-pusht_image.log 2>&1
-echo "stage 1 rc=$? $(date +%T)" >> outputs/train-pusht_image.log
+rc=$?; echo "stage 1 rc=$rc $(date +%T)" >> outputs/train-pusht_image.log
+[ $rc -eq 0 ] || exit $rc  # interrupted: rerun to resume stage 1
 [ -d outputs/train/pusht_image/step30000 ] || cp -r outputs/train/pusht_image/last outputs/train/pusht_image/step30000
 python -m paradiffpolicy.collect task=pusht_image n_episodes=600 seed=0 output=data/pusht_image_600.zarr progress=false \
-  hydra.run.dir=outputs/collect/pusht_image_600 >> outputs/collect-pusht_image_600.log 2>&1
+  hydra.run.dir=outputs/collect/pusht_image_600 >> outputs/collect-pusht_image_600.log 2>&1 || exit
 python -m paradiffpolicy.train $common dataset=data/pusht_image_600.zarr output_dir=outputs/train/pusht_image_600 \
   init_from=outputs/train/pusht_image/step30000 steps=20000 export=outputs/pusht_image_600_export \
   hydra.run.dir=outputs/train/pusht_image_600/hydra >> outputs/train-pusht_image_600.log 2>&1
