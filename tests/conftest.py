@@ -41,3 +41,16 @@ class ToyDenoiser(torch.nn.Module):
 @pytest.fixture
 def toy():
     return ToyDenoiser()
+
+
+def tiny_lowdim_policy():
+    """A small untrained low-dim policy (obs 5, action 2, 20 DDPM steps) with fitted normalisers."""
+    from paradiffpolicy import DiffusionPolicy, PolicyConfig, SchedulerConfig
+
+    cfg = PolicyConfig(obs_dim=5, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16,
+                       scheduler=SchedulerConfig(num_train_timesteps=20, num_inference_steps=20))
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg)
+    policy.obs_normalizer.fit(torch.tensor([[0.0] * 5, [1.0] * 5]))
+    policy.action_normalizer.fit(torch.tensor([[-1.0] * 2, [1.0] * 2]))
+    return policy

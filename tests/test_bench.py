@@ -199,15 +199,12 @@ def test_make_obs_sample_keeps_camera_frames(tmp_path):
 def test_compare_checkpoints_measures_the_weight_format_against_the_sampler(tmp_path):
     import torch
 
-    from paradiffpolicy import DiffusionPolicy, PolicyConfig, SchedulerConfig, save_policy
+    from conftest import tiny_lowdim_policy
+    from paradiffpolicy import DiffusionPolicy, PolicyConfig, save_policy
     from paradiffpolicy.data.obs_sample import save_observation_sample
 
-    cfg = PolicyConfig(obs_dim=5, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16,
-                       scheduler=SchedulerConfig(num_train_timesteps=20, num_inference_steps=20))
-    torch.manual_seed(0)
-    policy = DiffusionPolicy(cfg)
-    policy.obs_normalizer.fit(torch.tensor([[0.0] * 5, [1.0] * 5]))
-    policy.action_normalizer.fit(torch.tensor([[-1.0] * 2, [1.0] * 2]))
+    policy = tiny_lowdim_policy()
+    cfg = policy.config
     save_policy(policy, tmp_path / "f32")
     save_policy(policy, tmp_path / "f16", weights_dtype="float16")
     windows = torch.rand(4, 2, 5, generator=torch.Generator().manual_seed(1))

@@ -9,7 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from paradiffpolicy import DiffusionPolicy, PolicyConfig, SamplerConfig, SchedulerConfig, load_policy, save_policy
+from conftest import tiny_lowdim_policy
+from paradiffpolicy import DiffusionPolicy, PolicyConfig, SamplerConfig, load_policy, save_policy
 from paradiffpolicy.data.obs_sample import load_observation_sample, save_observation_sample
 import paradiffpolicy.eval  # noqa: F401 - registers the eval schema with Hydra
 from paradiffpolicy.tune import TuneConfig, predict_ms, run_tune
@@ -20,13 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ck") / "tiny"
-    cfg = PolicyConfig(obs_dim=5, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16,
-                       scheduler=SchedulerConfig(num_train_timesteps=20, num_inference_steps=20))
-    torch.manual_seed(0)
-    policy = DiffusionPolicy(cfg)
-    policy.obs_normalizer.fit(torch.tensor([[0.0] * 5, [1.0] * 5]))
-    policy.action_normalizer.fit(torch.tensor([[-1.0] * 2, [1.0] * 2]))
-    save_policy(policy, path)
+    save_policy(tiny_lowdim_policy(), path)
     windows = torch.rand(48, 2, 5, generator=torch.Generator().manual_seed(1))
     save_observation_sample(path, {"observation.state": windows}, {"source": "48 random windows (test)"})
     return path
