@@ -157,5 +157,8 @@ class RgbEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.crop is not None:
             x = random_crop(x, self.crop) if (self.training and self.crop_is_random) else center_crop(x, self.crop)
+        # NHWC: PyTorch's CPU max-pooling and convolutions run it ~1.5x faster (trunk forward and
+        # backward at batch 128, 2 threads); same values up to float rounding
+        x = x.contiguous(memory_format=torch.channels_last)
         x = torch.flatten(self.pool(self.backbone(x)), start_dim=1)
         return self.relu(self.out(x))
