@@ -122,6 +122,13 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def policy_with_defaults(saved: dict) -> dict:
+    """A run state's policy section with the fields added to ``PolicyConfig`` since it was written
+    at their defaults (a default reproduces the network the state was trained as), so an older run
+    still resumes and initialises fine-tunes."""
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(PolicyConfig), saved))
+
+
 def _logged_step(line: str) -> float:
     """Step of one ``train_log.jsonl`` line; a blank or half-written line (killed mid-write) counts as
     after every step, so it is dropped."""
@@ -191,7 +198,7 @@ class Trainer:
 
     def _load_state(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
-        saved = state["config"]
+        saved = {**state["config"], "policy": policy_with_defaults(state["config"].get("policy", {}))}
         for key in ("dataset", "batch_size", "seed", "policy", "init_from"):
             now = OmegaConf.to_container(OmegaConf.structured(self.cfg))[key]
             if saved.get(key) != now:
@@ -217,7 +224,7 @@ class Trainer:
         weights and EMA) or an exported checkpoint (its EMA weights for both). The source's normalisers
         replace the ones fit on this dataset, so the weights see inputs scaled as in their training."""
         if (path / "state.json").exists():
-            saved = json.loads((path / "state.json").read_text())["config"]["policy"]
+            saved = policy_with_defaults(json.loads((path / "state.json").read_text())["config"]["policy"])
             now = OmegaConf.to_container(OmegaConf.structured(self.cfg))["policy"]
             if saved != now:
                 raise ValueError(f"init_from={path}: its policy config {saved} differs from this run's {now}")

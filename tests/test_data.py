@@ -120,6 +120,13 @@ def test_collect_train_load_end_to_end(tmp_path):
     assert steps == [6, 8]  # the stale step-7 line is gone; step 8 logged once
     assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 8
 
+    # a state written before a policy field existed (here the trunk's stage count) still resumes
+    state_path = tmp_path / "run" / "last" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["config"]["policy"]["vision"]["backbone_stages"]
+    state_path.write_text(json.dumps(state))
+    assert Trainer(cfg).step == 8
+
     # more data: the old run refuses to resume on it; fine-tuning starts from its weights instead
     ReplayBuffer.open(store, mode="a").add_episode({k: np.asarray(buf[k][:30]) for k in buf.keys})
     with pytest.raises(ValueError, match="had 2 episodes, now 3"):
