@@ -53,6 +53,10 @@ def deviations(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     return (x - y).abs().flatten(1).max(dim=1).values.numpy()
 
 
+def weights_dtype(checkpoint: str) -> str:
+    return json.loads((Path(checkpoint) / "config.json").read_text()).get("weights_dtype", "float32")
+
+
 def summary(d: np.ndarray) -> dict:
     return {"max": float(d.max()), "p50": float(np.median(d)), "mean": float(d.mean())}
 
@@ -80,9 +84,8 @@ def compare(cfg: CompareConfig) -> dict:
         weights.append(deviations(ya, yb))
         sampler.append(deviations(yp, yb))
     w, s = np.concatenate(weights), np.concatenate(sampler)
-    dtype = lambda p: json.loads((Path(p) / "config.json").read_text()).get("weights_dtype", "float32")  # noqa: E731
     return {
-        "a": cfg.a, "b": cfg.b, "a_weights_dtype": dtype(cfg.a), "b_weights_dtype": dtype(cfg.b),
+        "a": cfg.a, "b": cfg.b, "a_weights_dtype": weights_dtype(cfg.a), "b_weights_dtype": weights_dtype(cfg.b),
         "windows": k, "observations": obs_meta, "sampler": "sequential DDPM, same noise",
         "a_vs_b": summary(w), "picard_p16_tol0.1_vs_sequential_on_b": summary(s),
         "cpu": cpu_model(), "threads": cfg.threads, "versions": versions(),
