@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from paradiffpolicy.checkpoint import load_policy, save_policy
-from paradiffpolicy.config import PolicyConfig
+from paradiffpolicy.config import PolicyConfig, from_dict, to_dict
 from paradiffpolicy.data.replay_buffer import ReplayBuffer
 from paradiffpolicy.data.sequence import SequenceSampler
 from paradiffpolicy.envs import TaskConfig
@@ -126,7 +126,7 @@ def policy_with_defaults(saved: dict) -> dict:
     """A run state's policy section with the fields added to ``PolicyConfig`` since it was written
     at their defaults (a default reproduces the network the state was trained as), so an older run
     still resumes and initialises fine-tunes."""
-    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(PolicyConfig), saved))
+    return to_dict(from_dict(PolicyConfig, saved, name="saved policy config"))
 
 
 def _logged_step(line: str) -> float:
