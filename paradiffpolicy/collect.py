@@ -66,7 +66,8 @@ def collect(cfg: CollectConfig) -> ReplayBuffer:
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = ReplayBuffer.create(path, attrs={**identity, "next_attempt": 0, "attempts_ok": 0, "versions": versions(),
-                                               "control_hz": cfg.task.control_hz})
+                                               "control_hz": cfg.task.control_hz,
+                                               "max_steps": cfg.task.max_steps})
     env = make_env(cfg.task)
     max_attempts = cfg.max_attempts or 3 * cfg.n_episodes
     attempt = int(buf.attrs.get("next_attempt", 0))

@@ -281,8 +281,12 @@ class DiffusionPolicy(nn.Module):
     def compute_loss(self, obs: Any, action: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Denoising loss (Ho et al. 2020, eq. 14) on raw ``obs`` (as for :meth:`predict_action`)
         and ``action`` (B, T, Da). The image encoder trains with it (random crops in train mode)."""
+        return self.denoising_loss(self.encode_observation(obs), action, generator)
+
+    def denoising_loss(self, cond: Tensor, action: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """:meth:`compute_loss` from the encoded observation ``cond`` (B, To·D), for a trainer that
+        also uses the encoding (an auxiliary target)."""
         sch = self.config.scheduler
-        cond = self.encode_observation(obs)
         bsz = cond.shape[0]
         x0 = self.action_normalizer.normalize(action)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device)

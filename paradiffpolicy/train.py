@@ -29,6 +29,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm import tqdm
 
 from paradiffpolicy.checkpoint import load_policy, save_policy
@@ -37,6 +38,7 @@ from paradiffpolicy.data.replay_buffer import ReplayBuffer
 from paradiffpolicy.data.sequence import SequenceSampler
 from paradiffpolicy.envs import TaskConfig
 from paradiffpolicy.features import FeatureSpec
+from paradiffpolicy.normalizer import Normalizer
 from paradiffpolicy.policy import DiffusionPolicy
 from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, seed_everything, sigterm_as_keyboard_interrupt, versions
 
@@ -66,13 +68,18 @@ class TrainConfig:
     # fine-tune: start from these weights (an exported checkpoint, or a run's ``output_dir/last``)
     # with a fresh optimiser and schedule; ignored when output_dir holds a run to resume
     init_from: Optional[str] = None
+    # auxiliary target for a camera policy: a dataset array of simulator state that the encoded
+    # observation must also predict through a linear head (training only; the exported policy never
+    # sees it), e.g. ``privileged.state`` from scripts/add_privileged_state.py
+    aux_state: Optional[str] = None
+    aux_weight: float = 1.0
     progress: bool = True
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "lr", "checkpoint_every"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
-        for key in ("weight_decay", "warmup_steps", "threads"):
+        for key in ("weight_decay", "warmup_steps", "threads", "aux_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
         if self.export_dtype not in ("float16", "float32"):
@@ -108,6 +115,23 @@ def dataset_observations(buf: ReplayBuffer, policy: PolicyConfig):
             raise ValueError(f"policy.input_features {declared} do not match dataset {buf.path} ({ {f.name: f.shape for f in found} })")
         return obs, dataclasses.replace(policy, obs_dim=0)
     return obs, dataclasses.replace(policy, obs_dim=0, input_features=found)
+
+
+class AuxiliaryStateHead(nn.Module):
+    """Predicts privileged simulator state from each observation step's encoding: ``Linear(D, S)``
+    on (B, To, D) against the state at the same steps, affine-normalised to [-1, 1] (MSE). Its
+    gradient teaches the image encoder where things are faster than the denoising loss alone
+    (the auxiliary-task idea of Jaderberg et al. 2017, with the simulator as the labeller)."""
+
+    def __init__(self, step_dim: int, state: Tensor):
+        super().__init__()
+        self.normalizer = Normalizer("affine", state.shape[1]).fit(state)
+        self.linear = nn.Linear(step_dim, state.shape[1])
+
+    def loss(self, cond: Tensor, state: Tensor) -> Tensor:
+        """``cond`` (B, To·D) from ``encode_observation``; ``state`` (B, To, S) raw."""
+        pred = self.linear(cond.reshape(state.shape[0], state.shape[1], -1))
+        return torch.nn.functional.mse_loss(pred, self.normalizer.normalize(state))
 
 
 def ema_decay(step: int, power: float, max_value: float) -> float:
@@ -162,6 +186,9 @@ class Trainer:
         # the U-Net and, for camera policies, the image encoder (normalisers are fitted buffers)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.ema_params = [pe for pe, p in zip(self.ema.parameters(), self.policy.parameters()) if p.requires_grad]
+        self.aux_state, self.aux_head = self._auxiliary_target(buf)
+        if self.aux_head is not None:
+            self.params += list(self.aux_head.parameters())  # after the policy's: optimiser state keeps its indices
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.95, 0.999))
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -173,6 +200,21 @@ class Trainer:
         elif cfg.init_from:
             self._init_weights(Path(cfg.init_from))
 
+    def _auxiliary_target(self, buf: ReplayBuffer):
+        """(state (N, S), head) for ``aux_state``, or (None, None)."""
+        name = self.cfg.aux_state
+        if name is None:
+            return None, None
+        if name not in buf.keys:
+            raise ValueError(f"aux_state={name!r} is not an array of dataset {buf.path} (keys {buf.keys}); "
+                             "scripts/add_privileged_state.py adds privileged.state to an expert's store")
+        if not self.policy.obs_encoder.has_images:
+            raise ValueError(f"aux_state={name!r} trains an image encoder, but this policy has no camera feature")
+        state = torch.from_numpy(np.asarray(buf[name], dtype=np.float32).reshape(self.n_steps, -1))
+        if not torch.isfinite(state).all():
+            raise ValueError(f"aux_state={name!r}: dataset {buf.path} holds NaN or inf in data/{name}")
+        return state, AuxiliaryStateHead(self.policy.obs_encoder.step_dim, state).to(self.device)
+
     # -- state --------------------------------------------------------------------------------
 
     def _save_state(self) -> None:
@@ -181,6 +223,8 @@ class Trainer:
         tmp.mkdir(parents=True)
         save_file({k: v.cpu().contiguous() for k, v in self.policy.state_dict().items()}, str(tmp / "model.safetensors"))
         save_file({k: v.cpu().contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        if self.aux_head is not None:
+            save_file({k: v.cpu().contiguous() for k, v in self.aux_head.state_dict().items()}, str(tmp / "aux_head.safetensors"))
         opt_tensors = {}
         for i, p in enumerate(self.params):
             for k, v in self.opt.state.get(p, {}).items():
@@ -199,7 +243,7 @@ class Trainer:
     def _load_state(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
         saved = {**state["config"], "policy": policy_with_defaults(state["config"].get("policy", {}))}
-        for key in ("dataset", "batch_size", "seed", "policy", "init_from"):
+        for key in ("dataset", "batch_size", "seed", "policy", "init_from", "aux_state"):
             now = OmegaConf.to_container(OmegaConf.structured(self.cfg))[key]
             if saved.get(key) != now:
                 raise ValueError(f"cannot resume {path}: {key} was {saved.get(key)!r}, now {now!r}; use another output_dir or resume=false")
@@ -209,6 +253,8 @@ class Trainer:
                              f"now {self.n_episodes}; fine-tune into another output_dir with init_from={path}")
         self.policy.load_state_dict(load_file(str(path / "model.safetensors")))
         self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+        if self.aux_head is not None:
+            self.aux_head.load_state_dict(load_file(str(path / "aux_head.safetensors")))
         opt = load_file(str(path / "optimizer.safetensors"))
         self.gen.set_state(opt.pop("torch_generator"))
         for key, v in opt.items():
@@ -255,7 +301,7 @@ class Trainer:
 
     def batch(self):
         """(observations (B, To, ...) — a tensor, or a dict of them with images as uint8 frames —,
-        actions (B, T, Da)) of ``batch_size`` random training windows."""
+        actions (B, T, Da), auxiliary state (B, To, S) or None) of ``batch_size`` random training windows."""
         ids = self.rng.integers(0, len(self.sampler), self.cfg.batch_size)
         pos = torch.from_numpy(self.sampler.positions(ids))
         obs_pos = pos[:, : self.policy.config.n_obs_steps]
@@ -263,7 +309,8 @@ class Trainer:
             obs = {k: v[obs_pos].to(self.device) for k, v in self.obs.items()}
         else:
             obs = self.obs[obs_pos].to(self.device)
-        return obs, self.action[pos].to(self.device)
+        aux = None if self.aux_state is None else self.aux_state[obs_pos].to(self.device)
+        return obs, self.action[pos].to(self.device), aux
 
     def train(self) -> DiffusionPolicy:
         cfg = self.cfg
@@ -276,10 +323,12 @@ class Trainer:
                     t0 = time.perf_counter()
                     for g in self.opt.param_groups:
                         g["lr"] = cfg.lr * lr_factor(self.step, cfg.warmup_steps, cfg.steps)
-                    obs, action = self.batch()
-                    loss = self.policy.compute_loss(obs, action, generator=self.gen if self.device.type == "cpu" else None)
+                    obs, action, aux = self.batch()
+                    cond = self.policy.encode_observation(obs)
+                    loss = self.policy.denoising_loss(cond, action, generator=self.gen if self.device.type == "cpu" else None)
+                    aux_loss = None if aux is None else self.aux_head.loss(cond, aux)
                     self.opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss if aux_loss is None else loss + cfg.aux_weight * aux_loss).backward()
                     self.opt.step()
                     decay = ema_decay(self.step, cfg.ema_power, cfg.ema_max)
                     with torch.no_grad():
@@ -290,8 +339,10 @@ class Trainer:
                     bar.update(1)
                     if self.step % 50 == 0 or self.step == cfg.steps:
                         bar.set_postfix(loss=f"{loss.item():.4f}")
-                        logf.write(json.dumps({"step": self.step, "loss": loss.item(), "lr": self.opt.param_groups[0]["lr"],
-                                               "elapsed_s": round(self.elapsed, 2)}) + "\n")
+                        row = {"step": self.step, "loss": loss.item(), "lr": self.opt.param_groups[0]["lr"], "elapsed_s": round(self.elapsed, 2)}
+                        if aux_loss is not None:
+                            row["aux_loss"] = aux_loss.item()
+                        logf.write(json.dumps(row) + "\n")
                         logf.flush()
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                         self._save_state()
@@ -311,7 +362,8 @@ class Trainer:
             "task": self.cfg.task.name,
             "dataset": {"path": self.cfg.dataset, "episodes": self.n_episodes, "steps": self.n_steps},
             "train": {"steps": self.step, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "lr": self.cfg.lr,
-                      "init_from": self.cfg.init_from, "train_time_s": round(self.elapsed, 1), "device": str(self.device), "threads": torch.get_num_threads(),
+                      "init_from": self.cfg.init_from, "aux_state": self.cfg.aux_state, "aux_weight": self.cfg.aux_weight,
+                      "train_time_s": round(self.elapsed, 1), "device": str(self.device), "threads": torch.get_num_threads(),
                       "machine": f"{platform.machine()} {os.cpu_count()} cpus", "cpu": cpu_model()},
             "command": "python -m paradiffpolicy.train " + " ".join(sys.argv[1:]),
             "versions": versions(),

@@ -1,7 +1,12 @@
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Small, deterministic CPU work in tests.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -54,3 +59,12 @@ def tiny_lowdim_policy():
     policy.obs_normalizer.fit(torch.tensor([[0.0] * 5, [1.0] * 5]))
     policy.action_normalizer.fit(torch.tensor([[-1.0] * 2, [1.0] * 2]))
     return policy
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,28 +1,18 @@
 """scripts/bench_sampler.py: every variant is compared with the sequential sample and timed against
 each sequential reference in the same run."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script(name: str):
-    """``scripts/<name>.py`` as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bench_reports_deviation_and_speedups_for_every_variant(tmp_path):
     out = tmp_path / "bench.json"
-    report = _load_script("bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
+    report = load_script("bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
                             "trials=2", "warmup=1", "window=8", "tol=0.5", "inits=[copy,rollout]", "backends=[eager,jit]",
                             "threads=1", f"out={out}"])
     variants = report["variants"]
@@ -46,7 +36,7 @@ def test_bench_reports_deviation_and_speedups_for_every_variant(tmp_path):
 
 
 def test_bench_sweeps_tolerances_and_counts_deviating_samples(tmp_path):
-    report = _load_script("bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
+    report = load_script("bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
                             "trials=1", "warmup=0", "window=8", "tols=[0.0,2.0]", "dev_samples=16", "threads=1",
                             f"out={tmp_path / 'bench.json'}"])
     exact, loose = report["variants"]["picard-rollout-tol0"], report["variants"]["picard-rollout-tol2"]
@@ -59,7 +49,7 @@ def test_bench_sweeps_tolerances_and_counts_deviating_samples(tmp_path):
 
 
 def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
-    report = _load_script("bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
+    report = load_script("bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
                             "trials=2", "warmup=1", "window=8", "tol=0.5", "inits=[copy]", "threads=1",
                             f"out={tmp_path / 'bench.json'}"])
     assert set(report["variants"]) == {"picard-copy"}
@@ -69,24 +59,24 @@ def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
 def test_bench_uses_the_shipped_observations_and_says_so(tmp_path, capsys):
     """A fresh clone has no training data: the bench reads the observation windows shipped with the
     checkpoint (and refuses obs=dataset rather than fall back silently)."""
-    report = _load_script("bench_sampler").main(["checkpoint=checkpoints/pusht", "trials=1", "warmup=0", "window=8", "tol=0.1", "dev_samples=4",
+    report = load_script("bench_sampler").main(["checkpoint=checkpoints/pusht", "trials=1", "warmup=0", "window=8", "tol=0.1", "dev_samples=4",
                             "threads=1", "num_inference_steps=10", "scheduler=ddim", f"out={tmp_path / 'b.json'}"])
     assert report["observations"].startswith("shipped sample checkpoints/pusht/observations.safetensors: 256 windows")
     assert "observations: shipped sample" in capsys.readouterr().err
     if not (ROOT / "data" / "pusht.zarr").exists():
         with pytest.raises(SystemExit, match="training data .* is not here"):
-            _load_script("bench_sampler").main(["checkpoint=checkpoints/pusht", "obs=dataset", "trials=1", "threads=1"])
+            load_script("bench_sampler").main(["checkpoint=checkpoints/pusht", "obs=dataset", "trials=1", "threads=1"])
 
 
 def test_bench_rejects_unknown_keys():
     with pytest.raises(SystemExit, match="windw"):
-        _load_script("bench_sampler").main(["windw=8"])
+        load_script("bench_sampler").main(["windw=8"])
 
 
 @pytest.mark.parametrize("checkpoint", [str(ROOT / "tests" / "fixtures" / "interop" / "dp_lowdim_tiny" / "latest.ckpt"),
                                         str(ROOT / "tests" / "fixtures" / "interop" / "lerobot_lowdim_tiny")])
 def test_bench_takes_foreign_checkpoints(tmp_path, checkpoint):
-    report = _load_script("bench_sampler").main([f"checkpoint={checkpoint}", "num_inference_steps=10", "trials=1", "warmup=0", "window=4",
+    report = load_script("bench_sampler").main([f"checkpoint={checkpoint}", "num_inference_steps=10", "trials=1", "warmup=0", "window=4",
                             "tol=0.0", "dev_samples=4", "threads=1"])
     assert report["picard"]["max_abs_dev"] < 1e-5  # tol=0: the sequential sample
     assert report["observations"].startswith("uniform")
@@ -94,7 +84,7 @@ def test_bench_takes_foreign_checkpoints(tmp_path, checkpoint):
 
 def test_bench_times_the_image_encoder_apart(tmp_path):
     out = tmp_path / "img.json"
-    report = _load_script("bench_sampler").main(["checkpoint=random", "image_shape=[3,32,32]", "crop_shape=[28,28]", "obs_dim=2", "action_dim=2",
+    report = load_script("bench_sampler").main(["checkpoint=random", "image_shape=[3,32,32]", "crop_shape=[28,28]", "obs_dim=2", "action_dim=2",
                             "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=8", "trials=2",
                             "warmup=0", "window=4", "tol=0.0", "dev_samples=3", "threads=1", "baselines=[ddim:4]", f"out={out}"])
     assert [f["name"] for f in report["features"]] == ["observation.state", "observation.image"]
@@ -107,7 +97,7 @@ def test_bench_times_the_image_encoder_apart(tmp_path):
 
 def test_frontier_success_interval_is_wilsons():
     """Textbook Wilson 95% intervals: 50/100 → 40.4-59.6%, 100/100 → 96.3-100%, 0/10 → 0-27.8%."""
-    wilson = _load_script("bench_frontier").wilson_interval
+    wilson = load_script("bench_frontier").wilson_interval
     assert wilson(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
     assert wilson(100, 100) == pytest.approx((0.9630, 1.0), abs=1e-4)
     assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
@@ -118,7 +108,7 @@ def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
     """scripts/bench_frontier.py end to end on the shipped PushT policy, three samplers, short
     episodes: complete settings are skipped on rerun, the report has success ± SE, its interval,
     wins/losses against DDPM-100 and latency; the summary joins reports and names missing ones."""
-    mod = _load_script("bench_frontier")
+    mod = load_script("bench_frontier")
     common = ["task=pusht", "settings=[ddpm100,ddim8,paraddim10-p4]", "n_episodes=3", "n_envs=2", "max_steps=24", "threads=1",
               f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"]
     mod.main(["phase=success", *common])
@@ -158,7 +148,7 @@ def test_make_obs_sample_ships_held_out_windows(tmp_path):
 
     from paradiffpolicy.data.obs_sample import load_observation_sample
 
-    mod = _load_script("make_obs_sample")
+    mod = load_script("make_obs_sample")
     ck = tmp_path / "pusht"
     shutil.copytree(ROOT / "checkpoints" / "pusht", ck)
     (ck / "observations.safetensors").unlink()
@@ -184,7 +174,7 @@ def test_make_obs_sample_keeps_camera_frames(tmp_path):
     image = ROOT.parent / "shared" / "interop" / "lerobot_image_small"
     if not image.is_dir():
         pytest.skip("../shared/interop/lerobot_image_small is not here")
-    mod = _load_script("make_obs_sample")
+    mod = load_script("make_obs_sample")
     ck = tmp_path / "pusht_image"
     convert(image, ck)
     mod.main(["task=pusht_image", f"checkpoint={ck}", "episodes=1", "windows=8"])
@@ -209,7 +199,7 @@ def test_compare_checkpoints_measures_the_weight_format_against_the_sampler(tmp_
     save_policy(policy, tmp_path / "f16", weights_dtype="float16")
     windows = torch.rand(4, 2, 5, generator=torch.Generator().manual_seed(1))
     save_observation_sample(tmp_path / "f16", {"observation.state": windows}, {"source": "4 random windows (test)"})
-    compare = _load_script("compare_checkpoints").main
+    compare = load_script("compare_checkpoints").main
     out = tmp_path / "cmp.json"
     report = compare([f"a={tmp_path / 'f16'}", f"b={tmp_path / 'f32'}", "threads=1", f"out={out}"])
     assert report["windows"] == 4 and (report["a_weights_dtype"], report["b_weights_dtype"]) == ("float16", "float32")
@@ -224,7 +214,7 @@ def test_compare_checkpoints_measures_the_weight_format_against_the_sampler(tmp_
 
 def test_eval_expert_scores_the_scripted_expert_on_the_evaluation_seeds(tmp_path):
     out = tmp_path / "expert.json"
-    report = _load_script("eval_expert").main(["task=pusht", "n_episodes=2", f"out={out}"])
+    report = load_script("eval_expert").main(["task=pusht", "n_episodes=2", f"out={out}"])
     assert report["seeds"] == [10_000_000, 10_000_001]
     assert [r["seed"] for r in report["per_episode"]] == [10_000_000, 10_000_001]
     assert report["avg_max_reward"] > 0.9  # the expert pushes the T onto the goal

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from paradiffpolicy.data.replay_buffer import ReplayBuffer, ReplayBufferError
 from paradiffpolicy.data.sequence import SequenceSampler
@@ -219,3 +220,66 @@ def test_pixel_demonstrations_train_an_image_policy_that_resumes(tmp_path):
     obs = {"observation.image": torch.from_numpy(np.asarray(buf["observation.image"][:2]))[None],
            "observation.state": torch.from_numpy(np.asarray(buf["observation.state"][:2]))[None]}
     assert policy.predict_action(obs).actions.shape == (1, 8, 2)
+
+
+@pytest.mark.slow
+def test_privileged_state_replays_the_store_and_trains_the_encoder_as_an_auxiliary_target(tmp_path):
+    """scripts/add_privileged_state.py replays a pixel store's expert attempts in the state task
+    (row for row, actions and rewards exactly as stored; a store that does not replay is refused
+    and left as it was); ``aux_state`` then adds a head on the encoded observation, saved with the
+    run state and resumed, never exported."""
+    from omegaconf import OmegaConf
+
+    from paradiffpolicy import load_policy
+    from paradiffpolicy.collect import CollectConfig, collect
+    from paradiffpolicy.config import PolicyConfig, from_dict
+    from paradiffpolicy.envs import TaskConfig
+    from paradiffpolicy.models.vision import VisionConfig
+    from paradiffpolicy.train import TrainConfig, Trainer
+
+    script = load_script("add_privileged_state")
+    task = from_dict(TaskConfig, OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / "pusht_image.yaml")), name="task")
+    task.max_steps = 30
+    store = tmp_path / "pusht_image.zarr"
+    buf = collect(CollectConfig(task=task, n_episodes=2, seed=5, output=str(store), progress=False, keep_failed=True))
+    assert buf.attrs["max_steps"] == 30
+
+    states = script.main([f"store={store}", "state_task=pusht_keypoints", "progress=false"])
+    buf = ReplayBuffer.open(store)
+    assert states.shape == (buf.n_steps, 18) and np.array_equal(buf["privileged.state"], states)
+    # pusht_keypoints observes [agent xy, 8 T keypoints]: the agent matches the pixel store's own state
+    np.testing.assert_allclose(states[:, :2], buf["observation.state"], atol=1e-3)
+    assert buf.attrs["privileged_state"]["task"] == "pusht_keypoints"
+
+    actions = ReplayBuffer.open(store, mode="a").group["data"]["action"]
+    actions[3] = actions[3] + 1.0  # a store that no longer replays
+    with pytest.raises(ReplayBufferError, match="episode 0 .*different action"):
+        script.main([f"store={store}", "progress=false"])
+    np.testing.assert_array_equal(ReplayBuffer.open(store)["privileged.state"], states)  # left as it was
+
+    pcfg = PolicyConfig(down_dims=[16, 32], diffusion_step_embed_dim=16,
+                        vision=VisionConfig(backbone_width=16, spatial_softmax_num_keypoints=8))
+    cfg = TrainConfig(task=task, policy=pcfg, dataset=str(store), output_dir=str(tmp_path / "run"), steps=2, batch_size=4,
+                      checkpoint_every=2, warmup_steps=1, aux_state="privileged.state", aux_weight=0.5,
+                      export=str(tmp_path / "ck"), progress=False)
+    trainer = Trainer(cfg)
+    head_before = trainer.aux_head.linear.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(trainer.aux_head.linear.weight, head_before)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert np.isfinite(log[-1]["aux_loss"]) and log[-1]["aux_loss"] > 0
+    cfg.steps = 3
+    resumed = Trainer(cfg)
+    assert resumed.step == 2 and torch.equal(resumed.aux_head.linear.weight, trainer.aux_head.linear.weight)
+    resumed.train()
+    exported = load_policy(tmp_path / "ck")
+    assert exported.metadata["train"]["aux_state"] == "privileged.state"
+    assert not any("aux" in k for k in exported.state_dict())
+    assert [f.name for f in exported.features] == ["observation.image", "observation.state"]
+
+    with pytest.raises(ValueError, match="cannot resume .*aux_state"):
+        Trainer(TrainConfig(**{**cfg.__dict__, "aux_state": None}))
+    with pytest.raises(ValueError, match="aux_state='privileged.nothing' is not an array"):
+        Trainer(TrainConfig(**{**cfg.__dict__, "aux_state": "privileged.nothing", "output_dir": str(tmp_path / "run2")}))
+    with pytest.raises(ValueError, match="aux_weight=-1"):
+        TrainConfig(aux_weight=-1)
