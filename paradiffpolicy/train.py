@@ -153,6 +153,21 @@ def policy_with_defaults(saved: dict) -> dict:
     return to_dict(from_dict(PolicyConfig, saved, name="saved policy config"))
 
 
+def source_training(init_from: Optional[str]) -> Optional[dict]:
+    """Steps and training time of the weights a fine-tune started from (a run state or an export),
+    so a checkpoint's metadata accounts for all the training behind it."""
+    if not init_from:
+        return None
+    path = Path(init_from)
+    if (path / "state.json").exists():
+        state = json.loads((path / "state.json").read_text())
+        return {"steps": state["step"], "train_time_s": round(state["elapsed_s"], 1), "dataset": state["config"].get("dataset")}
+    if (path / "config.json").exists():
+        train = json.loads((path / "config.json").read_text()).get("metadata", {}).get("train", {})
+        return {"steps": train.get("steps"), "train_time_s": train.get("train_time_s"), "init_from_train": train.get("init_from_train")}
+    return None
+
+
 def _logged_step(line: str) -> float:
     """Step of one ``train_log.jsonl`` line; a blank or half-written line (killed mid-write) counts as
     after every step, so it is dropped."""
@@ -362,7 +377,7 @@ class Trainer:
             "task": self.cfg.task.name,
             "dataset": {"path": self.cfg.dataset, "episodes": self.n_episodes, "steps": self.n_steps},
             "train": {"steps": self.step, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "lr": self.cfg.lr,
-                      "init_from": self.cfg.init_from, "aux_state": self.cfg.aux_state, "aux_weight": self.cfg.aux_weight,
+                      "init_from": self.cfg.init_from, "init_from_train": source_training(self.cfg.init_from), "aux_state": self.cfg.aux_state, "aux_weight": self.cfg.aux_weight,
                       "train_time_s": round(self.elapsed, 1), "device": str(self.device), "threads": torch.get_num_threads(),
                       "machine": f"{platform.machine()} {os.cpu_count()} cpus", "cpu": cpu_model()},
             "command": "python -m paradiffpolicy.train " + " ".join(sys.argv[1:]),

@@ -52,6 +52,13 @@ def main() -> None:
         f"- Training: `{meta['command']}` ({tr['steps']} steps, batch {tr['batch_size']}, seed {tr['seed']}, lr {tr['lr']}),"
         f" {tr['train_time_s'] / 60:.1f} min on {tr['device']} ({tr['machine']}, {tr['threads']} torch thread(s), "
         f"{'nothing else running' if a.trained_alone else 'other jobs sharing the CPU'}).",
+        *([f"- Initialised from `{tr['init_from']}`"
+           + (f", itself trained {src['steps']} steps in {src['train_time_s'] / 60:.1f} min"
+              + (f" on `{src['dataset']}`" if src.get("dataset") else "")
+              if (src := tr.get("init_from_train")) else "") + "."] if tr.get("init_from") else []),
+        *([f"- Auxiliary training target: the encoded observation also predicts `{tr['aux_state']}` (simulator "
+           f"state, weight {tr['aux_weight']}) through a linear head that is not part of the checkpoint; the "
+           "policy sees only its declared inputs."] if tr.get("aux_state") else []),
         f"- Versions: torch {meta['versions'].get('torch')}, mujoco {meta['versions'].get('mujoco')}, "
         f"robosuite {meta['versions'].get('robosuite')}, gymnasium {meta['versions'].get('gymnasium')}.",
         "",

@@ -1,6 +1,8 @@
 """ReplayBuffer (real zarr stores on disk), sequence padding, and collect → train → load."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +145,13 @@ def test_collect_train_load_end_to_end(tmp_path):
         for k, v in trainer.ema.state_dict().items():  # normalisers included: the source's, not refit
             torch.testing.assert_close(v, expected[k].to(v.dtype), msg=k)
         trainer.train()
-    assert load_policy(tmp_path / "ck2").metadata["train"]["init_from"] == str(tmp_path / "run" / "last")
+    train_meta = load_policy(tmp_path / "ck2").metadata["train"]
+    assert train_meta["init_from"] == str(tmp_path / "run" / "last")
+    assert train_meta["init_from_train"]["steps"] == 8 and train_meta["init_from_train"]["dataset"] == str(store)
+    # the model card accounts for the training the fine-tune started from
+    card = subprocess.run([sys.executable, str(ROOT / "scripts" / "model_card.py"), str(tmp_path / "ck2"), "--collect", "collect ..."],
+                          capture_output=True, text=True, check=True).stdout
+    assert f"Initialised from `{tmp_path / 'run' / 'last'}`, itself trained 8 steps" in card
     other = PolicyConfig(down_dims=[16, 16], diffusion_step_embed_dim=16)
     with pytest.raises(ValueError, match="init_from=.*policy config"):
         Trainer(TrainConfig(task=task, policy=other, dataset=str(store), output_dir=str(tmp_path / "tune_other"),
