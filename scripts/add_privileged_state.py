@@ -25,11 +25,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paradiffpolicy.collect import SEED_STRIDE, run_expert_episode  # noqa: E402
+from paradiffpolicy.collect import SEED_STRIDE, run_expert_episode  # noqa: E402 - also registers collect's schema
 from paradiffpolicy.config import from_dict  # noqa: E402
 from paradiffpolicy.data.replay_buffer import CHUNK_ROWS, ReplayBuffer, ReplayBufferError  # noqa: E402
 from paradiffpolicy.envs import make_env  # noqa: E402
-import paradiffpolicy.collect  # noqa: E402,F401 - registers the collect schema with Hydra
+from paradiffpolicy.runtime import exit_on_bad_input  # noqa: E402
 
 KEY = "privileged.state"
 
@@ -45,6 +45,9 @@ def replay_states(buf: ReplayBuffer, state_task, progress: bool = False) -> np.n
     """(n_steps, D) float32: ``state_task``'s observation at every stored step, from replaying the
     store's expert attempts; raises if a replay departs from what the store holds."""
     attrs = buf.attrs
+    if state_task.features:
+        raise ValueError(f"state_task={state_task.name} observes named features {list(state_task.features)}; "
+                         "choose a task with one flat state vector (e.g. pusht_keypoints)")
     if attrs.get("expert") != state_task.expert:
         raise ReplayBufferError(f"{buf.path} was collected by expert {attrs.get('expert')!r}; state_task "
                                 f"{state_task.name} uses {state_task.expert!r}")
@@ -95,4 +98,5 @@ def main(argv: list[str]) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_bad_input():
+        main(sys.argv[1:])

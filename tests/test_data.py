@@ -264,6 +264,8 @@ def test_privileged_state_replays_the_store_and_trains_the_encoder_as_an_auxilia
     with pytest.raises(ReplayBufferError, match="episode 0 .*different action"):
         script.main([f"store={store}", "progress=false"])
     np.testing.assert_array_equal(ReplayBuffer.open(store)["privileged.state"], states)  # left as it was
+    with pytest.raises(ValueError, match="state_task=pusht_image observes named features"):
+        script.main([f"store={store}", "state_task=pusht_image", "progress=false"])
 
     pcfg = PolicyConfig(down_dims=[16, 32], diffusion_step_embed_dim=16,
                         vision=VisionConfig(backbone_width=16, spatial_softmax_num_keypoints=8))
