@@ -197,6 +197,30 @@ def test_float16_weights_halve_the_file_and_load_as_float32(tmp_path):
     assert torch.equal(loaded.model.final_conv[1].weight, w.half().float())
 
 
+def test_shipped_camera_policy_samples_exactly_on_its_held_out_windows():
+    """checkpoints/pusht_image as shipped (float16 weights, camera + agent xy): on its held-out
+    observation windows, Picard at window=1/tol=0 returns the sequential sample with the same noise,
+    and the README preset stays close to it."""
+    from pathlib import Path
+
+    from paradiffpolicy.data.obs_sample import load_observation_sample
+
+    ck = Path(__file__).resolve().parents[1] / "checkpoints" / "pusht_image"
+    policy = load_policy(ck)
+    assert [f.name for f in policy.features] == ["observation.image", "observation.state"]
+    assert json.loads((ck / "config.json").read_text())["weights_dtype"] == "float16"
+    windows, source = load_observation_sample(ck)
+    assert source["held_out"]
+    obs = {k: v[:2] for k, v in windows.items()}
+    noise = policy.draw_noise(2, torch.Generator().manual_seed(0))
+    seq = policy.predict_action(obs, noise=noise, sampler=policy.make_sampler(SamplerConfig(name="sequential")))
+    exact = policy.predict_action(obs, noise=noise, sampler=policy.make_sampler(SamplerConfig(window=1, tol=0.0)))
+    preset = policy.predict_action(obs, noise=noise, sampler=policy.make_sampler(SamplerConfig(window=16, tol=0.1)))
+    torch.testing.assert_close(exact.actions_normalized, seq.actions_normalized, atol=1e-5, rtol=0)
+    assert (preset.actions_normalized - seq.actions_normalized).abs().max() < 5e-2
+    assert seq.actions.shape == (2, 8, 2) and torch.isfinite(seq.actions).all()
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_policy(tmp_path / "nope")
