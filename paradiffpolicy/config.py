@@ -173,5 +173,13 @@ def from_dict(cls: type[T], data: Any, name: str = "config") -> T:
     return obj  # type: ignore[return-value]
 
 
+def script_arguments(cls: type[T], argv: list[str]) -> tuple[T, list[str]]:
+    """A script's ``key=value`` arguments: (``cls`` built from the keys it declares, the other
+    arguments left for a Hydra composition, e.g. ``task.max_steps=...``)."""
+    mine = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in {f.name for f in dataclasses.fields(cls)})
+    rest = [a for a in argv if a.split("=", 1)[0] not in mine]
+    return from_dict(cls, mine, name="argument"), rest
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)

@@ -26,8 +26,8 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paradiffpolicy.collect import SEED_STRIDE, run_expert_episode  # noqa: E402 - also registers collect's schema
-from paradiffpolicy.config import from_dict  # noqa: E402
-from paradiffpolicy.data.replay_buffer import CHUNK_ROWS, ReplayBuffer, ReplayBufferError  # noqa: E402
+from paradiffpolicy.config import script_arguments  # noqa: E402
+from paradiffpolicy.data.replay_buffer import ReplayBuffer, ReplayBufferError  # noqa: E402
 from paradiffpolicy.envs import make_env  # noqa: E402
 from paradiffpolicy.runtime import exit_on_bad_input  # noqa: E402
 
@@ -77,10 +77,7 @@ def replay_states(buf: ReplayBuffer, state_task, progress: bool = False) -> np.n
 
 
 def main(argv: list[str]) -> np.ndarray:
-    # own keys (Args) here; everything else (e.g. task.max_steps=...) goes to the Hydra composition
-    mine = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in Args.__dataclass_fields__)
-    rest = [a for a in argv if a.split("=", 1)[0] not in mine]
-    args = from_dict(Args, mine, name="argument")
+    args, rest = script_arguments(Args, argv)
     if not args.store:
         raise SystemExit("store=<path to a zarr ReplayBuffer> is required")
     buf = ReplayBuffer.open(args.store, mode="a")
@@ -89,9 +86,7 @@ def main(argv: list[str]) -> np.ndarray:
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         task = OmegaConf.to_object(compose(config_name="collect", overrides=[f"task={args.state_task}", *rest])).task
     states = replay_states(buf, task, args.progress)
-    if KEY in buf.keys:
-        del buf.group["data"][KEY]
-    buf.group.create_array(f"data/{KEY}", data=states, chunks=(CHUNK_ROWS, states.shape[1]))
+    buf.set_array(KEY, states)
     buf.group.attrs["privileged_state"] = {"task": task.name, "obs_keys": list(task.obs_keys), "dim": int(states.shape[1])}
     print(f"wrote data/{KEY} {states.shape} ({task.name}: {list(task.obs_keys)}) to {args.store}")
     return states

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paradiffpolicy.config import from_dict  # noqa: E402
+from paradiffpolicy.config import script_arguments  # noqa: E402
 from paradiffpolicy.control.controller import Episode  # noqa: E402
 from paradiffpolicy.data.experts import make_expert  # noqa: E402
 from paradiffpolicy.envs import make_env  # noqa: E402
@@ -32,10 +32,7 @@ class Args:
 
 
 def main(argv: list[str]) -> dict:
-    # own keys (Args) here; everything else (e.g. task.max_steps=...) goes to the Hydra composition
-    mine = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in Args.__dataclass_fields__)
-    rest = [a for a in argv if a.split("=", 1)[0] not in mine]
-    args = from_dict(Args, mine, name="argument")
+    args, rest = script_arguments(Args, argv)
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[f"task={args.task}", *rest])
     task = OmegaConf.to_object(cfg).task

@@ -104,6 +104,16 @@ class ReplayBuffer:
 
     # -- writing ------------------------------------------------------------------------------
 
+    def set_array(self, key: str, values: np.ndarray) -> None:
+        """Write ``data/<key>``, one row per stored step (replacing an array of that name): a
+        per-step annotation of episodes already stored, such as simulator state from a replay."""
+        values = np.asarray(values)
+        if values.ndim < 1 or len(values) != self.n_steps:
+            raise ReplayBufferError(f"data/{key} needs {self.n_steps} rows (one per stored step), got shape {values.shape}")
+        if key in self.keys:
+            del self.group["data"][key]
+        self.group.create_array(f"data/{key}", data=values, chunks=(CHUNK_ROWS, *values.shape[1:]))
+
     def add_episode(self, episode: dict[str, np.ndarray]) -> None:
         """Append one episode; every array has the same first dimension (its length)."""
         lengths = {k: len(v) for k, v in episode.items()}
