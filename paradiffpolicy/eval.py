@@ -30,7 +30,7 @@ from tqdm import tqdm
 from paradiffpolicy.checkpoint import load_policy
 from paradiffpolicy.config import SamplerConfig, to_dict
 from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
-from paradiffpolicy.control.controller import ControllerConfig, EpisodeResult, run_fast, run_realtime, run_vector
+from paradiffpolicy.control.controller import ControllerConfig, DelaySchedule, EpisodeResult, jump_summary, run_fast, run_realtime, run_vector
 from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs import TaskConfig, make_env
 from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, run_dir, sigterm_as_keyboard_interrupt, versions
@@ -61,7 +61,7 @@ class EvalConfig:
         names the offending key."""
         if self.n_episodes < 1:
             raise ValueError(f"n_episodes={self.n_episodes} must be >= 1")
-        if self.n_envs < 1 or (self.n_envs > 1 and self.controller.mode != "fast"):
+        if self.n_envs < 1 or (self.n_envs > 1 and self.controller.mode == "realtime"):
             raise ValueError(f"n_envs={self.n_envs} must be >= 1, and 1 with controller.mode={self.controller.mode!r}")
         if self.compare and self.controller.inference_process:
             raise ValueError("compare=true needs controller.inference_process=false (the reference sampler runs in-process)")
@@ -109,6 +109,7 @@ def aggregate(results: list[EpisodeResult], wall_s: float) -> dict:
             "late_ticks": int(sum(r.late_ticks for r in results)),
             "steps": int(sum(r.length for r in results)),
             "achieved_hz": float(np.mean([r.achieved_hz for r in results])) if n else 0.0,
+            "jumps": jump_summary([j for r in results for j in r.seam_jumps], [j for r in results for j in r.inner_jumps]),
         },
         "_log": inf,
     }
@@ -124,6 +125,9 @@ class Evaluator:
         self.env = make_env(cfg.task, render=cfg.video)
         self.extra_envs = [make_env(cfg.task) for _ in range(cfg.n_envs - 1)]
         check_env_matches_policy(self.env, self.policy, cfg.task.name, cfg.checkpoint)
+        pc = self.policy.config
+        self.schedule = None if cfg.controller.mode != "delay" else DelaySchedule(
+            cfg.controller, pc.n_action_steps, pc.horizon - pc.executed_start, cfg.controller.hz or cfg.task.control_hz)
 
     def run_all(self) -> dict:
         cfg = self.cfg
@@ -186,13 +190,17 @@ class Evaluator:
     def _run(self, sampler, reference, warm_start: bool, seeds: list[int], stack: contextlib.ExitStack):
         """The episodes of one sampler setting, as each finishes."""
         cfg = self.cfg
-        if cfg.controller.mode == "realtime":
-            hz = cfg.controller.hz or cfg.task.control_hz
+        ctl = cfg.controller
+        hz = ctl.hz or cfg.task.control_hz
+        if ctl.mode == "realtime":
             runner = stack.enter_context(PolicyRunner(
                 self.policy, hz, cfg.task.hold, sampler=sampler, reference=reference, warm_start=warm_start,
-                inference_process=cfg.controller.inference_process, threads=cfg.threads))
-            return (run_realtime(self.env, runner, s, hz, cfg.controller.late_tolerance, cfg.video) for s in seeds)
-        agents = [PolicyAgent(self.policy, sampler=sampler, reference=reference, warm_start=warm_start) for _ in range(cfg.n_envs)]
+                inference_process=ctl.inference_process, threads=cfg.threads, join=ctl.join))
+            return (run_realtime(self.env, runner, s, hz, ctl.late_tolerance, cfg.video) for s in seeds)
+        agents = [PolicyAgent(self.policy, sampler=sampler, reference=reference, warm_start=warm_start, join=ctl.join)
+                  for _ in range(cfg.n_envs)]
+        if self.schedule is not None:
+            return run_vector([self.env, *self.extra_envs], agents, seeds, self.schedule)
         if cfg.n_envs > 1:
             return run_vector([self.env, *self.extra_envs], agents, seeds)
         return (run_fast(self.env, agents[0], s, cfg.video) for s in seeds)

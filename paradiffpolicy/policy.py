@@ -27,6 +27,7 @@ from paradiffpolicy.models.unet1d import ConditionalUnet1D, UnetConfig
 from paradiffpolicy.normalizer import Normalizer
 from paradiffpolicy.sampling import PicardSampler, SampleStats, SamplerNoise, SequentialSampler, Trajectory, WarmStart
 from paradiffpolicy.sampling import draw_noise, make_sampler
+from paradiffpolicy.sampling.prefix import ActionPrefix
 from paradiffpolicy.schedulers import make_betas
 
 
@@ -243,6 +244,7 @@ class DiffusionPolicy(nn.Module):
         warm_start: WarmStart | None = None,
         return_trajectory: bool = False,
         deadline: float | None = None,
+        prefix: ActionPrefix | None = None,
     ) -> PolicyOutput:
         """Sample, unnormalise and slice, given the global conditioning of :meth:`encode_observation`.
 
@@ -257,6 +259,9 @@ class DiffusionPolicy(nn.Module):
             return_trajectory: also return the sampler's trajectory (for the next warm start).
             deadline: ``time.perf_counter()`` instant after which Picard returns its current
                 estimate, flagged ``converged=False`` (the sequential sampler ignores it).
+            prefix: actions the chunk must agree with (normalised units, the whole horizon; see
+                :class:`~paradiffpolicy.sampling.prefix.ActionPrefix`), applied inside every
+                denoising step of every sampler.
         """
         cfg = self.config
         sampler = sampler or self.sampler
@@ -270,7 +275,8 @@ class DiffusionPolicy(nn.Module):
                 f"{expected} x {sampler.table.num_steps} steps"
             )
         out = sampler.sample(self.denoiser, noise.to(self.device), cond, warm_start=warm_start,
-                             return_trajectory=return_trajectory, deadline=deadline)
+                             return_trajectory=return_trajectory, deadline=deadline,
+                             prefix=None if prefix is None else prefix.to(self.device))
         if not torch.isfinite(out.sample).all():
             raise FloatingPointError("the sampled action contains NaN or inf; the network output is not finite")
         return PolicyOutput(self.action_normalizer.unnormalize(out.sample), out.sample, cfg.executed_start,

@@ -36,6 +36,7 @@ from paradiffpolicy import SamplerConfig, __version__, load_policy  # noqa: E402
 from paradiffpolicy.config import from_dict  # noqa: E402
 from paradiffpolicy.data.obs_sample import load_observation_sample  # noqa: E402
 from paradiffpolicy.runtime import cpu_model, versions  # noqa: E402
+from paradiffpolicy.success_stats import success_cell, wilson_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,23 +244,6 @@ def summary_phase(cfg: FrontierConfig) -> str:
     (out / "frontier-summary.md").write_text(text)
     print(text)
     return text
-
-
-def success_cell(row: dict) -> str:
-    """"70 ± 5"; at 0 or n successes, where the standard error is 0, the 95% Wilson bound instead."""
-    lo, hi = row["pc_success_ci95"]
-    if row["pc_success_se"] > 0:
-        return f"{row['pc_success']:.0f} ± {row['pc_success_se']:.0f}"
-    return f"{row['pc_success']:.0f} (95%: ≥ {lo:.0f})" if row["pc_success"] > 0 else f"0 (95%: ≤ {hi:.0f})"
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a success rate k/n (Wilson 1927): unlike p ± z·SE it stays inside
-    [0, 1] and does not collapse to a point at 0 or n successes."""
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def markdown(result: dict) -> str:

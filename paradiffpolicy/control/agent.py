@@ -1,5 +1,6 @@
-"""Turns a DiffusionPolicy into a per-step actor: observation history, noise stream, warm start and
-per-call statistics. Used by the episode runners and by PolicyRunner."""
+"""Turns a DiffusionPolicy into a per-step actor: observation history, noise stream, warm start, the
+previous chunk (what a new one must join) and per-call statistics. Used by the episode runners and
+by PolicyRunner."""
 
 from __future__ import annotations
 
@@ -10,18 +11,42 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from paradiffpolicy.control.join import JoinConfig, committed_prefix
 from paradiffpolicy.features import batch_histories, stack_history
 from paradiffpolicy.policy import DiffusionPolicy, Sampler
 from paradiffpolicy.sampling import SamplerNoise, Trajectory, WarmStart
 
 
 @dataclass
+class CallStats:
+    """What one policy call cost (for one agent of a batched call: the batch's latency)."""
+
+    latency_ms: float  # observation to action: encoder + sampling
+    encoder_ms: float
+    rounds: int
+    nfe: float
+    converged: bool
+    budget_hit: bool = False
+    delay: int | None = None  # the ticks the call was expected to take (None: it joined no chunk)
+    reference_dev: float | None = None  # max |chunk - reference chunk| (normalised units)
+    reference_ratio: float | None = None  # reference sampling time / this call's
+
+
+@dataclass
 class Chunk:
     """Actions predicted from the observation at tick ``obs_tick``: ``actions[j]`` is for tick
-    ``obs_tick + j`` (the trajectory from the executed start on, up to the end of the horizon)."""
+    ``obs_tick + j`` (the trajectory from the executed start on, up to the end of the horizon).
+    ``normalized`` is the whole predicted trajectory (T, Da) in the network's units (what the next
+    chunk is conditioned on); ``stats`` what the call cost."""
 
     obs_tick: int
     actions: np.ndarray  # (T - start, Da)
+    normalized: np.ndarray | None = None  # (T, Da)
+    stats: CallStats | None = None
+
+    @property
+    def delay(self) -> int | None:
+        return None if self.stats is None else self.stats.delay
 
 
 @dataclass
@@ -45,6 +70,7 @@ class InferenceLog:
     converged: list = field(default_factory=list)
     reference_dev: list = field(default_factory=list)  # per call: max |chunk - reference chunk| (normalised)
     reference_ratio: list = field(default_factory=list)  # per call: reference / this call's sampling time
+    delays: list = field(default_factory=list)  # per call that joined a previous chunk: its delay d in ticks
     budget_hits: int = 0
 
     @property
@@ -60,6 +86,9 @@ class InferenceLog:
             "nfe_mean": float(np.mean(self.nfe)) if self.nfe else 0.0,
             "unconverged_calls": int(len(self.converged) - sum(self.converged)),
             "budget_hits": self.budget_hits,
+            "delay_ticks": {"mean": float(np.mean(self.delays)) if self.delays else 0.0,
+                            "max": int(max(self.delays, default=0)),
+                            "counts": {str(d): int(c) for d, c in zip(*np.unique(self.delays, return_counts=True))}},
         }
         out["latency_ms"]["max"] = float(lat.max())
         out["latency_ms"]["mean"] = float(lat.mean())
@@ -68,8 +97,22 @@ class InferenceLog:
         out["sampling_ms"] = {q: float(np.percentile(lat - enc, p)) for q, p in (("p50", 50), ("p95", 95))}
         return out
 
+    def record(self, stats: CallStats) -> None:
+        """Append one call's statistics."""
+        self.latency_ms.append(stats.latency_ms)
+        self.encoder_ms.append(stats.encoder_ms)
+        self.rounds.append(stats.rounds)
+        self.nfe.append(stats.nfe)
+        self.converged.append(stats.converged)
+        self.budget_hits += int(stats.budget_hit)
+        if stats.delay is not None:
+            self.delays.append(stats.delay)
+        if stats.reference_dev is not None:
+            self.reference_dev.append(stats.reference_dev)
+            self.reference_ratio.append(stats.reference_ratio)
+
     def extend(self, other: "InferenceLog") -> None:
-        for name in ("latency_ms", "encoder_ms", "rounds", "nfe", "converged", "reference_dev", "reference_ratio"):
+        for name in ("latency_ms", "encoder_ms", "rounds", "nfe", "converged", "reference_dev", "reference_ratio", "delays"):
             getattr(self, name).extend(getattr(other, name))
         self.budget_hits += other.budget_hits
 
@@ -85,10 +128,12 @@ class PolicyAgent:
         warm_start: start each call from the previous call's trajectory and noise, shifted by the
             ticks elapsed (changes the iteration count, not the sample).
         budget_s: cap on each call's seconds (Picard returns its current estimate past it).
+        join: how a call given a ``delay`` joins the previous chunk (see ``control/join.py``);
+            default :class:`JoinConfig`'s. Calls without a delay are never conditioned.
     """
 
     def __init__(self, policy: DiffusionPolicy, sampler: Sampler | None = None, reference: Sampler | None = None,
-                 warm_start: bool = False, budget_s: float | None = None):
+                 warm_start: bool = False, budget_s: float | None = None, join: JoinConfig | None = None):
         if budget_s is not None and budget_s <= 0:
             raise ValueError(f"budget_s={budget_s} must be > 0 or None")
         self.policy = policy
@@ -96,6 +141,8 @@ class PolicyAgent:
         self.reference = reference
         self.warm_start = warm_start
         self.budget_s = budget_s
+        self.join = join or JoinConfig()
+        self.previous: Chunk | None = None  # the last chunk of this episode
         self.warm: WarmState | None = None
         self.history: deque = deque(maxlen=policy.config.n_obs_steps)  # per step: an array, or a dict of arrays
         self.log = InferenceLog()
@@ -110,6 +157,7 @@ class PolicyAgent:
             self.history.append(_copy_step(obs))
         self.generator.manual_seed(seed)
         self.warm = None
+        self.previous = None
         self.log = InferenceLog()
 
     def observe(self, obs) -> None:
@@ -121,16 +169,19 @@ class PolicyAgent:
         copied (safe to hand to another thread)."""
         return stack_history(list(self.history))
 
-    def infer(self, obs_tick: int, history=None) -> Chunk:
-        """One policy call (blocking) on ``history`` (To, ...), default the current one."""
-        return self.infer_together([self], [obs_tick], None if history is None else [history])[0]
+    def infer(self, obs_tick: int, history=None, delay: int | None = None) -> Chunk:
+        """One policy call (blocking) on ``history`` (To, ...), default the current one. ``delay``:
+        the ticks this call is expected to take, during which the previous chunk keeps executing;
+        with it, the new chunk joins the previous one by :attr:`join`'s method."""
+        return self.infer_together([self], [obs_tick], None if history is None else [history], [delay])[0]
 
     @staticmethod
-    def infer_together(agents: list["PolicyAgent"], obs_ticks: list[int], histories: list | None = None) -> list[Chunk]:
+    def infer_together(agents: list["PolicyAgent"], obs_ticks: list[int], histories: list | None = None,
+                       delays: list[int | None] | None = None) -> list[Chunk]:
         """One batched policy call for several agents of the same policy and settings (vectorised
-        evaluation). Each agent keeps its own noise stream and warm start; Picard rows converge
-        independently, so each chunk is the one the agent would get alone. Latency is the batched
-        call's."""
+        evaluation). Each agent keeps its own noise stream, warm start and previous chunk; Picard
+        rows converge independently, so each chunk is the one the agent would get alone. Latency is
+        the batched call's. ``delays``: per agent, as for :meth:`infer`."""
         lead = agents[0]
         policy, sampler = lead.policy, lead.sampler
         if histories is None:
@@ -146,34 +197,35 @@ class PolicyAgent:
             noises = [a.warm.noise.shifted(shift, n) for a, n in zip(agents, noises)]
             warm = WarmStart.from_previous(Trajectory.cat([a.warm.trajectory for a in agents]), shift)
         noise = SamplerNoise(torch.cat([n.initial for n in noises]), torch.cat([n.steps for n in noises], dim=1))
+        delays = delays or [None] * len(agents)
+        cfg = policy.config
+        prefix = committed_prefix(lead.join, [a.previous for a in agents], obs_ticks, delays, cfg.executed_start, cfg.horizon)
         t0 = time.perf_counter()
         cond = policy.encode_observation(obs)  # once per call; the samplers iterate only the U-Net
         t_enc = time.perf_counter()
         out = policy.sample_from_condition(cond, noise=noise, sampler=sampler, warm_start=warm, return_trajectory=lead.warm_start,
-                                           deadline=None if lead.budget_s is None else t0 + lead.budget_s)
+                                           deadline=None if lead.budget_s is None else t0 + lead.budget_s, prefix=prefix)
         t_done = time.perf_counter()
         latency, sampling = t_done - t0, t_done - t_enc
         devs, ratio = None, None
         if lead.reference is not None:  # the same conditioning and noise: the ratio compares the samplers
-            ref = policy.sample_from_condition(cond, noise=noise, sampler=lead.reference)
+            ref = policy.sample_from_condition(cond, noise=noise, sampler=lead.reference, prefix=prefix)
             ratio = (time.perf_counter() - t_done) / sampling
             devs = (out.actions_normalized - ref.actions_normalized).abs().flatten(1).max(1).values
         actions = out.upcoming.cpu().numpy().astype(np.float64)
+        normalized = out.action_pred_normalized.cpu().numpy()
         stats = out.stats
         chunks = []
         for i, agent in enumerate(agents):
             if lead.warm_start:
                 agent.warm = WarmState(obs_ticks[i], noises[i], out.trajectory.rows(slice(i, i + 1)))
-            agent.log.latency_ms.append(latency * 1e3)
-            agent.log.encoder_ms.append((t_enc - t0) * 1e3)
-            agent.log.rounds.append(int(stats.iterations[i]))
-            agent.log.nfe.append(float(stats.nfe[i]))
-            agent.log.converged.append(bool(stats.converged[i]))
-            agent.log.budget_hits += stats.deadline_hit
-            if devs is not None:
-                agent.log.reference_ratio.append(ratio)
-                agent.log.reference_dev.append(float(devs[i]))
-            chunks.append(Chunk(obs_ticks[i], actions[i]))
+            call = CallStats(latency * 1e3, (t_enc - t0) * 1e3, int(stats.iterations[i]), float(stats.nfe[i]),
+                             bool(stats.converged[i]), bool(stats.deadline_hit),
+                             delay=None if delays[i] is None or agent.previous is None else int(delays[i]),
+                             reference_dev=None if devs is None else float(devs[i]), reference_ratio=ratio)
+            agent.log.record(call)
+            agent.previous = Chunk(obs_ticks[i], actions[i], normalized[i], call)
+            chunks.append(agent.previous)
         return chunks
 
 

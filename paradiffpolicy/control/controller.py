@@ -6,25 +6,34 @@
 * ``realtime``: one environment step per tick of the task's control clock, through
   :class:`~paradiffpolicy.control.runner.PolicyRunner` (background inference, latency matching,
   deadline misses counted). Ticks that start late are counted as ``late_ticks``.
+* ``delay``: a simulated inference delay, deterministic and machine independent (Real-Time
+  Chunking's benchmark): a call starts every ``s`` ticks from that tick's observation; for its
+  first ``d`` ticks the previous chunk keeps executing, then the new chunk from its index ``d``.
+  ``d`` is fixed (``delay``) or drawn per call from a latency distribution (``delay_ms``); how the
+  new chunk joins the old one is ``join`` (``control/join.py``). ``d = 0`` with ``join.method=naive``
+  is ``fast`` mode, episode for episode.
 
-All three share :class:`Episode`: the bookkeeping of one episode (steps, rewards, success, the
-failure reason of an environment or policy fault, wall time, achieved rate).
+All share :class:`Episode`: the bookkeeping of one episode (steps, rewards, success, the failure
+reason of an environment or policy fault, wall time, achieved rate, and the action jumps at chunk
+seams and within chunks).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, List
 
 import numpy as np
 
-from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
+from paradiffpolicy.control.agent import Chunk, InferenceLog, PolicyAgent
+from paradiffpolicy.control.join import JoinConfig
 from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs.base import PolicyEnv
 
-MODES = ("fast", "realtime")
+MODES = ("fast", "realtime", "delay")
 
 
 @dataclass
@@ -34,6 +43,13 @@ class ControllerConfig:
     late_tolerance: float = 0.5  # a tick that starts later than this fraction of a period is late
     # realtime only: run the policy in a worker process (see control/worker.py), not a thread
     inference_process: bool = False
+    # delay only: the ticks d each call takes; or, when delay_ms is given, d = ceil(ms * hz / 1000)
+    # for a latency drawn per call from delay_ms (a measured distribution), seeded by the episode
+    delay: int = 0
+    delay_ms: List[float] = field(default_factory=list)
+    execute: int = 0  # delay only: s, ticks between calls (0: the policy's n_action_steps)
+    # realtime and delay: how a new chunk joins the executing one
+    join: JoinConfig = field(default_factory=JoinConfig)
 
     def __post_init__(self) -> None:
         """Validate once, at construction; ``ValueError`` names the offending key."""
@@ -45,6 +61,45 @@ class ControllerConfig:
             raise ValueError(f"controller.late_tolerance={self.late_tolerance} must be >= 0")
         if self.inference_process and self.mode != "realtime":
             raise ValueError("controller.inference_process=true needs controller.mode=realtime")
+        if self.delay < 0 or self.execute < 0:
+            raise ValueError(f"controller.delay={self.delay} and controller.execute={self.execute} must be >= 0")
+        if any(not math.isfinite(ms) or ms < 0 for ms in self.delay_ms):
+            raise ValueError(f"controller.delay_ms={list(self.delay_ms)} must be finite latencies >= 0")
+        if (self.delay or self.delay_ms or self.execute) and self.mode != "delay":
+            raise ValueError("controller.delay, delay_ms and execute need controller.mode=delay")
+
+
+class DelaySchedule:
+    """When calls start and how long they take in ``delay`` mode: a call every ``execute`` ticks,
+    each taking ``delay`` ticks or, with ``delay_ms``, ``ceil(ms * hz / 1000)`` ticks for a latency
+    drawn per call from ``delay_ms`` by an RNG seeded per episode.
+
+    Raises ``ValueError`` naming the keys unless ``d <= s`` and ``d + s`` fit in the chunk (the
+    previous chunk must still hold the actions of the next call's first ``d`` ticks)."""
+
+    def __init__(self, cfg: ControllerConfig, n_action_steps: int, chunk_length: int, hz: float):
+        self.execute = cfg.execute or n_action_steps
+        self.join = cfg.join
+        self.ticks = [math.ceil(ms * hz / 1000 - 1e-9) for ms in cfg.delay_ms] or [cfg.delay]
+        worst = max(self.ticks)
+        if self.execute > chunk_length:
+            raise ValueError(f"controller.execute={self.execute} exceeds the {chunk_length} actions a chunk holds")
+        if worst > self.execute or worst + self.execute > chunk_length:
+            what = f"controller.delay_ms (up to {max(cfg.delay_ms)} ms = {worst} ticks at {hz} Hz)" if cfg.delay_ms \
+                else f"controller.delay={worst}"
+            raise ValueError(f"{what} with controller.execute={self.execute}: need d <= s and d + s <= {chunk_length} "
+                             f"(the actions a chunk holds from its observation on)")
+
+    @property
+    def blend(self) -> float | None:
+        """The new chunk's share in executed actions under ``join.method=blend``, else None."""
+        return self.join.blend if self.join.method == "blend" else None
+
+    def rng(self, seed: int) -> np.random.Generator:
+        return np.random.default_rng([seed, 0xD1A7])
+
+    def draw(self, rng: np.random.Generator) -> int:
+        return self.ticks[0] if len(self.ticks) == 1 else int(self.ticks[rng.integers(len(self.ticks))])
 
 
 @dataclass
@@ -62,6 +117,8 @@ class EpisodeResult:
     achieved_hz: float = 0.0
     inference: InferenceLog = field(default_factory=InferenceLog)
     frames: list = field(default_factory=list)
+    seam_jumps: list = field(default_factory=list)  # |a_t - a_{t-1}| (L2) where a_t came from a newer chunk
+    inner_jumps: list = field(default_factory=list)  # |a_t - a_{t-1}| within one chunk
 
     def to_json(self) -> dict:
         return {
@@ -70,7 +127,15 @@ class EpisodeResult:
             "length": self.length, "failure_reason": self.failure_reason, "deadline_misses": self.deadline_misses,
             "late_ticks": self.late_ticks, "wall_s": round(self.wall_s, 3), "achieved_hz": round(self.achieved_hz, 2),
             "inference": self.inference.summary(),
+            "jumps": jump_summary(self.seam_jumps, self.inner_jumps),
         }
+
+
+def jump_summary(seam: list, inner: list) -> dict:
+    """Mean and p95 of the action jump |Δa| at chunk seams and within chunks."""
+    def stats(v: list) -> dict:
+        return {"n": len(v), "mean": float(np.mean(v)) if v else 0.0, "p95": float(np.percentile(v, 95)) if v else 0.0}
+    return {"seam": stats(seam), "inner": stats(inner)}
 
 
 @dataclass
@@ -93,13 +158,19 @@ class Episode:
         self.obs = None
         self.done = False
         self._t0 = self.clock.now()
+        self._last_action: np.ndarray | None = None
 
     def start(self):
         self.obs = self.env.reset(self.result.seed)
         return self.obs
 
-    def step(self, action: np.ndarray) -> bool:
-        """Execute one action; returns whether the episode is over (success or time limit)."""
+    def step(self, action: np.ndarray, seam: bool = False) -> bool:
+        """Execute one action; returns whether the episode is over (success or time limit).
+        ``seam``: the action comes from a newer chunk than the previous action did."""
+        action = np.asarray(action)
+        if self._last_action is not None:
+            (self.result.seam_jumps if seam else self.result.inner_jumps).append(float(np.linalg.norm(action - self._last_action)))
+        self._last_action = action
         step = self.env.step(action)
         res = self.result
         res.length += 1
@@ -149,7 +220,7 @@ def run_fast(env: PolicyEnv, agent: PolicyAgent, seed: int, record_video: bool =
         while not ep.done:
             chunk = agent.infer(ep.result.length)
             for j in range(ta):
-                if ep.step(chunk.actions[j]):
+                if ep.step(chunk.actions[j], seam=j == 0):
                     break
                 agent.observe(ep.obs)
     return ep.finish(agent.log)
@@ -172,7 +243,7 @@ def run_realtime(env: PolicyEnv, runner: PolicyRunner, seed: int, hz: float, lat
                 ep.clock.sleep(due - now)
             elif now - due > late_tolerance * period:
                 ep.result.late_ticks += 1
-            ep.step(runner.step(ep.obs))
+            ep.step(runner.step(ep.obs), seam=runner.switched)
             elapsed = ep.clock.now() - start
             achieved = runner.tick / elapsed if elapsed > 0 else 0.0
     ep.result.deadline_misses = runner.deadline_misses
@@ -181,14 +252,16 @@ def run_realtime(env: PolicyEnv, runner: PolicyRunner, seed: int, hz: float, lat
     return ep.finish(log, achieved)
 
 
-def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int]) -> Iterator[EpisodeResult]:
-    """``fast`` mode over several environments in lockstep, one batched policy call per chunk
-    (throughput for success-rate evaluation; the latencies recorded are the batched calls').
-    Yields each EpisodeResult as its episode ends (in completion order)."""
+def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int],
+               schedule: DelaySchedule | None = None) -> Iterator[EpisodeResult]:
+    """``fast`` mode (``schedule`` None) or ``delay`` mode over several environments in lockstep,
+    one batched policy call per cycle (throughput for success-rate evaluation; the latencies
+    recorded are the batched calls'). Yields each EpisodeResult as its episode ends (in completion
+    order). With one environment and no schedule this is :func:`run_fast`."""
     queue = list(seeds)
-    slots: list[Episode | None] = [None] * len(envs)
+    slots: list[_Slot | None] = [None] * len(envs)
     finished: list[EpisodeResult] = []
-    ta = agents[0].policy.config.n_action_steps
+    execute = schedule.execute if schedule is not None else agents[0].policy.config.n_action_steps
 
     def start(i: int) -> None:
         while queue:
@@ -196,7 +269,7 @@ def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int
             with ep.guard():
                 agents[i].reset(ep.start(), ep.result.seed)
             if not ep.done:
-                slots[i] = ep
+                slots[i] = _Slot(ep, None if schedule is None else schedule.rng(ep.result.seed))
                 return
             finished.append(ep.finish(agents[i].log))
         slots[i] = None
@@ -206,17 +279,45 @@ def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int
     while any(slots) or finished:
         yield from finished
         finished.clear()
-        active = [i for i, ep in enumerate(slots) if ep is not None]
+        active = [i for i, slot in enumerate(slots) if slot is not None]
         if not active:
             break
-        chunks = PolicyAgent.infer_together([agents[i] for i in active], [slots[i].result.length for i in active])
-        for i, chunk in zip(active, chunks):
-            ep = slots[i]
-            with ep.guard():
-                for j in range(ta):
-                    if ep.step(chunk.actions[j]):
-                        break
-                    agents[i].observe(ep.obs)
-            if ep.done:
-                finished.append(ep.finish(agents[i].log))
+        # a call that joins a previous chunk takes d ticks; an episode's first call is waited for
+        delays = [None if schedule is None or slots[i].current is None else schedule.draw(slots[i].rng) for i in active]
+        chunks = PolicyAgent.infer_together([agents[i] for i in active], [slots[i].ep.result.length for i in active],
+                                            delays=delays)
+        for i, chunk, d in zip(active, chunks, delays):
+            slot = slots[i]
+            with slot.ep.guard():
+                _execute(slot, agents[i], chunk, d or 0, execute, None if schedule is None else schedule.blend)
+            slot.current = chunk
+            if slot.ep.done:
+                finished.append(slot.ep.finish(agents[i].log))
                 start(i)
+
+
+@dataclass
+class _Slot:
+    """One environment of :func:`run_vector`: its episode, delay RNG and the executing chunk."""
+
+    ep: Episode
+    rng: np.random.Generator | None
+    current: Chunk | None = None
+
+
+def _execute(slot: _Slot, agent: PolicyAgent, new: Chunk, delay: int, execute: int, blend: float | None) -> None:
+    """One cycle from the new chunk's observation tick: ``delay`` actions of the executing chunk,
+    then the new chunk's from index ``delay`` (with ``blend``: mixed with the old chunk's action
+    for the same tick where it has one), ``execute`` actions in all."""
+    old, ep = slot.current, slot.ep
+    for j in range(execute):
+        k = new.obs_tick + j - (old.obs_tick if old is not None else 0)
+        if j < delay:
+            action, seam = old.actions[k], False
+        else:
+            action, seam = new.actions[j], j == delay
+            if blend is not None and old is not None and k < len(old.actions):
+                action = (1 - blend) * old.actions[k] + blend * action
+        if ep.step(action, seam=seam):
+            return
+        agent.observe(ep.obs)

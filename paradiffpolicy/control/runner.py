@@ -12,7 +12,13 @@ the current chunk's ``Ta`` actions run out (``lead`` from the measured p95 laten
 predicted from the observation at tick ``s`` holds the action for tick ``s + j``; actions whose
 tick has passed are dropped (latency matching). While the next chunk is late, the current chunk's
 remaining actions (up to its horizon) are used; after that the hold action is sent and a deadline
-miss counted. ``budget_s`` caps each Picard call: past it the sampler returns its current estimate
+miss counted.
+
+A call started at tick ``t`` is expected to take ``d = ceil(p95 latency / period)`` ticks (1 before
+the first measurement); the ``d`` actions the current chunk will execute meanwhile are committed,
+and ``join`` (``control/join.py``; default ``soft``) makes the new chunk agree with them and, softly,
+with the rest of the current chunk, inside every denoising step. ``join=JoinConfig("naive")`` is the
+unconditioned behaviour; ``"blend"`` mixes old and new actions where both exist. ``budget_s`` caps each Picard call: past it the sampler returns its current estimate
 (counted in ``budget_hits``). Everything is reported by :meth:`stats`.
 
 ``act`` is the synchronous alternative (LeRobot's ``select_action``): no thread; when the chunk's
@@ -31,6 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import numpy as np
 
 from paradiffpolicy.control.agent import Chunk, PolicyAgent
+from paradiffpolicy.control.join import JoinConfig
 from paradiffpolicy.control.worker import ProcessAgent
 from paradiffpolicy.policy import DiffusionPolicy, Sampler
 
@@ -58,11 +65,13 @@ class PolicyRunner:
             in :meth:`stats`; in-process only).
         warm_start, budget_s: see :class:`~paradiffpolicy.control.agent.PolicyAgent`.
         inference_process, threads: run inference in a worker process with ``threads`` threads.
+        join: how a background chunk joins the executing one (see the module docstring).
     """
 
     def __init__(self, policy: DiffusionPolicy, hz: float | None = None, hold: str = "zero_motion", *,
                  sampler: Sampler | None = None, reference: Sampler | None = None, warm_start: bool = False,
-                 budget_s: float | None = None, inference_process: bool = False, threads: int = 1):
+                 budget_s: float | None = None, inference_process: bool = False, threads: int = 1,
+                 join: JoinConfig | None = None):
         if hz is not None and not hz > 0:
             raise ValueError(f"hz={hz} must be > 0 (or None for act() only)")
         if hold not in HOLDS:
@@ -70,9 +79,11 @@ class PolicyRunner:
         if inference_process:
             if reference is not None or sampler is not None:
                 raise ValueError("inference_process=True runs the policy's own sampler; sampler= and reference= need it off")
-            self.agent: PolicyAgent = ProcessAgent(policy, warm_start=warm_start, budget_s=budget_s, threads=threads)
+            self.agent: PolicyAgent = ProcessAgent(policy, warm_start=warm_start, budget_s=budget_s, threads=threads, join=join)
         else:
-            self.agent = PolicyAgent(policy, sampler=sampler, reference=reference, warm_start=warm_start, budget_s=budget_s)
+            self.agent = PolicyAgent(policy, sampler=sampler, reference=reference, warm_start=warm_start, budget_s=budget_s,
+                                     join=join)
+        self.join = self.agent.join
         self.period = None if hz is None else 1.0 / hz
         self.hold = hold
         self._pool: ThreadPoolExecutor | None = None  # started by the first background call
@@ -83,6 +94,10 @@ class PolicyRunner:
         self.tick = 0
         self.deadline_misses = 0
         self._last: np.ndarray | None = None
+        self._previous: Chunk | None = None  # the chunk executing before the current one (blend)
+        self._latency_ms: list[float] = []  # of the chunks received: what schedules the next call
+        self._source: Chunk | None = None  # the chunk the last action came from
+        self.switched = False  # the last action came from a newer chunk than the one before it
 
     @property
     def log(self):
@@ -94,15 +109,18 @@ class PolicyRunner:
         now (before your clock starts); without, at the first ``step``/``act``."""
         self._check_open()
         self._drain()  # no inference is running past this point
-        self._seed, self._chunk = seed, None
+        self._seed, self._chunk, self._previous, self._source = seed, None, None, None
+        self._latency_ms = []
         self.tick = 0
         self.deadline_misses = 0
+        self.switched = False
         if obs is not None:
             self._begin(obs)
 
     def _begin(self, obs) -> None:
         self.agent.reset(obs, self._seed)
         self._chunk = self.agent.infer(0)
+        self._latency_ms.append(self._chunk.stats.latency_ms)
         self._last = self._chunk.actions[0]
 
     def _observe(self, obs) -> None:
@@ -126,15 +144,24 @@ class PolicyRunner:
                                "or call act(obs)")
         self._observe(obs)
         if self._pending is not None and self._pending.done():
-            self._chunk, self._pending = self._pending.result(), None  # re-raises inference errors
+            new, self._pending = self._pending.result(), None  # re-raises inference errors
+            self._previous, self._chunk = self._chunk, new
+            self._latency_ms.append(new.stats.latency_ms)
         ta = self.agent.policy.config.n_action_steps
-        lat = self.agent.log.latency_ms
-        lead = math.ceil(np.percentile(lat, 95) / 1e3 / self.period) + 1 if lat else ta // 2
-        if self._pending is None and self.tick >= self._chunk.obs_tick + max(0, ta - lead):
+        delay = self.expected_delay()
+        if self._pending is None and self.tick >= self._chunk.obs_tick + max(0, ta - delay - 1):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-inference")
-            self._pending = self._pool.submit(self.agent.infer, self.tick, self.agent.snapshot())
+            self._pending = self._pool.submit(self.agent.infer, self.tick, self.agent.snapshot(), delay)
         return self._emit()
+
+    def expected_delay(self) -> int:
+        """Ticks a background call is expected to take: ``ceil(p95 latency / period)`` of this
+        episode's chunks so far (the first one's included), at least 1 (a chunk is used from the
+        tick after it arrives)."""
+        if not self._latency_ms:
+            return 1
+        return max(1, math.ceil(np.percentile(self._latency_ms, 95) / 1e3 / self.period))
 
     def act(self, obs) -> np.ndarray:
         """The action for this tick, synchronously: when the current chunk's ``Ta`` actions are
@@ -142,15 +169,22 @@ class PolicyRunner:
         self._observe(obs)
         if self.tick - self._chunk.obs_tick >= self.agent.policy.config.n_action_steps:
             self._chunk = self.agent.infer(self.tick)
+            self._latency_ms.append(self._chunk.stats.latency_ms)
         return self._emit()
 
     def _emit(self) -> np.ndarray:
         off = self.tick - self._chunk.obs_tick
+        source = self._chunk
         if off < len(self._chunk.actions):
             action = self._chunk.actions[off]
+            old = self._previous
+            if self.join.method == "blend" and old is not None and self.tick - old.obs_tick < len(old.actions):
+                action = (1 - self.join.blend) * old.actions[self.tick - old.obs_tick] + self.join.blend * action
         else:
-            action = hold_action(self._last, self.hold)
+            action, source = hold_action(self._last, self.hold), None
             self.deadline_misses += 1
+        self.switched = source is not None and self._source is not None and source is not self._source
+        self._source = source
         self._last = action
         self.tick += 1
         return action
@@ -161,6 +195,12 @@ class PolicyRunner:
 
     def stats(self) -> dict:
         return {"ticks": self.tick, "deadline_misses": self.deadline_misses, **self.agent.log.summary()}
+
+    def wait(self) -> None:
+        """Block until a background call still running has finished; its chunk is used from the
+        next ``step`` (e.g. a simulated loop that wants every call in time, or a test)."""
+        if self._pending is not None:
+            wait([self._pending])
 
     def _drain(self) -> None:
         """Wait for a background call still running; its chunk (or error) is no longer wanted."""

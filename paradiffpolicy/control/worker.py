@@ -17,19 +17,20 @@ import multiprocessing as mp
 import numpy as np
 import torch
 
-from paradiffpolicy.control.agent import Chunk, InferenceLog, PolicyAgent
+from paradiffpolicy.control.agent import Chunk, PolicyAgent
+from paradiffpolicy.control.join import JoinConfig
 from paradiffpolicy.policy import DiffusionPolicy
 
 
 def _serve(conn, payload: dict) -> None:
-    """Worker main: build the policy, then answer ("reset", obs, seed) / ("infer", tick, history) /
+    """Worker main: build the policy, then answer ("reset", obs, seed) / ("infer", tick, history, delay) /
     ("close",) messages until closed. Errors are sent back, never raised here."""
     torch.set_num_threads(payload["threads"])
     try:
         policy = DiffusionPolicy(payload["config"], payload["sampler"]).eval()
         policy.load_state_dict(payload["state"])
         policy.to(payload["device"])
-        agent = PolicyAgent(policy, warm_start=payload["warm_start"], budget_s=payload["budget_s"])
+        agent = PolicyAgent(policy, warm_start=payload["warm_start"], budget_s=payload["budget_s"], join=payload["join"])
         conn.send(("ready",))
     except Exception as e:  # noqa: BLE001 - report to the parent
         conn.send(("error", type(e).__name__, str(e)))
@@ -46,9 +47,7 @@ def _serve(conn, payload: dict) -> None:
                 agent.reset(msg[1], msg[2])
                 conn.send(("ok",))
             elif msg[0] == "infer":
-                agent.log = InferenceLog()  # the worker's own agent: this call's statistics only
-                chunk = agent.infer(msg[1], msg[2])
-                conn.send(("ok", chunk, agent.log))  # the caller keeps the episode's log
+                conn.send(("ok", agent.infer(msg[1], msg[2], msg[3])))  # the chunk carries its call's statistics
             else:
                 conn.send(("error", "ValueError", f"unknown message {msg[0]!r}"))
         except Exception as e:  # noqa: BLE001 - the caller decides; the worker stays usable
@@ -65,15 +64,15 @@ class ProcessAgent(PolicyAgent):
     """
 
     def __init__(self, policy: DiffusionPolicy, warm_start: bool = False, budget_s: float | None = None,
-                 threads: int = 1, start_timeout_s: float = 120.0):
-        super().__init__(policy, warm_start=warm_start, budget_s=budget_s)
+                 threads: int = 1, start_timeout_s: float = 120.0, join: JoinConfig | None = None):
+        super().__init__(policy, warm_start=warm_start, budget_s=budget_s, join=join)
         if threads < 1:
             raise ValueError(f"threads={threads} must be >= 1")
         ctx = mp.get_context("spawn")  # fork is unsafe with torch's thread pools
         self._conn, child = ctx.Pipe()
         payload = {"config": policy.config, "sampler": policy.sampler_config, "threads": threads,
                    "state": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
-                   "warm_start": warm_start, "budget_s": budget_s, "device": str(policy.device)}
+                   "warm_start": warm_start, "budget_s": budget_s, "device": str(policy.device), "join": self.join}
         self._proc = ctx.Process(target=_serve, args=(child, payload), daemon=True, name="policy-inference")
         self._proc.start()
         child.close()
@@ -102,10 +101,12 @@ class ProcessAgent(PolicyAgent):
         self._conn.send(("reset", obs if isinstance(obs, dict) else np.asarray(obs, dtype=np.float32), int(seed)))
         self._reply()
 
-    def infer(self, obs_tick: int, history: np.ndarray | None = None) -> Chunk:
-        self._conn.send(("infer", obs_tick, self.snapshot() if history is None else history))
-        _, chunk, log = self._reply()
-        self.log.extend(log)
+    def infer(self, obs_tick: int, history: np.ndarray | None = None, delay: int | None = None) -> Chunk:
+        """One call in the worker, whose own agent keeps the previous chunk it joins."""
+        self._conn.send(("infer", obs_tick, self.snapshot() if history is None else history, delay))
+        _, chunk = self._reply()
+        self.log.record(chunk.stats)  # the caller keeps the episode's log
+        self.previous = chunk
         return chunk
 
     def close(self) -> None:

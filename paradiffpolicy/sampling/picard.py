@@ -41,6 +41,7 @@ from torch import Tensor
 
 from paradiffpolicy.config import SamplerConfig
 from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise, SamplerOutput, Trajectory, WarmStart
+from paradiffpolicy.sampling.prefix import ActionPrefix, predict
 from paradiffpolicy.schedulers import StepTable
 
 
@@ -101,6 +102,7 @@ class PicardSampler:
         warm_start: WarmStart | None = None,
         return_trajectory: bool = False,
         deadline: float | None = None,
+        prefix: ActionPrefix | None = None,
     ) -> SamplerOutput:
         """Sample x_N (B, T, Da); the same result as SequentialSampler within ``tol``.
 
@@ -110,6 +112,8 @@ class PicardSampler:
         ``return_trajectory``: also return the final trajectory and its x̂0 (a warm start's source).
         ``deadline``: a ``time.perf_counter()`` instant; past it, stop after the current iteration
         and return the current estimate with ``converged=False`` and ``stats.deadline_hit``.
+        ``prefix``: actions the sample must agree with, part of every step's map (so the fixed
+        point is the sequential sampler's with the same prefix; see ``sampling/prefix.py``).
         """
         table, n, p = self.table, self.num_steps, self.window
         if noise.num_steps != n:
@@ -126,6 +130,9 @@ class PicardSampler:
         # states x_0..x_N plus one scratch slot (index N+1) that absorbs writes of padding positions
         xs = torch.empty((bsz, n + 2, *shape), device=dev, dtype=torch.float32)
         xs[:, 0] = noise.initial
+        if prefix is not None:
+            prefix.check((bsz, *shape))
+            xs[:, 0] = prefix.state(noise.initial, torch.zeros_like(rows_all), rows_all, noise.initial, table)
         # newest x̂0 per step (DPM-Solver's multistep term and the rollout); slot N is scratch
         x0buf = torch.zeros((bsz, n + 1, *shape), device=dev, dtype=torch.float32)
         # noise part of the frozen-x̂0 rollout from x_0: R_j = Σ_{l<j} Φ_{l+1,j} σ_l z_l, (B, N+1, ...)
@@ -135,7 +142,8 @@ class PicardSampler:
             wx0 = None if warm_start.x0 is None else warm_start.x0.to(dev, torch.float32)
             warm = (warm_start.states.to(dev, torch.float32), warm_start.mask(shape, dev), wx0)
             xs[:, 1 : n + 1] = warm[0][:, 1:]
-        self._fill_tail(xs, x0buf[:, 0], r_noise, rows_all, torch.zeros(bsz, dtype=torch.long, device=dev), steps, warm)
+        pin = None if prefix is None or not prefix.changes_state else (prefix, noise.initial)
+        self._fill_tail(xs, x0buf[:, 0], r_noise, rows_all, torch.zeros(bsz, dtype=torch.long, device=dev), steps, warm, pin)
 
         acc = _AndersonHistory(bsz, n, int(np.prod(shape)), self.anderson, dev) if self.anderson else None
         b = torch.zeros(bsz, dtype=torch.long, device=dev)
@@ -170,14 +178,19 @@ class PicardSampler:
             cond = None if global_cond is None else global_cond[rows].repeat_interleave(w, dim=0)
             flat_k = k.reshape(-1)
             flat_x = x_in.reshape(r * w, *shape)
-            out = model(flat_x, table.timesteps[flat_k], global_cond=cond)
-            x0, eps = table.predict_x0_eps(out, flat_x, flat_k)
+            x0, eps = predict(model, table, flat_x, flat_k, cond, rr.reshape(-1), prefix)
             x0 = x0.view(r, w, *shape)
             x0_prev = torch.cat([x0buf[rows, (bb - 1).clamp(min=0)].unsqueeze(1), x0[:, :-1]], dim=1)
             f = table.noise_free_step(flat_x, x0.reshape(r * w, *shape), eps, x0_prev.reshape(r * w, *shape), flat_k)
             vmask = valid.view(r, w, *[1] * ndim)
-            incr = (f.view(r, w, *shape) - x_in + sz[rr, k]) * vmask
+            incr = f.view(r, w, *shape) - x_in + sz[rr, k]
+            if prefix is not None and prefix.changes_state:  # the state itself is pulled after the step
+                stepped = (f.view(r, w, *shape) + sz[rr, k]).reshape(r * w, *shape)
+                incr = incr + prefix.pull(stepped, flat_k + 1, rr.reshape(-1), noise.initial, table).view(r, w, *shape)
+            incr = incr * vmask
             new = xs[rows, bb].unsqueeze(1) + incr.cumsum(dim=1)  # states pos+1
+            if prefix is not None and prefix.changes_state:
+                new = prefix.pin(new.reshape(r * w, *shape), flat_k + 1, rr.reshape(-1), noise.initial, table).view(new.shape)
 
             old = xs[rr, k + 1]
             err = (new - old).pow(2).flatten(2).mean(-1).sqrt() / self.scale[k]  # (R, w)
@@ -196,7 +209,7 @@ class PicardSampler:
             # guesses for everything past the window end e = b + length, from the newest x̂0
             end = bb + length
             x0_last = x0[torch.arange(r, device=dev), length - 1]
-            self._fill_tail(xs, x0_last, r_noise, rows, end, steps, warm)
+            self._fill_tail(xs, x0_last, r_noise, rows, end, steps, warm, pin)
             b[rows] = b_new
 
             iterations[active] += 1
@@ -211,7 +224,7 @@ class PicardSampler:
         return SamplerOutput(xs[:, n].clone(), stats, trajectory)
 
     def _fill_tail(self, xs: Tensor, x0: Tensor, r_noise: Tensor, rows: Tensor, end: Tensor, steps: Tensor,
-                   warm: tuple[Tensor, Tensor, Tensor | None] | None) -> None:
+                   warm: tuple[Tensor, Tensor, Tensor | None] | None, pin: tuple[ActionPrefix, Tensor] | None = None) -> None:
         """Overwrite states j > end[r] (j <= N) of ``rows`` with a guess from x_end and x̂0 (R, ...),
         the data prediction made at state end-1.
 
@@ -219,7 +232,10 @@ class PicardSampler:
         the data prediction have moved from it, propagated through the frozen-x̂0 dynamics:
         ``w_j + Φ_ej (x_e - w_e) + Ψ_ej (x̂0 - ŵ0_{e-1})`` (same noise, so the noise terms cancel).
         The x̂0 term needs the warm trajectory's own predictions ŵ0 and is skipped before the
-        first network call (end = 0)."""
+        first network call (end = 0).
+
+        ``pin`` (a state-pulling prefix and x_T): the guesses are pulled like the states, and pinned
+        where the weight is 1 (see ``ActionPrefix.pin``)."""
         n = self.num_steps
         x_end = xs[rows, end]  # (R, ...)
         extra = [1] * (x_end.dim() - 1)
@@ -239,6 +255,11 @@ class PicardSampler:
                 dx0 = (x0 - warm[2][rows][idx, (end - 1).clamp(min=0)]) * (end >= 1).view(-1, *extra)
                 moved = moved + psi * dx0.unsqueeze(1)
             guess = torch.where(warm[1], moved, guess)
+        if pin is not None:
+            prefix, x_t = pin
+            levels = steps.repeat(rows.numel())
+            flat = guess.reshape(-1, *guess.shape[2:])
+            guess = prefix.state(flat, levels, rows.repeat_interleave(n + 1), x_t, self.table).view(guess.shape)
         tail = (steps[None, :] > end[:, None]).view(-1, n + 1, *extra)
         xs[rows, : n + 1] = torch.where(tail, guess, xs[rows, : n + 1])
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from paradiffpolicy.sampling.base import Denoiser, SampleStats, SamplerNoise, SamplerOutput, Trajectory
+from paradiffpolicy.sampling.prefix import ActionPrefix, predict
 from paradiffpolicy.schedulers import StepTable
 
 
@@ -37,23 +38,30 @@ class SequentialSampler:
         warm_start=None,
         return_trajectory: bool = False,
         deadline: float | None = None,
+        prefix: ActionPrefix | None = None,
     ) -> SamplerOutput:
         """Sample x_N (B, T, Da). ``warm_start`` is accepted for interface parity and ignored
         (there is nothing to guess), so is ``deadline`` (a partly denoised sample is no action);
-        ``return_trajectory`` also returns the states x_0..x_N (B, N+1, ...)."""
+        ``return_trajectory`` also returns the states x_0..x_N (B, N+1, ...); ``prefix``: actions
+        the sample must agree with, applied inside every step (see ``sampling/prefix.py``)."""
         table = self.table
         n = table.num_steps
         if noise.num_steps != n:
             raise ValueError(f"noise has {noise.num_steps} steps, the scheduler has {n}")
         x = noise.initial.clone()
         bsz = x.shape[0]
+        rows = torch.arange(bsz, device=x.device)
+        if prefix is not None:
+            prefix.check(tuple(x.shape))
+            x = prefix.state(x, torch.zeros_like(rows), rows, noise.initial, table)
         x0_prev = torch.zeros_like(x)
         states = [x] if return_trajectory else None
         for k in range(n):
             kk = torch.full((bsz,), k, dtype=torch.long, device=x.device)
-            out = model(x, table.timesteps[kk], global_cond=global_cond)
-            x0, eps = table.predict_x0_eps(out, x, kk)
+            x0, eps = predict(model, table, x, kk, global_cond, rows, prefix)
             x = table.noise_free_step(x, x0, eps, x0_prev, kk) + table.noise_std[k] * noise.steps[k]
+            if prefix is not None:
+                x = prefix.state(x, kk + 1, rows, noise.initial, table)
             x0_prev = x0
             if states is not None:
                 states.append(x)

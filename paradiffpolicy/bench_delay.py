@@ -1,0 +1,285 @@
+"""Success against inference delay: how each way of joining chunks holds up when a call spans ticks.
+
+    python -m paradiffpolicy.bench_delay task=pusht_keypoints                       # closed loop (resumable)
+    python -m paradiffpolicy.bench_delay task=pusht_keypoints delays=[1,3,6] n_episodes=50
+    python -m paradiffpolicy.bench_delay phase=cost task=pusht_keypoints            # per-call cost of each join, run alone
+    python -m paradiffpolicy.bench_delay phase=report task=pusht_keypoints          # JSON + Markdown + plot
+
+``success`` runs ``paradiffpolicy.eval controller=delay`` once per (join method, delay d) on the
+same ``n_episodes`` seeds, into ``<runs>/<task>/<sampler label>/<method>/d<d>/``, skipping points
+already complete, so it resumes after an interruption. The simulated delay is deterministic and
+machine independent (no wall clock), so it may run beside other work. ``report`` gathers every
+complete point of the task: success with its 95% Wilson interval, paired on the seeds against
+``naive`` at the same d and against the method's own d = 0, and the action jump at seams and
+within chunks; ``benchmarks/results/delay-<task>.{json,md,png}``. ``cost`` times one batch-1
+call per join method on the observations shipped with the checkpoint (each call joining a chunk
+sampled for the same observation, shifted by Ta, at d = ``cost_delay``), methods interleaved in an
+order that rotates per trial, with the Picard iterations and the deviation from the sequential
+sampler under the same condition; run it with nothing else on the machine
+(``<out>/delay-cost-<task>.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from paradiffpolicy.config import from_dict
+from paradiffpolicy.control.join import JOIN_METHODS
+from paradiffpolicy.runtime import cpu_model, versions
+from paradiffpolicy.success_stats import paired, success_cell, success_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class DelayBenchConfig:
+    phase: str = "success"  # success | report
+    task: str = "pusht_keypoints"
+    sampler: str = "picard"  # a preset of conf/sampler
+    sampler_overrides: List[str] = field(default_factory=list)  # e.g. [sampler.num_inference_steps=8]
+    label: str = ""  # the runs' folder for this sampler (default: the preset's name)
+    methods: List[str] = field(default_factory=lambda: ["naive", "soft"])
+    inpaint: str = "x0"
+    delays: List[int] = field(default_factory=lambda: [0, 2, 4])
+    n_episodes: int = 100
+    n_envs: int = 10
+    seed: int = 10_000_000
+    backend: str = "jit"
+    threads: int = 2
+    runs: str = "outputs/delay"
+    out: str = "benchmarks/results"
+    max_steps: int = 0  # 0: the task's episode length (smoke tests shorten it)
+    cost_delay: int = 4  # cost only: the d of the timed calls
+    trials: int = 20  # cost only
+    warmup: int = 2  # cost only
+
+    def __post_init__(self) -> None:
+        if self.phase not in ("success", "report", "cost"):
+            raise ValueError(f"phase={self.phase!r} must be success, report or cost")
+        unknown = [m for m in self.methods if m not in JOIN_METHODS]
+        if unknown:
+            raise ValueError(f"methods {unknown} are unknown; expected some of {list(JOIN_METHODS)}")
+        if any(d < 0 for d in self.delays):
+            raise ValueError(f"delays={list(self.delays)} must be >= 0")
+        for key in ("n_episodes", "n_envs", "threads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+
+    @property
+    def sampler_label(self) -> str:
+        return self.label or self.sampler
+
+    def method_label(self, method: str) -> str:
+        """``soft``, or ``soft-noised`` for an inpainting mode other than x0."""
+        return method if method not in ("hard", "soft") or self.inpaint == "x0" else f"{method}-{self.inpaint}"
+
+
+def complete(run: Path, n: int) -> bool:
+    try:
+        info = json.loads((run / "eval_info.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not info.get("interrupted") and info["overall"]["n_episodes"] == n
+
+
+def success_phase(cfg: DelayBenchConfig) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from paradiffpolicy.eval import Evaluator
+
+    for d in cfg.delays:
+        for method in cfg.methods:
+            name = f"{cfg.task} {cfg.sampler_label} {cfg.method_label(method)} d={d}"
+            run = Path(cfg.runs) / cfg.task / cfg.sampler_label / cfg.method_label(method) / f"d{d}"
+            if complete(run, cfg.n_episodes):
+                print(f"{name}: done, skipped", flush=True)
+                continue
+            shutil.rmtree(run, ignore_errors=True)  # a partial run restarts: its episodes file would repeat seeds
+            overrides = [f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"sampler.backend={cfg.backend}",
+                         "controller=delay", f"controller.delay={d}", f"controller.join.method={method}",
+                         f"controller.join.inpaint={cfg.inpaint}", f"n_episodes={cfg.n_episodes}", f"n_envs={cfg.n_envs}",
+                         f"seed={cfg.seed}", f"threads={cfg.threads}", f"output_dir={run}", "progress=false",
+                         *([f"task.max_steps={cfg.max_steps}"] if cfg.max_steps else [])]
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                eval_cfg = OmegaConf.to_object(compose(config_name="eval", overrides=overrides))
+            t0 = time.time()
+            info = Evaluator(eval_cfg, run).run_all()
+            if info["interrupted"]:  # Ctrl-C / SIGTERM: stop here; this point reruns next time
+                raise SystemExit(f"{name}: interrupted after {info['overall']['n_episodes']} episodes")
+            print(f"{name}: {info['overall']['pc_success']:.0f}% in {time.time() - t0:.0f} s", flush=True)
+
+
+def cost_phase(cfg: DelayBenchConfig) -> dict:
+    """Batch-1 latency of one call per join method (see the module docstring)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from paradiffpolicy.checkpoint import load_policy
+    from paradiffpolicy.config import SamplerConfig
+    from paradiffpolicy.control.agent import Chunk
+    from paradiffpolicy.control.join import JoinConfig, committed_prefix
+    from paradiffpolicy.data.obs_sample import load_observation_sample
+    from paradiffpolicy.eval import EvalConfig
+
+    torch.set_num_threads(cfg.threads)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        eval_cfg: EvalConfig = OmegaConf.to_object(compose(config_name="eval", overrides=[
+            f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"sampler.backend={cfg.backend}"]))
+    sampler_cfg = eval_cfg.sampler
+    ckpt = ROOT / "checkpoints" / cfg.task
+    policy = load_policy(ckpt, sampler=sampler_cfg)
+    reference = policy.make_sampler(dataclasses.replace(sampler_cfg, name="sequential"))
+    sample = load_observation_sample(ckpt)
+    if sample is None:
+        raise SystemExit(f"{ckpt} ships no observation sample (observations.safetensors)")
+    windows, source = sample
+    pc = policy.config
+    policy.warm_up(1)
+    policy.warm_up(1, reference)
+    count = next(iter(windows.values())).shape[0]
+    lat: dict[str, list] = {m: [] for m in cfg.methods}
+    rounds: dict[str, list] = {m: [] for m in cfg.methods}
+    dev: dict[str, list] = {m: [] for m in cfg.methods}
+    for trial in range(cfg.warmup + cfg.trials):
+        obs = {k: v[trial % count: trial % count + 1] for k, v in windows.items()}
+        cond = policy.encode_observation(obs)
+        noise = policy.draw_noise(1, torch.Generator().manual_seed(trial))
+        prev = policy.sample_from_condition(cond, noise=policy.draw_noise(1, torch.Generator().manual_seed(10**6 + trial)))
+        previous = Chunk(0, prev.upcoming[0].numpy(), prev.action_pred_normalized[0].numpy())
+        order = cfg.methods[trial % len(cfg.methods):] + cfg.methods[: trial % len(cfg.methods)]
+        for method in order:
+            prefix = committed_prefix(JoinConfig(method=method, inpaint=cfg.inpaint), [previous], [pc.n_action_steps],
+                                      [cfg.cost_delay], pc.executed_start, pc.horizon)
+            t0 = time.perf_counter()
+            out = policy.sample_from_condition(cond, noise=noise, prefix=prefix)
+            dt = time.perf_counter() - t0
+            if trial >= cfg.warmup:
+                ref = policy.sample_from_condition(cond, noise=noise, sampler=reference, prefix=prefix)
+                lat[method].append(dt * 1e3)
+                rounds[method].append(out.stats.rounds)
+                dev[method].append(float((out.action_pred_normalized - ref.action_pred_normalized).abs().max()))
+    result = {"task": cfg.task, "sampler": dataclasses.asdict(sampler_cfg), "batch": 1, "delay": cfg.cost_delay,
+              "inpaint": cfg.inpaint, "trials": cfg.trials, "observations": source, "cpu": cpu_model(),
+              "threads": cfg.threads, "versions": versions(),
+              "methods": {m: {"latency_ms": {"p50": float(np.median(lat[m])), "p5": float(np.percentile(lat[m], 5)),
+                                             "p95": float(np.percentile(lat[m], 95))},
+                              "rounds_mean": float(np.mean(rounds[m])),
+                              "max_abs_dev_vs_sequential": float(np.max(dev[m]))} for m in cfg.methods}}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"delay-cost-{cfg.task}.json").write_text(json.dumps(result, indent=2))
+    for m, r in result["methods"].items():
+        print(f"{cfg.task} {m}: p50 {r['latency_ms']['p50']:.1f} ms (p5-p95 {r['latency_ms']['p5']:.1f}-"
+              f"{r['latency_ms']['p95']:.1f}), {r['rounds_mean']:.1f} rounds, max dev vs sequential "
+              f"{r['max_abs_dev_vs_sequential']:.1e}", flush=True)
+    return result
+
+
+def report_phase(cfg: DelayBenchConfig) -> dict:
+    """Every complete point under ``<runs>/<task>``; points of one sampler must share their seeds
+    where they share an episode count (a 50-episode point is paired on its first 50 seeds)."""
+    base = Path(cfg.runs) / cfg.task
+    points = []
+    for info_path in sorted(base.glob("*/*/d*/eval_info.json")):
+        info = json.loads(info_path.read_text())
+        if info.get("interrupted"):
+            continue
+        sampler_label, method, dname = info_path.parts[-4:-1]
+        eps = sorted(info["per_episode"], key=lambda e: e["seed"])
+        points.append({
+            "sampler": sampler_label, "sampler_settings": info["sampler"], "method": method, "delay": int(dname[1:]),
+            "join": info["controller"]["join"], "execute": info["controller"]["execute"] or None,
+            "seeds": [eps[0]["seed"], eps[-1]["seed"]], **success_summary([bool(e["success"]) for e in eps]),
+            "success_per_seed": [bool(e["success"]) for e in eps], "avg_max_reward": info["overall"]["avg_max_reward"],
+            "jumps": info["control"]["jumps"], "iterations_mean": info["inference"]["iterations_mean"],
+            "versions": info["versions"], "cpu": info["cpu"],
+        })
+    if not points:
+        raise SystemExit(f"no complete point under {base}; run phase=success first")
+    by_key = {(p["sampler"], p["method"], p["delay"]): p for p in points}
+    for p in points:
+        for ref_name, ref in (("vs_naive", by_key.get((p["sampler"], "naive", p["delay"]))),
+                              ("vs_own_d0", by_key.get((p["sampler"], p["method"], 0)))):
+            n = None if ref is None else min(p["n_episodes"], ref["n_episodes"])
+            p[ref_name] = None if ref is None or ref is p else {
+                "episodes": n, **paired(p["success_per_seed"][:n], ref["success_per_seed"][:n])}
+    result = {"task": cfg.task, "mode": "controller=delay: simulated delay, deterministic given the seeds (no wall clock)",
+              "points": sorted(points, key=lambda p: (p["sampler"], JOIN_METHODS.index(p["method"].split("-")[0]), p["method"], p["delay"]))}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"delay-{cfg.task}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(markdown(result))
+    plot(result, stem.with_suffix(".png"))
+    print(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    p0 = result["points"][0]
+    lines = [f"# Success against inference delay: {result['task']}\n",
+             f"`{result['mode']}`. A call every s = Ta ticks from that tick's observation; for its first d ticks "
+             "the previous chunk executes, then the new chunk from index d. Seeds from "
+             f"{p0['seeds'][0]}; every point of a sampler on the same seeds. Success ± SE and the 95% Wilson "
+             "interval; paired on the seeds: episodes won / lost against `naive` at the same d and against "
+             "the method's own d = 0. Jumps: the L2 norm of the change between consecutive executed actions, at "
+             "chunk seams and within chunks (environment units), mean / p95.\n",
+             "| sampler | join | d | episodes | success % | 95% interval | vs naive (same d) | vs own d=0 | "
+             "jump at seams | jump within chunks | Picard iterations |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in result["points"]:
+        lo, hi = p["pc_success_ci95"]
+        vs = lambda r: "" if r is None else f"+{r['won']} / −{r['lost']}"  # noqa: E731
+        j = p["jumps"]
+        lines.append(f"| {p['sampler']} | {p['method']} | {p['delay']} | {p['n_episodes']} | {success_cell(p)} | "
+                     f"{lo:.0f}-{hi:.0f} | {vs(p['vs_naive'])} | {vs(p['vs_own_d0'])} | "
+                     f"{j['seam']['mean']:.3g} / {j['seam']['p95']:.3g} | {j['inner']['mean']:.3g} / {j['inner']['p95']:.3g} | "
+                     f"{p['iterations_mean']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    curves: dict[tuple[str, str], list[dict]] = {}
+    for p in result["points"]:
+        curves.setdefault((p["sampler"], p["method"]), []).append(p)
+    for (sampler, method), pts in curves.items():
+        pts = sorted(pts, key=lambda p: p["delay"])
+        ax.errorbar([p["delay"] + 0.04 * len(ax.lines) for p in pts], [p["pc_success"] for p in pts],
+                    yerr=[p["pc_success_se"] for p in pts], marker="o", capsize=3, label=f"{sampler}, {method}")
+    ax.set_xlabel("inference delay d (control ticks)")
+    ax.set_ylabel("success % (± standard error)")
+    ax.set_title(f"{result['task']}: success against simulated delay")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]):
+    try:
+        cfg = from_dict(DelayBenchConfig, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps({"cpu": cpu_model(), "versions": versions()}), flush=True)
+    return {"success": success_phase, "report": report_phase, "cost": cost_phase}[cfg.phase](cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

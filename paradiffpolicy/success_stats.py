@@ -1,0 +1,45 @@
+"""Success rates over a finite set of episodes: standard error, Wilson interval, paired counts.
+
+Closed-loop success is a proportion over few episodes (50-300), so every report gives its
+uncertainty, and two settings run on the same seeds are compared episode by episode (wins and
+losses), not by their rates alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a success rate k/n (Wilson 1927): unlike p ± z·SE it stays inside
+    [0, 1] and does not collapse to a point at 0 or n successes."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def success_summary(successes: list[bool]) -> dict:
+    """``pc_success``, its standard error sqrt(p(1-p)/n) and 95% Wilson interval, in percent."""
+    n = len(successes)
+    k = int(sum(successes))
+    p = k / n
+    return {"n_episodes": n, "pc_success": 100 * p, "pc_success_se": 100 * float(np.sqrt(p * (1 - p) / n)),
+            "pc_success_ci95": [100 * b for b in wilson_interval(k, n)]}
+
+
+def paired(these: list[bool], reference: list[bool]) -> dict:
+    """Episodes (same seeds, same order) these succeed in and the reference fails ("won"), and the
+    reverse ("lost")."""
+    if len(these) != len(reference):
+        raise ValueError(f"paired comparison needs the same episodes: {len(these)} vs {len(reference)}")
+    return {"won": sum(a and not b for a, b in zip(these, reference)),
+            "lost": sum(b and not a for a, b in zip(these, reference))}
+
+
+def success_cell(row: dict) -> str:
+    """"70 ± 5"; at 0 or n successes, where the standard error is 0, the 95% Wilson bound instead."""
+    lo, hi = row["pc_success_ci95"]
+    if row["pc_success_se"] > 0:
+        return f"{row['pc_success']:.0f} ± {row['pc_success_se']:.0f}"
+    return f"{row['pc_success']:.0f} (95%: ≥ {lo:.0f})" if row["pc_success"] > 0 else f"0 (95%: ≤ {hi:.0f})"

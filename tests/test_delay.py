@@ -1,0 +1,186 @@
+"""The simulated-delay harness, how chunks join, the seam metrics and PolicyRunner's committed
+prefix, on the real PushT environment with a tiny (untrained) policy. No test reads the wall clock."""
+
+import numpy as np
+import pytest
+import torch
+
+from paradiffpolicy import DiffusionPolicy, PolicyConfig, PolicyRunner, SamplerConfig, SchedulerConfig, save_policy
+from paradiffpolicy.control.agent import PolicyAgent
+from paradiffpolicy.control.controller import ControllerConfig, DelaySchedule, Episode, run_fast, run_vector
+from paradiffpolicy.control.join import JoinConfig
+from paradiffpolicy.envs import TaskConfig, make_env
+from paradiffpolicy.eval import EvalConfig, Evaluator
+
+PUSHT = TaskConfig(name="pusht", suite="gym", env_name="gym_pusht/PushT-v0", obs_keys=[], control_hz=10,
+                   max_steps=24, expert="pusht", hold="repeat", env_kwargs={"obs_type": "state"})
+
+
+def pusht_policy(sampler=None):
+    """Obs 5, action 2, T=16, Ta=8, To=2, 10 DDPM steps; actions in PushT's [0, 512]."""
+    cfg = PolicyConfig(obs_dim=5, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16,
+                       scheduler=SchedulerConfig(num_train_timesteps=10, num_inference_steps=10))
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg, sampler or SamplerConfig(window=4, tol=0.05)).eval()
+    policy.obs_normalizer.fit(torch.tensor([[0.0] * 5, [512.0] * 5]))
+    policy.action_normalizer.fit(torch.tensor([[0.0] * 2, [512.0] * 2]))
+    return policy
+
+
+def schedule(policy, hz=10, **ctl):
+    cfg = policy.config
+    return DelaySchedule(ControllerConfig(mode="delay", **ctl), cfg.n_action_steps, cfg.horizon - cfg.executed_start, hz)
+
+
+def delayed(policy, seeds, join="naive", n_envs=1, **ctl):
+    join_cfg = JoinConfig(method=join)
+    envs = [make_env(PUSHT) for _ in range(n_envs)]
+    agents = [PolicyAgent(policy, join=join_cfg) for _ in range(n_envs)]
+    return sorted(run_vector(envs, agents, seeds, schedule(policy, join=join_cfg, **ctl)), key=lambda r: r.seed)
+
+
+def trace(result):
+    return result.length, result.sum_reward, result.max_reward, result.success
+
+
+def same_episodes(a, b):
+    """Lengths and success equal, rewards equal up to float rounding."""
+    assert [(r.length, r.success) for r in a] == [(r.length, r.success) for r in b]
+    rewards = lambda rs: [v for r in rs for v in (r.sum_reward, r.max_reward)]  # noqa: E731
+    assert rewards(a) == pytest.approx(rewards(b), rel=1e-5)
+
+
+def test_zero_delay_naive_is_fast_mode_episode_for_episode():
+    policy = pusht_policy()
+    seeds = [3, 4]
+    fast = [run_fast(make_env(PUSHT), PolicyAgent(policy), s) for s in seeds]
+    got = delayed(policy, seeds, delay=0)
+    assert [trace(r) for r in got] == [trace(r) for r in fast]
+    assert [r.seam_jumps for r in got] == [r.seam_jumps for r in fast]
+    # batched calls round differently (a batch of 2 is not two batches of 1), episodes stay the same
+    batched = delayed(policy, seeds, delay=0, n_envs=2)
+    same_episodes(batched, fast)
+    four = delayed(policy, seeds, delay=4)
+    assert [trace(r) for r in four] != [trace(r) for r in fast]  # a delay changes the episodes
+
+
+def test_bad_delay_and_execution_horizon_are_refused_naming_the_keys():
+    policy = pusht_policy()  # a chunk holds T - (To - 1) = 15 actions, Ta = 8
+    with pytest.raises(ValueError, match=r"controller.delay=9 with controller.execute=8"):
+        schedule(policy, delay=9)
+    with pytest.raises(ValueError, match=r"controller.delay=6 with controller.execute=10: need d <= s and d \+ s <= 15"):
+        schedule(policy, delay=6, execute=10)
+    with pytest.raises(ValueError, match=r"controller.delay_ms \(up to 950.0 ms = 10 ticks at 10 Hz\)"):
+        schedule(policy, delay_ms=[120.0, 950.0])
+    with pytest.raises(ValueError, match="controller.execute=16 exceeds the 15 actions"):
+        schedule(policy, execute=16)
+    with pytest.raises(ValueError, match="need controller.mode=delay"):
+        ControllerConfig(mode="fast", delay=2)
+    with pytest.raises(ValueError, match="delay_ms"):
+        ControllerConfig(mode="delay", delay_ms=[float("nan")])
+    with pytest.raises(ValueError, match="controller.join.method"):
+        JoinConfig(method="teleport")
+    assert schedule(policy, delay=7).ticks == [7] and schedule(policy, delay=3, execute=12).execute == 12
+
+
+def test_latency_distribution_gives_per_call_delays_seeded_by_episode():
+    policy = pusht_policy()
+    ms = [40.0, 100.0, 180.0, 250.0]  # at 10 Hz: 1, 1, 2, 3 ticks
+    assert schedule(policy, delay_ms=ms).ticks == [1, 1, 2, 3]
+    a = delayed(policy, [7, 8], join="soft", delay_ms=ms)
+    b = delayed(policy, [7, 8], join="soft", delay_ms=ms, n_envs=2)
+    same_episodes(a, b)
+    assert [r.inference.delays for r in a] == [r.inference.delays for r in b]
+    drawn = [d for r in a for d in r.inference.delays]
+    assert set(drawn) <= {1, 2, 3} and len(set(drawn)) > 1
+    assert all(len(r.inference.delays) == r.inference.summary()["calls"] - 1 for r in a)  # all but the first call
+
+
+def test_hard_join_commits_the_actions_executed_during_inference():
+    """With DDPM and x0 inpainting at weight 1, the new chunk's actions for the d ticks that ran
+    from the old chunk are the old chunk's actions: the seam is as smooth as a step within a
+    chunk. Naive joining leaves a jump there."""
+    policy = pusht_policy(SamplerConfig(window=4, tol=0.0))
+    start, d, s = policy.config.executed_start, 3, 8
+    chunks = {}
+    for method in ("hard", "naive"):
+        agent = PolicyAgent(policy, join=JoinConfig(method=method))
+        agent.reset(np.full(5, 200.0), seed=1)
+        old = agent.infer(0)
+        for t in range(1, s + 1):
+            agent.observe(np.full(5, 200.0 + 5 * t))
+        new = agent.infer(s, delay=d)
+        chunks[method] = (old, new)
+        assert new.delay == d and agent.log.delays == [d]
+    old, new = chunks["hard"]
+    np.testing.assert_allclose(new.actions[:d], old.actions[s : s + d], atol=1e-3)
+    np.testing.assert_allclose(new.normalized[: start + d], old.normalized[s : s + start + d], atol=1e-5)
+    old, new = chunks["naive"]
+    assert np.abs(new.actions[:d] - old.actions[s : s + d]).max() > 1.0
+
+
+def test_seam_and_within_chunk_jumps_are_told_apart():
+    class Line:
+        """A stand-in environment whose steps cost nothing; the bookkeeping is what is tested."""
+
+        def reset(self, seed):
+            return np.zeros(2)
+
+        def step(self, action):
+            from paradiffpolicy.envs.base import StepResult
+
+            return StepResult(np.zeros(2), 0.0, False, False, {})
+
+    ep = Episode(Line(), seed=0)
+    ep.start()
+    for action, seam in [([0, 0], False), ([1, 0], False), ([1, 2], True), ([4, 6], False), ([4, 6], True)]:
+        ep.step(np.array(action, dtype=float), seam=seam)
+    assert ep.result.inner_jumps == [1.0, 5.0]
+    assert ep.result.seam_jumps == [2.0, 0.0]
+    summary = ep.result.to_json()["jumps"]
+    assert summary["seam"] == {"n": 2, "mean": 1.0, "p95": pytest.approx(1.9)}
+    assert summary["inner"]["mean"] == 3.0
+
+
+def test_fast_mode_marks_a_seam_at_every_chunk_start():
+    res = run_fast(make_env(PUSHT), PolicyAgent(pusht_policy()), seed=2)
+    ta = 8
+    assert len(res.seam_jumps) == (res.length - 1) // ta  # every chunk after the first
+    assert len(res.seam_jumps) + len(res.inner_jumps) == res.length - 1
+
+
+def test_runner_commits_what_executes_while_it_infers():
+    """PolicyRunner passes the expected delay d (ticks of its p95 latency so far) with every
+    background call; with ``hard`` joining, the new chunk's first d actions are the current
+    chunk's for those ticks, and ``switched`` marks the tick the new chunk takes over."""
+    policy = pusht_policy(SamplerConfig(window=4, tol=0.0))
+    with PolicyRunner(policy, hz=1, hold="repeat", join=JoinConfig(method="hard")) as runner:
+        runner.reset(np.full(5, 100.0), seed=0)
+        current = runner.agent.previous
+        switches = []
+        for tick in range(30):
+            runner.step(np.full(5, 100.0 + tick))
+            switches.append(runner.switched)
+            runner.wait()  # inference always in time: the chunk is used from the next tick
+            new = runner.agent.previous
+            if new is not current:
+                d = new.delay
+                assert d >= 1 and runner.agent.log.delays[-1] == d
+                np.testing.assert_allclose(new.actions[:d], current.actions[new.obs_tick - current.obs_tick:][:d], atol=1e-3)
+                current = new
+        assert runner.stats()["deadline_misses"] == 0
+    assert sum(switches) == runner.stats()["calls"] - 1  # one switch per background chunk
+
+
+def test_eval_delay_mode_writes_delays_and_jumps(tmp_path):
+    ckpt = tmp_path / "ck"
+    save_policy(pusht_policy(), ckpt)
+    cfg = EvalConfig(task=PUSHT, checkpoint=str(ckpt), n_episodes=3, n_envs=2, output_dir=str(tmp_path), progress=False,
+                     controller=ControllerConfig(mode="delay", delay=2, join=JoinConfig(method="soft")))
+    info = Evaluator(cfg, tmp_path / "out").run_all()
+    assert info["inference"]["delay_ticks"]["counts"] == {"2": info["inference"]["calls"] - 3}  # all but each first call
+    jumps = info["control"]["jumps"]
+    assert jumps["seam"]["n"] + jumps["inner"]["n"] == info["control"]["steps"] - 3
+    bad = EvalConfig(task=PUSHT, checkpoint=str(ckpt), controller=ControllerConfig(mode="delay", delay=8, execute=8))
+    with pytest.raises(ValueError, match="controller.delay=8 with controller.execute=8"):
+        Evaluator(bad, tmp_path / "bad")
