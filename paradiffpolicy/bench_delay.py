@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -84,58 +83,32 @@ class DelayBenchConfig:
         return method if method not in ("hard", "soft") or self.inpaint == "x0" else f"{method}-{self.inpaint}"
 
 
-def complete(run: Path, n: int) -> bool:
-    try:
-        info = json.loads((run / "eval_info.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return not info.get("interrupted") and info["overall"]["n_episodes"] == n
-
-
 def success_phase(cfg: DelayBenchConfig) -> None:
-    from hydra import compose, initialize_config_dir
-
-    from paradiffpolicy.eval import Evaluator
+    from paradiffpolicy.eval import run_point
 
     for d in cfg.delays:
         for method in cfg.methods:
-            name = f"{cfg.task} {cfg.sampler_label} {cfg.method_label(method)} d={d}"
             run = Path(cfg.runs) / cfg.task / cfg.sampler_label / cfg.method_label(method) / f"d{d}"
-            if complete(run, cfg.n_episodes):
-                print(f"{name}: done, skipped", flush=True)
-                continue
-            shutil.rmtree(run, ignore_errors=True)  # a partial run restarts: its episodes file would repeat seeds
-            overrides = [f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"sampler.backend={cfg.backend}",
-                         "controller=delay", f"controller.delay={d}", f"controller.join.method={method}",
-                         f"controller.join.inpaint={cfg.inpaint}", f"n_episodes={cfg.n_episodes}", f"n_envs={cfg.n_envs}",
-                         f"seed={cfg.seed}", f"threads={cfg.threads}", f"output_dir={run}", "progress=false",
-                         *([f"task.max_steps={cfg.max_steps}"] if cfg.max_steps else [])]
-            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                eval_cfg = OmegaConf.to_object(compose(config_name="eval", overrides=overrides))
-            t0 = time.time()
-            info = Evaluator(eval_cfg, run).run_all()
-            if info["interrupted"]:  # Ctrl-C / SIGTERM: stop here; this point reruns next time
-                raise SystemExit(f"{name}: interrupted after {info['overall']['n_episodes']} episodes")
-            print(f"{name}: {info['overall']['pc_success']:.0f}% in {time.time() - t0:.0f} s", flush=True)
+            run_point(run, [f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"sampler.backend={cfg.backend}",
+                            "controller=delay", f"controller.delay={d}", f"controller.join.method={method}",
+                            f"controller.join.inpaint={cfg.inpaint}", f"n_episodes={cfg.n_episodes}", f"n_envs={cfg.n_envs}",
+                            f"seed={cfg.seed}", f"threads={cfg.threads}", *([f"task.max_steps={cfg.max_steps}"] if cfg.max_steps else [])],
+                      cfg.n_episodes, f"{cfg.task} {cfg.sampler_label} {cfg.method_label(method)} d={d}")
 
 
 def cost_phase(cfg: DelayBenchConfig) -> dict:
     """Batch-1 latency of one call per join method (see the module docstring)."""
     import torch
-    from hydra import compose, initialize_config_dir
 
     from paradiffpolicy.checkpoint import load_policy
-    from paradiffpolicy.config import SamplerConfig
     from paradiffpolicy.control.agent import Chunk
     from paradiffpolicy.control.join import JoinConfig, committed_prefix
     from paradiffpolicy.data.obs_sample import load_observation_sample
-    from paradiffpolicy.eval import EvalConfig
+    from paradiffpolicy.eval import compose_eval_config
 
     torch.set_num_threads(cfg.threads)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        eval_cfg: EvalConfig = OmegaConf.to_object(compose(config_name="eval", overrides=[
-            f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"sampler.backend={cfg.backend}"]))
-    sampler_cfg = eval_cfg.sampler
+    sampler_cfg = compose_eval_config([f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides,
+                                       f"sampler.backend={cfg.backend}"]).sampler
     ckpt = ROOT / "checkpoints" / cfg.task
     policy = load_policy(ckpt, sampler=sampler_cfg)
     reference = policy.make_sampler(dataclasses.replace(sampler_cfg, name="sequential"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +241,12 @@ def summary_table(info: dict) -> str:
     if i.get("encoder_ms", {}).get("p50", 0.0) >= 0.5:  # camera policies: where a call's time goes
         rows.append(f"\nper call: observation encoder p50 {i['encoder_ms']['p50']:.1f} ms (p95 {i['encoder_ms']['p95']:.1f}), "
                     f"sampling p50 {i['sampling_ms']['p50']:.1f} ms (p95 {i['sampling_ms']['p95']:.1f})")
+    jumps = c.get("jumps")
+    if jumps and jumps["seam"]["n"]:
+        delay = i.get("delay_ticks", {})
+        rows.append(f"\nchunk seams: action jump mean {jumps['seam']['mean']:.3g} (p95 {jumps['seam']['p95']:.3g}) vs within "
+                    f"chunks {jumps['inner']['mean']:.3g} (p95 {jumps['inner']['p95']:.3g}); join "
+                    f"{info['controller']['join']['method']}, delay per call {delay.get('mean', 0.0):.2f} ticks (max {delay.get('max', 0)})")
     if "compare" in info:
         cmp = info["compare"]
         seq = "n/a" if cmp["pc_success_sequential"] is None else f"{cmp['pc_success_sequential']:.1f}%"
@@ -248,6 +255,41 @@ def summary_table(info: dict) -> str:
                     f"sequential {seq}, max abs dev {cmp['max_abs_dev']:.2e} ({cmp['calls_over_1e-2']} of "
                     f"{info['inference']['calls']} calls over 1e-2)")
     return "\n".join(rows)
+
+
+def compose_eval_config(overrides: list[str]) -> EvalConfig:
+    """The :class:`EvalConfig` that ``python -m paradiffpolicy.eval <overrides>`` would run (Hydra
+    composition of ``conf/``), for commands that run evaluations themselves."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="eval", overrides=overrides))
+
+
+def run_complete(run: Path, n_episodes: int) -> bool:
+    """Whether ``run`` holds a finished, uninterrupted evaluation of ``n_episodes`` episodes."""
+    try:
+        info = json.loads((Path(run) / "eval_info.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not info.get("interrupted") and info["overall"]["n_episodes"] == n_episodes
+
+
+def run_point(run: Path, overrides: list[str], n_episodes: int, name: str) -> dict | None:
+    """One evaluation of a benchmark into ``run`` (``n_episodes`` must be among ``overrides``),
+    skipped (None) when already complete, so a benchmark resumes after an interruption. A partial
+    run restarts from scratch (its episodes file would repeat seeds); an interrupted one stops the
+    benchmark with the point's ``name``."""
+    if run_complete(run, n_episodes):
+        print(f"{name}: done, skipped", flush=True)
+        return None
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.time()
+    info = Evaluator(compose_eval_config([*overrides, f"output_dir={run}", "progress=false"]), Path(run)).run_all()
+    if info["interrupted"]:  # Ctrl-C / SIGTERM: this point reruns next time
+        raise SystemExit(f"{name}: interrupted after {info['overall']['n_episodes']} episodes")
+    print(f"{name}: {info['overall']['pc_success']:.0f}% in {time.time() - t0:.0f} s", flush=True)
+    return info
 
 
 @hydra.main(config_path="../conf", config_name="eval", version_base="1.3")

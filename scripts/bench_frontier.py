@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paradiffpolicy import SamplerConfig, __version__, load_policy  # noqa: E402
 from paradiffpolicy.config import from_dict  # noqa: E402
 from paradiffpolicy.data.obs_sample import load_observation_sample  # noqa: E402
+from paradiffpolicy.eval import run_complete  # noqa: E402
 from paradiffpolicy.runtime import cpu_model, versions  # noqa: E402
 from paradiffpolicy.success_stats import success_cell, wilson_interval  # noqa: E402
 
@@ -96,36 +96,15 @@ def checkpoint_of(task: str) -> Path:
     return ROOT / "checkpoints" / task
 
 
-def complete(run: Path, n: int) -> bool:
-    try:
-        info = json.loads((run / "eval_info.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return not info.get("interrupted") and info["overall"]["n_episodes"] == n
-
-
 def success_phase(cfg: FrontierConfig) -> None:
-    from hydra import compose, initialize_config_dir
-
-    from paradiffpolicy.eval import Evaluator
+    from paradiffpolicy.eval import run_point
 
     for name in cfg.settings:
-        run = Path(cfg.runs) / cfg.task / name
-        if complete(run, cfg.n_episodes):
-            print(f"{cfg.task} {name}: done, skipped", flush=True)
-            continue
-        shutil.rmtree(run, ignore_errors=True)  # a partial run restarts: its episodes file would repeat seeds
-        overrides = [f"task={cfg.task}", f"n_episodes={cfg.n_episodes}", f"n_envs={cfg.n_envs}", f"seed={cfg.seed}",
-                     f"threads={cfg.threads}", f"output_dir={run}", "progress=false",
-                     *([f"task.max_steps={cfg.max_steps}"] if cfg.max_steps else []),
-                     *[f"sampler.{k}={v}" for k, v in dataclasses.asdict(sampler_config(cfg, name)).items() if v is not None]]
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            eval_cfg = OmegaConf.to_object(compose(config_name="eval", overrides=overrides))
-        t0 = time.time()
-        info = Evaluator(eval_cfg, run).run_all()
-        if info["interrupted"]:  # Ctrl-C / SIGTERM: stop here; this setting reruns next time
-            raise SystemExit(f"{cfg.task} {name}: interrupted after {info['overall']['n_episodes']} episodes")
-        print(f"{cfg.task} {name}: {info['overall']['pc_success']:.0f}% in {time.time() - t0:.0f} s", flush=True)
+        run_point(Path(cfg.runs) / cfg.task / name,
+                  [f"task={cfg.task}", f"n_episodes={cfg.n_episodes}", f"n_envs={cfg.n_envs}", f"seed={cfg.seed}",
+                   f"threads={cfg.threads}", *([f"task.max_steps={cfg.max_steps}"] if cfg.max_steps else []),
+                   *[f"sampler.{k}={v}" for k, v in dataclasses.asdict(sampler_config(cfg, name)).items() if v is not None]],
+                  cfg.n_episodes, f"{cfg.task} {name}")
 
 
 def latency_phase(cfg: FrontierConfig) -> dict:
@@ -180,7 +159,7 @@ def report_phase(cfg: FrontierConfig) -> dict:
     latency = json.loads(lat_path.read_text()) if lat_path.exists() else None
     rows, seeds = {}, None
     for name in cfg.settings:
-        if not complete(runs / name, cfg.n_episodes):
+        if not run_complete(runs / name, cfg.n_episodes):
             print(f"{cfg.task} {name}: success phase not complete, left out", flush=True)
             continue
         info = json.loads((runs / name / "eval_info.json").read_text())

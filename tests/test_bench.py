@@ -97,10 +97,45 @@ def test_bench_times_the_image_encoder_apart(tmp_path):
 
 def test_frontier_success_interval_is_wilsons():
     """Textbook Wilson 95% intervals: 50/100 → 40.4-59.6%, 100/100 → 96.3-100%, 0/10 → 0-27.8%."""
-    wilson = load_script("bench_frontier").wilson_interval
+    from paradiffpolicy.success_stats import wilson_interval as wilson
+
     assert wilson(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
     assert wilson(100, 100) == pytest.approx((0.9630, 1.0), abs=1e-4)
     assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
+    """python -m paradiffpolicy.bench_delay on the shipped PushT keypoints policy, short episodes:
+    complete points are skipped on rerun; the report pairs every point with naive at the same d
+    and with its own d = 0; the cost phase times every join on the shipped observations."""
+    from paradiffpolicy import bench_delay
+
+    common = ["task=pusht_keypoints", "methods=[naive,soft]", "delays=[0,3]", "n_episodes=3", "n_envs=2", "max_steps=24",
+              "threads=1", f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"]
+    bench_delay.main(["phase=success", *common])
+    info_path = tmp_path / "runs" / "pusht_keypoints" / "picard" / "soft" / "d3" / "eval_info.json"
+    first = info_path.stat().st_mtime_ns
+    bench_delay.main(["phase=success", *common])  # complete: nothing reruns
+    assert info_path.stat().st_mtime_ns == first
+    info = json.loads(info_path.read_text())
+    assert info["controller"]["join"]["method"] == "soft" and info["inference"]["delay_ticks"]["max"] == 3
+    report = bench_delay.main(["phase=report", *common])
+    points = {(p["method"], p["delay"]): p for p in report["points"]}
+    assert set(points) == {("naive", 0), ("naive", 3), ("soft", 0), ("soft", 3)}
+    for (method, d), p in points.items():
+        assert p["n_episodes"] == 3 and p["seeds"] == [10_000_000, 10_000_002]
+        if method != "naive":  # paired on the seeds: the difference in successes is won minus lost
+            ref = points[("naive", d)]
+            assert p["vs_naive"]["won"] - p["vs_naive"]["lost"] == sum(p["success_per_seed"]) - sum(ref["success_per_seed"])
+        assert (p["vs_own_d0"] is None) == (d == 0)
+        assert p["jumps"]["seam"]["n"] > 0 and p["jumps"]["inner"]["n"] > 0
+    assert json.loads((tmp_path / "out" / "delay-pusht_keypoints.json").read_text())["points"] == report["points"]
+    assert (tmp_path / "out" / "delay-pusht_keypoints.md").read_text().count("| picard |") == 4
+    cost = bench_delay.main(["phase=cost", "methods=[naive,hard,guided]", "trials=2", "warmup=1", *common[2:]])
+    assert set(cost["methods"]) == {"naive", "hard", "guided"} and cost["observations"]["held_out"] is True
+    with pytest.raises(SystemExit, match="methods"):
+        bench_delay.main(["methods=[naive,psychic]"])
 
 
 @pytest.mark.slow
