@@ -50,6 +50,7 @@ class DelayBenchConfig:
     methods: List[str] = field(default_factory=lambda: ["naive", "soft"])
     inpaint: str = "x0"
     delays: List[int] = field(default_factory=lambda: [0, 2, 4])
+    execute: int = 0  # s, ticks between calls (0: the policy's Ta; -1: s = d, a call as soon as the last one ends)
     n_episodes: int = 100
     n_envs: int = 10
     seed: int = 10_000_000
@@ -70,6 +71,8 @@ class DelayBenchConfig:
             raise ValueError(f"methods {unknown} are unknown; expected some of {list(JOIN_METHODS)}")
         if any(d < 0 for d in self.delays):
             raise ValueError(f"delays={list(self.delays)} must be >= 0")
+        if self.execute < -1:
+            raise ValueError(f"execute={self.execute} must be >= 0 (0: Ta) or -1 (s = d)")
         for key in ("n_episodes", "n_envs", "threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
@@ -79,8 +82,14 @@ class DelayBenchConfig:
         return self.label or self.sampler
 
     def method_label(self, method: str) -> str:
-        """``soft``, or ``soft-noised`` for an inpainting mode other than x0."""
-        return method if method not in ("hard", "soft") or self.inpaint == "x0" else f"{method}-{self.inpaint}"
+        """``soft``; ``soft-noised`` for an inpainting mode other than x0; ``-sd`` (s = d) or ``-s<s>``
+        appended for an execution horizon other than Ta."""
+        label = method if method not in ("hard", "soft") or self.inpaint == "x0" else f"{method}-{self.inpaint}"
+        return label + {0: "", -1: "-sd"}.get(self.execute, f"-s{self.execute}")
+
+    def execute_for(self, delay: int) -> int:
+        """The ``controller.execute`` of a point at ``delay`` (0: Ta)."""
+        return max(delay, 1) if self.execute == -1 else self.execute
 
 
 def success_phase(cfg: DelayBenchConfig) -> None:
@@ -90,7 +99,8 @@ def success_phase(cfg: DelayBenchConfig) -> None:
         for method in cfg.methods:
             run = Path(cfg.runs) / cfg.task / cfg.sampler_label / cfg.method_label(method) / f"d{d}"
             run_point(run, [f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"sampler.backend={cfg.backend}",
-                            "controller=delay", f"controller.delay={d}", f"controller.join.method={method}",
+                            "controller=delay", f"controller.delay={d}", f"controller.execute={cfg.execute_for(d)}",
+                            f"controller.join.method={method}",
                             f"controller.join.inpaint={cfg.inpaint}", f"n_episodes={cfg.n_episodes}", f"n_envs={cfg.n_envs}",
                             f"seed={cfg.seed}", f"threads={cfg.threads}", *([f"task.max_steps={cfg.max_steps}"] if cfg.max_steps else [])],
                       cfg.n_episodes, f"{cfg.task} {cfg.sampler_label} {cfg.method_label(method)} d={d}")
@@ -202,19 +212,19 @@ def markdown(result: dict) -> str:
     p0 = result["points"][0]
     lines = [f"# Success against inference delay: {result['task']}\n",
              f"`{result['mode']}`. A call every s = Ta ticks from that tick's observation; for its first d ticks "
-             "the previous chunk executes, then the new chunk from index d. Seeds from "
+             "the previous chunk executes, then the new chunk from index d (s: ticks between calls). Seeds from "
              f"{p0['seeds'][0]}; every point of a sampler on the same seeds. Success ± SE and the 95% Wilson "
              "interval; paired on the seeds: episodes won / lost against `naive` at the same d and against "
              "the method's own d = 0. Jumps: the L2 norm of the change between consecutive executed actions, at "
              "chunk seams and within chunks (environment units), mean / p95.\n",
-             "| sampler | join | d | episodes | success % | 95% interval | vs naive (same d) | vs own d=0 | "
+             "| sampler | join | d | s | episodes | success % | 95% interval | vs naive (same d) | vs own d=0 | "
              "jump at seams | jump within chunks | Picard iterations |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
         lo, hi = p["pc_success_ci95"]
         vs = lambda r: "" if r is None else f"+{r['won']} / −{r['lost']}"  # noqa: E731
         j = p["jumps"]
-        lines.append(f"| {p['sampler']} | {p['method']} | {p['delay']} | {p['n_episodes']} | {success_cell(p)} | "
+        lines.append(f"| {p['sampler']} | {p['method']} | {p['delay']} | {p['execute'] or 'Ta'} | {p['n_episodes']} | {success_cell(p)} | "
                      f"{lo:.0f}-{hi:.0f} | {vs(p['vs_naive'])} | {vs(p['vs_own_d0'])} | "
                      f"{j['seam']['mean']:.3g} / {j['seam']['p95']:.3g} | {j['inner']['mean']:.3g} / {j['inner']['p95']:.3g} | "
                      f"{p['iterations_mean']:.1f} |")

@@ -285,7 +285,7 @@ def run_point(run: Path, overrides: list[str], n_episodes: int, name: str) -> di
         return None
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.time()
-    info = Evaluator(compose_eval_config([*overrides, f"output_dir={run}", "progress=false"]), Path(run)).run_all()
+    info = Evaluator(compose_eval_config([*overrides, f"output_dir='{run}'", "progress=false"]), Path(run)).run_all()
     if info["interrupted"]:  # Ctrl-C / SIGTERM: this point reruns next time
         raise SystemExit(f"{name}: interrupted after {info['overall']['n_episodes']} episodes")
     print(f"{name}: {info['overall']['pc_success']:.0f}% in {time.time() - t0:.0f} s", flush=True)

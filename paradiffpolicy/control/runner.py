@@ -18,8 +18,9 @@ A call started at tick ``t`` is expected to take ``d = ceil(p95 latency / period
 the first measurement); the ``d`` actions the current chunk will execute meanwhile are committed,
 and ``join`` (``control/join.py``; default ``soft``) makes the new chunk agree with them and, softly,
 with the rest of the current chunk, inside every denoising step. ``join=JoinConfig("naive")`` is the
-unconditioned behaviour; ``"blend"`` mixes old and new actions where both exist. ``budget_s`` caps each Picard call: past it the sampler returns its current estimate
-(counted in ``budget_hits``). Everything is reported by :meth:`stats`.
+unconditioned behaviour; ``"blend"`` mixes old and new actions where both exist. ``budget_s`` caps
+each Picard call: past it the sampler returns its current estimate (counted in ``budget_hits``).
+Everything is reported by :meth:`stats`.
 
 ``act`` is the synchronous alternative (LeRobot's ``select_action``): no thread; when the chunk's
 ``Ta`` actions are used up, the call infers the next chunk from this tick's observation and blocks.
@@ -168,7 +169,7 @@ class PolicyRunner:
         used up, infer the next chunk from this observation (blocking)."""
         self._observe(obs)
         if self.tick - self._chunk.obs_tick >= self.agent.policy.config.n_action_steps:
-            self._chunk = self.agent.infer(self.tick)
+            self._chunk, self._previous = self.agent.infer(self.tick), None  # nothing ran while it inferred
             self._latency_ms.append(self._chunk.stats.latency_ms)
         return self._emit()
 
