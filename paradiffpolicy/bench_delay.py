@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ class DelayBenchConfig:
     runs: str = "outputs/delay"
     out: str = "benchmarks/results"
     max_steps: int = 0  # 0: the task's episode length (smoke tests shorten it)
+    # report only: a fast-mode eval_info.json on the same seeds (e.g. the frontier's run of this
+    # sampler) standing in for naive at d = 0 when that point was not run (fast mode is naive d = 0)
+    fast_run: str = ""
     cost_delay: int = 4  # cost only: the d of the timed calls
     trials: int = 20  # cost only
     warmup: int = 2  # cost only
@@ -175,27 +179,28 @@ def report_phase(cfg: DelayBenchConfig) -> dict:
     points = []
     for info_path in sorted(base.glob("*/*/d*/eval_info.json")):
         info = json.loads(info_path.read_text())
-        if info.get("interrupted"):
-            continue
-        sampler_label, method, dname = info_path.parts[-4:-1]
-        eps = sorted(info["per_episode"], key=lambda e: e["seed"])
-        points.append({
-            "sampler": sampler_label, "sampler_settings": info["sampler"], "method": method, "delay": int(dname[1:]),
-            "join": info["controller"]["join"], "execute": info["controller"]["execute"] or None,
-            "seeds": [eps[0]["seed"], eps[-1]["seed"]], **success_summary([bool(e["success"]) for e in eps]),
-            "success_per_seed": [bool(e["success"]) for e in eps], "avg_max_reward": info["overall"]["avg_max_reward"],
-            "jumps": info["control"]["jumps"], "iterations_mean": info["inference"]["iterations_mean"],
-            "versions": info["versions"], "cpu": info["cpu"],
-        })
+        if not info.get("interrupted"):
+            sampler_label, method, dname = info_path.parts[-4:-1]
+            points.append(_point(info, sampler_label, method, int(dname[1:]), str(info_path)))
     if not points:
         raise SystemExit(f"no complete point under {base}; run phase=success first")
+    if cfg.fast_run and not any(p["method"] == "naive" and p["delay"] == 0 for p in points):
+        info = json.loads(Path(cfg.fast_run).read_text())
+        if info["controller"]["mode"] != "fast":
+            raise SystemExit(f"fast_run={cfg.fast_run} is a controller.mode={info['controller']['mode']} run, not fast")
+        points.append(_point(info, cfg.sampler_label, "naive", 0, cfg.fast_run))
     by_key = {(p["sampler"], p["method"], p["delay"]): p for p in points}
     for p in points:
-        for ref_name, ref in (("vs_naive", by_key.get((p["sampler"], "naive", p["delay"]))),
-                              ("vs_own_d0", by_key.get((p["sampler"], p["method"], 0)))):
+        # against the method's own d = 0, or fast mode (naive d = 0) for a schedule without one
+        d0 = by_key.get((p["sampler"], p["method"], 0)) or by_key.get((p["sampler"], "naive", 0))
+        schedule = re.search(r"-s(d|\d+)$", p["method"])  # naive on the same schedule, else at Ta
+        naive = by_key.get((p["sampler"], "naive" + (schedule.group(0) if schedule else ""), p["delay"])) \
+            or by_key.get((p["sampler"], "naive", p["delay"]))
+        for ref_name, ref in (("vs_naive", naive), ("vs_d0", d0)):
             n = None if ref is None else min(p["n_episodes"], ref["n_episodes"])
             p[ref_name] = None if ref is None or ref is p else {
-                "episodes": n, **paired(p["success_per_seed"][:n], ref["success_per_seed"][:n])}
+                "reference": f"{ref['method']} d={ref['delay']}", "episodes": n,
+                **paired(p["success_per_seed"][:n], ref["success_per_seed"][:n])}
     result = {"task": cfg.task, "mode": "controller=delay: simulated delay, deterministic given the seeds (no wall clock)",
               "points": sorted(points, key=lambda p: (p["sampler"], JOIN_METHODS.index(p["method"].split("-")[0]), p["method"], p["delay"]))}
     out = Path(cfg.out)
@@ -208,25 +213,39 @@ def report_phase(cfg: DelayBenchConfig) -> dict:
     return result
 
 
+def _point(info: dict, sampler_label: str, method: str, delay: int, source: str) -> dict:
+    eps = sorted(info["per_episode"], key=lambda e: e["seed"])
+    ctl = info["controller"]
+    return {
+        "sampler": sampler_label, "sampler_settings": info["sampler"], "method": method, "delay": delay,
+        "join": ctl.get("join"), "execute": ctl.get("execute") or None, "source": source,
+        "seeds": [eps[0]["seed"], eps[-1]["seed"]], **success_summary([bool(e["success"]) for e in eps]),
+        "success_per_seed": [bool(e["success"]) for e in eps], "avg_max_reward": info["overall"]["avg_max_reward"],
+        "jumps": info["control"].get("jumps"), "iterations_mean": info["inference"]["iterations_mean"],
+        "versions": info["versions"], "cpu": info["cpu"],
+    }
+
+
 def markdown(result: dict) -> str:
     p0 = result["points"][0]
     lines = [f"# Success against inference delay: {result['task']}\n",
              f"`{result['mode']}`. A call every s = Ta ticks from that tick's observation; for its first d ticks "
-             "the previous chunk executes, then the new chunk from index d (s: ticks between calls). Seeds from "
+             "the previous chunk executes, then the new chunk from index d (s: ticks between calls; `-sd`: s = d). Seeds from "
              f"{p0['seeds'][0]}; every point of a sampler on the same seeds. Success ± SE and the 95% Wilson "
              "interval; paired on the seeds: episodes won / lost against `naive` at the same d and against "
-             "the method's own d = 0. Jumps: the L2 norm of the change between consecutive executed actions, at "
+             "the method's own d = 0 (fast mode, i.e. naive d = 0, where it has none). Jumps: the L2 norm of the change between consecutive executed actions, at "
              "chunk seams and within chunks (environment units), mean / p95.\n",
-             "| sampler | join | d | s | episodes | success % | 95% interval | vs naive (same d) | vs own d=0 | "
+             "| sampler | join | d | s | episodes | success % | 95% interval | vs naive (same d) | vs d=0 | "
              "jump at seams | jump within chunks | Picard iterations |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
         lo, hi = p["pc_success_ci95"]
         vs = lambda r: "" if r is None else f"+{r['won']} / −{r['lost']}"  # noqa: E731
         j = p["jumps"]
+        seam, inner = ("n/a", "n/a") if j is None or not j["seam"]["n"] else (f"{j['seam']['mean']:.3g} / {j['seam']['p95']:.3g}",
+                                                       f"{j['inner']['mean']:.3g} / {j['inner']['p95']:.3g}")
         lines.append(f"| {p['sampler']} | {p['method']} | {p['delay']} | {p['execute'] or 'Ta'} | {p['n_episodes']} | {success_cell(p)} | "
-                     f"{lo:.0f}-{hi:.0f} | {vs(p['vs_naive'])} | {vs(p['vs_own_d0'])} | "
-                     f"{j['seam']['mean']:.3g} / {j['seam']['p95']:.3g} | {j['inner']['mean']:.3g} / {j['inner']['p95']:.3g} | "
+                     f"{lo:.0f}-{hi:.0f} | {vs(p['vs_naive'])} | {vs(p['vs_d0'])} | {seam} | {inner} | "
                      f"{p['iterations_mean']:.1f} |")
     return "\n".join(lines) + "\n"
 

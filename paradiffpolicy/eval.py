@@ -196,7 +196,7 @@ class Evaluator:
         if ctl.mode == "realtime":
             runner = stack.enter_context(PolicyRunner(
                 self.policy, hz, cfg.task.hold, sampler=sampler, reference=reference, warm_start=warm_start,
-                inference_process=ctl.inference_process, threads=cfg.threads, join=ctl.join))
+                inference_process=ctl.inference_process, threads=cfg.threads, join=ctl.join, execute=ctl.execute or None))
             return (run_realtime(self.env, runner, s, hz, ctl.late_tolerance, cfg.video) for s in seeds)
         agents = [PolicyAgent(self.policy, sampler=sampler, reference=reference, warm_start=warm_start, join=ctl.join)
                   for _ in range(cfg.n_envs)]

@@ -128,7 +128,7 @@ def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
         if method != "naive":  # paired on the seeds: the difference in successes is won minus lost
             ref = points[("naive", d)]
             assert p["vs_naive"]["won"] - p["vs_naive"]["lost"] == sum(p["success_per_seed"]) - sum(ref["success_per_seed"])
-        assert (p["vs_own_d0"] is None) == (d == 0)
+        assert (p["vs_d0"] is None) == (d == 0) and (d == 0 or p["vs_d0"]["reference"] == f"{method} d=0")
         assert p["jumps"]["seam"]["n"] > 0 and p["jumps"]["inner"]["n"] > 0
     assert json.loads((tmp_path / "out" / "delay-pusht_keypoints.json").read_text())["points"] == report["points"]
     assert (tmp_path / "out" / "delay-pusht_keypoints.md").read_text().count("| picard |") == 4

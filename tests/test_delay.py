@@ -142,6 +142,17 @@ def test_seam_and_within_chunk_jumps_are_told_apart():
     assert summary["inner"]["mean"] == 3.0
 
 
+def test_a_seam_is_wherever_the_executing_chunk_changes():
+    """s = d: each chunk runs only during the next call (its actions d .. 2d-1), so every cycle
+    starts on a new chunk; s = Ta: the seam is at index d."""
+    policy = pusht_policy()  # 24-step episodes
+    # s = d = 3: ticks 0-2 from chunk 0, 3-5 chunk 0 again, then a new chunk at 6, 9, ..., 21;
+    # s = 8, d = 3: chunk 0 until tick 10, chunk 1 from 11 (its index 3), chunk 2 from 19
+    for execute, delay, seams in ((3, 3, 6), (8, 3, 2)):
+        (res,) = delayed(policy, [2], delay=delay, execute=execute)
+        assert res.length == 24 and len(res.seam_jumps) == seams and len(res.inner_jumps) == 23 - seams
+
+
 def test_fast_mode_marks_a_seam_at_every_chunk_start():
     res = run_fast(make_env(PUSHT), PolicyAgent(pusht_policy()), seed=2)
     ta = 8
@@ -170,6 +181,24 @@ def test_runner_commits_what_executes_while_it_infers():
                 current = new
         assert runner.stats()["deadline_misses"] == 0
     assert sum(switches) == runner.stats()["calls"] - 1  # one switch per background chunk
+
+
+@pytest.mark.parametrize("execute,ticks", [(None, [0, 8, 16, 24]), (3, [0, 3, 6, 9, 12, 15, 18, 21, 24, 27])])
+def test_runner_calls_every_s_ticks(execute, ticks):
+    """A background call every s ticks (default Ta = 8), each from that tick's observation, as in
+    controller=delay: with every call in time, the chunks' observation ticks are 0, s, 2s, ..."""
+    policy = pusht_policy()
+    seen = []
+    with PolicyRunner(policy, hz=1, hold="repeat", execute=execute) as runner:
+        runner.reset(np.full(5, 100.0), seed=0)
+        for tick in range(30):
+            runner.step(np.full(5, 100.0 + tick))
+            runner.wait()
+            if runner.agent.previous.obs_tick not in seen:
+                seen.append(runner.agent.previous.obs_tick)
+    assert seen == ticks
+    with pytest.raises(ValueError, match=r"execute=16 must lie in \[1, 15\]"):
+        PolicyRunner(policy, hz=1, execute=16)
 
 
 def test_eval_delay_mode_writes_delays_and_jumps(tmp_path):

@@ -47,7 +47,7 @@ class ControllerConfig:
     # for a latency drawn per call from delay_ms (a measured distribution), seeded by the episode
     delay: int = 0
     delay_ms: List[float] = field(default_factory=list)
-    execute: int = 0  # delay only: s, ticks between calls (0: the policy's n_action_steps)
+    execute: int = 0  # realtime and delay: s, ticks between calls (0: the policy's n_action_steps)
     # realtime and delay: how a new chunk joins the executing one
     join: JoinConfig = field(default_factory=JoinConfig)
 
@@ -65,8 +65,10 @@ class ControllerConfig:
             raise ValueError(f"controller.delay={self.delay} and controller.execute={self.execute} must be >= 0")
         if any(not math.isfinite(ms) or ms < 0 for ms in self.delay_ms):
             raise ValueError(f"controller.delay_ms={list(self.delay_ms)} must be finite latencies >= 0")
-        if (self.delay or self.delay_ms or self.execute) and self.mode != "delay":
-            raise ValueError("controller.delay, delay_ms and execute need controller.mode=delay")
+        if (self.delay or self.delay_ms) and self.mode != "delay":
+            raise ValueError("controller.delay and controller.delay_ms need controller.mode=delay")
+        if self.execute and self.mode == "fast":
+            raise ValueError("controller.execute needs controller.mode=realtime or delay (fast mode executes Ta)")
 
 
 class DelaySchedule:
@@ -303,6 +305,7 @@ class _Slot:
     ep: Episode
     rng: np.random.Generator | None
     current: Chunk | None = None
+    source: Chunk | None = None  # the chunk the last executed action came from
 
 
 def _execute(slot: _Slot, agent: PolicyAgent, new: Chunk, delay: int, execute: int, blend: float | None) -> None:
@@ -313,11 +316,12 @@ def _execute(slot: _Slot, agent: PolicyAgent, new: Chunk, delay: int, execute: i
     for j in range(execute):
         k = new.obs_tick + j - (old.obs_tick if old is not None else 0)
         if j < delay:
-            action, seam = old.actions[k], False
+            action, source = old.actions[k], old
         else:
-            action, seam = new.actions[j], j == delay
+            action, source = new.actions[j], new
             if blend is not None and old is not None and k < len(old.actions):
                 action = (1 - blend) * old.actions[k] + blend * action
+        seam, slot.source = slot.source is not None and source is not slot.source, source
         if ep.step(action, seam=seam):
             return
         agent.observe(ep.obs)

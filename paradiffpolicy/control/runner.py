@@ -7,20 +7,25 @@
         obs = robot.apply(action)
     runner.close()
 
-``step`` runs inference of the next chunk in a background thread, started ``lead`` ticks before
-the current chunk's ``Ta`` actions run out (``lead`` from the measured p95 latency). A chunk
-predicted from the observation at tick ``s`` holds the action for tick ``s + j``; actions whose
-tick has passed are dropped (latency matching). While the next chunk is late, the current chunk's
-remaining actions (up to its horizon) are used; after that the hold action is sent and a deadline
-miss counted.
+``step`` runs inference of the next chunk in a background thread, one call every ``s`` ticks
+(``execute``; default ``Ta``, as the simulated ``controller=delay``), each from the observation of
+the tick it starts at. A chunk predicted from the observation at tick ``t`` holds the action for
+tick ``t + j``; it is used from the tick after it arrives, at its index for that tick (latency
+matching), so with a call of ``d`` ticks every chunk executes its actions ``d .. d + s - 1``. While
+the next chunk is late, the current chunk's remaining actions (up to its horizon) are used; after
+that the hold action is sent and a deadline miss counted. A call is expected to take
+``d = ceil(p95 latency / period)`` ticks (of this episode's calls; at least 1); the default ``s``
+shrinks to the chunk's length minus ``d`` when ``Ta`` would not leave the old chunk enough
+actions to cover the call. Calling more often than every ``Ta`` ticks re-plans from fresher
+observations but executes each plan for fewer ticks; on PushT at d = 4 that costs a third of the
+success or more (``benchmarks/README.md``).
 
-A call started at tick ``t`` is expected to take ``d = ceil(p95 latency / period)`` ticks (1 before
-the first measurement); the ``d`` actions the current chunk will execute meanwhile are committed,
-and ``join`` (``control/join.py``; default ``soft``) makes the new chunk agree with them and, softly,
-with the rest of the current chunk, inside every denoising step. ``join=JoinConfig("naive")`` is the
-unconditioned behaviour; ``"blend"`` mixes old and new actions where both exist. ``budget_s`` caps
-each Picard call: past it the sampler returns its current estimate (counted in ``budget_hits``).
-Everything is reported by :meth:`stats`.
+The ``d`` actions the current chunk executes during a call are committed, and ``join``
+(``control/join.py``) makes the new chunk agree with them inside every denoising step
+(``"hard"``), and softly with the rest of the current chunk (``"soft"``, the default, or ``"guided"``);
+``"naive"`` conditions nothing, ``"blend"`` mixes old and new actions where both exist.
+``budget_s`` caps each Picard call: past it the sampler returns its current estimate (counted in
+``budget_hits``). Everything is reported by :meth:`stats`.
 
 ``act`` is the synchronous alternative (LeRobot's ``select_action``): no thread; when the chunk's
 ``Ta`` actions are used up, the call infers the next chunk from this tick's observation and blocks.
@@ -67,16 +72,20 @@ class PolicyRunner:
         warm_start, budget_s: see :class:`~paradiffpolicy.control.agent.PolicyAgent`.
         inference_process, threads: run inference in a worker process with ``threads`` threads.
         join: how a background chunk joins the executing one (see the module docstring).
+        execute: ``s``, ticks between background calls (None: ``Ta``, see the module docstring).
     """
 
     def __init__(self, policy: DiffusionPolicy, hz: float | None = None, hold: str = "zero_motion", *,
                  sampler: Sampler | None = None, reference: Sampler | None = None, warm_start: bool = False,
                  budget_s: float | None = None, inference_process: bool = False, threads: int = 1,
-                 join: JoinConfig | None = None):
+                 join: JoinConfig | None = None, execute: int | None = None):
         if hz is not None and not hz > 0:
             raise ValueError(f"hz={hz} must be > 0 (or None for act() only)")
         if hold not in HOLDS:
             raise ValueError(f"hold={hold!r} must be one of {HOLDS}")
+        chunk_length = policy.config.horizon - policy.config.executed_start
+        if execute is not None and not 1 <= execute <= chunk_length:
+            raise ValueError(f"execute={execute} must lie in [1, {chunk_length}] (the actions a chunk holds), or None (Ta)")
         if inference_process:
             if reference is not None or sampler is not None:
                 raise ValueError("inference_process=True runs the policy's own sampler; sampler= and reference= need it off")
@@ -85,6 +94,7 @@ class PolicyRunner:
             self.agent = PolicyAgent(policy, sampler=sampler, reference=reference, warm_start=warm_start, budget_s=budget_s,
                                      join=join)
         self.join = self.agent.join
+        self.execute = execute
         self.period = None if hz is None else 1.0 / hz
         self.hold = hold
         self._pool: ThreadPoolExecutor | None = None  # started by the first background call
@@ -148,13 +158,18 @@ class PolicyRunner:
             new, self._pending = self._pending.result(), None  # re-raises inference errors
             self._previous, self._chunk = self._chunk, new
             self._latency_ms.append(new.stats.latency_ms)
-        ta = self.agent.policy.config.n_action_steps
         delay = self.expected_delay()
-        if self._pending is None and self.tick >= self._chunk.obs_tick + max(0, ta - delay - 1):
+        if self._pending is None and self.tick >= self._chunk.obs_tick + self.interval(delay):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-inference")
             self._pending = self._pool.submit(self.agent.infer, self.tick, self.agent.snapshot(), delay)
         return self._emit()
+
+    def interval(self, delay: int) -> int:
+        """``s``: ticks from a chunk's observation to the next call, for calls of ``delay`` ticks."""
+        if self.execute is not None:
+            return self.execute
+        return max(1, min(self.agent.policy.config.n_action_steps, len(self._chunk.actions) - delay))
 
     def expected_delay(self) -> int:
         """Ticks a background call is expected to take: ``ceil(p95 latency / period)`` of this

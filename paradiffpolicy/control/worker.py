@@ -31,6 +31,8 @@ def _serve(conn, payload: dict) -> None:
         policy.load_state_dict(payload["state"])
         policy.to(payload["device"])
         agent = PolicyAgent(policy, warm_start=payload["warm_start"], budget_s=payload["budget_s"], join=payload["join"])
+        if payload["sampler"].backend != "eager":
+            policy.warm_up(1)  # trace / compile now: the episode's first calls must not pay for it
         conn.send(("ready",))
     except Exception as e:  # noqa: BLE001 - report to the parent
         conn.send(("error", type(e).__name__, str(e)))
