@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import List
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from paradiffpolicy.config import from_dict
+from paradiffpolicy.config import from_argv
 from paradiffpolicy.control.join import JOIN_METHODS
 from paradiffpolicy.runtime import cpu_model, versions
 from paradiffpolicy.success_stats import paired, success_cell, success_summary
@@ -275,10 +274,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str]):
-    try:
-        cfg = from_dict(DelayBenchConfig, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = from_argv(DelayBenchConfig, argv)
     print(json.dumps({"cpu": cpu_model(), "versions": versions()}), flush=True)
     return {"success": success_phase, "report": report_phase, "cost": cost_phase}[cfg.phase](cfg)
 

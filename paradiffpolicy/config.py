@@ -173,6 +173,15 @@ def from_dict(cls: type[T], data: Any, name: str = "config") -> T:
     return obj  # type: ignore[return-value]
 
 
+def from_argv(cls: type[T], argv: list[str]) -> T:
+    """``cls`` from a command's ``key=value`` arguments; a bad one ends the command with a one-line
+    ``error: ...`` naming the key."""
+    try:
+        return from_dict(cls, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def script_arguments(cls: type[T], argv: list[str]) -> tuple[T, list[str]]:
     """A script's ``key=value`` arguments: (``cls`` built from the keys it declares, the other
     arguments left for a Hydra composition, e.g. ``task.max_steps=...``)."""

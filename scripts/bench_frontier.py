@@ -28,11 +28,10 @@ from typing import List
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paradiffpolicy import SamplerConfig, __version__, load_policy  # noqa: E402
-from paradiffpolicy.config import from_dict  # noqa: E402
+from paradiffpolicy.config import from_argv  # noqa: E402
 from paradiffpolicy.data.obs_sample import load_observation_sample  # noqa: E402
 from paradiffpolicy.eval import run_complete  # noqa: E402
 from paradiffpolicy.runtime import cpu_model, versions  # noqa: E402
@@ -273,10 +272,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str]):
-    try:
-        cfg = from_dict(FrontierConfig, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = from_argv(FrontierConfig, argv)
     return {"success": success_phase, "latency": latency_phase, "report": report_phase, "summary": summary_phase}[cfg.phase](cfg)
 
 
