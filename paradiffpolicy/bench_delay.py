@@ -35,7 +35,7 @@ import numpy as np
 from paradiffpolicy.config import from_argv
 from paradiffpolicy.control.join import JOIN_METHODS
 from paradiffpolicy.runtime import cpu_model, versions
-from paradiffpolicy.success_stats import paired, success_cell, success_summary
+from paradiffpolicy.success_stats import paired, success_cell, success_summary, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,14 +202,7 @@ def report_phase(cfg: DelayBenchConfig) -> dict:
                 **paired(p["success_per_seed"][:n], ref["success_per_seed"][:n])}
     result = {"task": cfg.task, "mode": "controller=delay: simulated delay, deterministic given the seeds (no wall clock)",
               "points": sorted(points, key=lambda p: (p["sampler"], JOIN_METHODS.index(p["method"].split("-")[0]), p["method"], p["delay"]))}
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"delay-{cfg.task}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(markdown(result))
-    plot(result, stem.with_suffix(".png"))
-    print(markdown(result))
-    return result
+    return write_report(Path(cfg.out) / f"delay-{cfg.task}", result, markdown, plot)
 
 
 def _point(info: dict, sampler_label: str, method: str, delay: int, source: str) -> dict:

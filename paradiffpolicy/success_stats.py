@@ -7,6 +7,10 @@ losses), not by their rates alone.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
 
 
@@ -43,3 +47,15 @@ def success_cell(row: dict) -> str:
     if row["pc_success_se"] > 0:
         return f"{row['pc_success']:.0f} ± {row['pc_success_se']:.0f}"
     return f"{row['pc_success']:.0f} (95%: ≥ {lo:.0f})" if row["pc_success"] > 0 else f"0 (95%: ≤ {hi:.0f})"
+
+
+def write_report(stem: Path, result: dict, markdown: Callable[[dict], str], plot: Callable[[dict, Path], None]) -> dict:
+    """A success report as ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` side by side; prints
+    the Markdown and returns ``result``."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    text = markdown(result)
+    stem.with_suffix(".md").write_text(text)
+    plot(result, stem.with_suffix(".png"))
+    print(text)
+    return result

@@ -35,7 +35,7 @@ from paradiffpolicy.config import from_argv  # noqa: E402
 from paradiffpolicy.data.obs_sample import load_observation_sample  # noqa: E402
 from paradiffpolicy.eval import run_complete  # noqa: E402
 from paradiffpolicy.runtime import cpu_model, versions  # noqa: E402
-from paradiffpolicy.success_stats import success_cell, wilson_interval  # noqa: E402
+from paradiffpolicy.success_stats import success_cell, wilson_interval, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,14 +187,7 @@ def report_phase(cfg: FrontierConfig) -> dict:
               "latency": None if latency is None else {k: latency[k] for k in ("backend", "batch", "trials", "observations",
                                                                               "cpu", "threads", "versions")},
               "settings": rows}
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"frontier-{cfg.task}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(markdown(result))
-    plot(result, stem.with_suffix(".png"))
-    print(markdown(result))
-    return result
+    return write_report(Path(cfg.out) / f"frontier-{cfg.task}", result, markdown, plot)
 
 
 def summary_phase(cfg: FrontierConfig) -> str:
