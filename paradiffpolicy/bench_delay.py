@@ -101,7 +101,7 @@ def success_phase(cfg: DelayBenchConfig) -> None:
     for d in cfg.delays:
         for method in cfg.methods:
             run = Path(cfg.runs) / cfg.task / cfg.sampler_label / cfg.method_label(method) / f"d{d}"
-            run_point(run, [f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"sampler.backend={cfg.backend}",
+            run_point(run, [f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"backend={cfg.backend}",
                             "controller=delay", f"controller.delay={d}", f"controller.execute={cfg.execute_for(d)}",
                             f"controller.join.method={method}",
                             f"controller.join.inpaint={cfg.inpaint}", f"n_episodes={cfg.n_episodes}", f"n_envs={cfg.n_envs}",
@@ -120,10 +120,9 @@ def cost_phase(cfg: DelayBenchConfig) -> dict:
     from paradiffpolicy.eval import compose_eval_config
 
     torch.set_num_threads(cfg.threads)
-    sampler_cfg = compose_eval_config([f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides,
-                                       f"sampler.backend={cfg.backend}"]).sampler
+    sampler_cfg = compose_eval_config([f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides]).sampler
     ckpt = ROOT / "checkpoints" / cfg.task
-    policy = load_policy(ckpt, sampler=sampler_cfg)
+    policy = load_policy(ckpt, sampler=sampler_cfg, backend=cfg.backend)
     reference = policy.make_sampler(dataclasses.replace(sampler_cfg, name="sequential"))
     sample = load_observation_sample(ckpt)
     if sample is None:

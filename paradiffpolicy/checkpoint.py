@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from paradiffpolicy.backends import check_backend
 from paradiffpolicy.config import PolicyConfig, SamplerConfig, from_dict, to_dict
 
 FORMAT = "paradiffpolicy/1"
@@ -75,7 +76,8 @@ def read_config(directory: str | os.PathLike) -> tuple[PolicyConfig, dict]:
     return cfg, doc.get("metadata", {})
 
 
-def load_policy(path: str | os.PathLike, sampler: SamplerConfig | str | None = None, device: str | torch.device = "cpu"):
+def load_policy(path: str | os.PathLike, sampler: SamplerConfig | str | None = None, device: str | torch.device = "cpu",
+                backend: str | None = None):
     """Load a policy from ``path``, whichever of the three formats it holds (chosen by content):
 
     * ours (a directory with ``config.json`` of format ``paradiffpolicy/1`` and ``model.safetensors``);
@@ -84,21 +86,27 @@ def load_policy(path: str | os.PathLike, sampler: SamplerConfig | str | None = N
 
     ``sampler``: a :class:`SamplerConfig`, or ``"tuned"`` (or ``SamplerConfig(name="tuned")``) for
     the settings ``python -m paradiffpolicy.tune`` saved beside the checkpoint.
+    ``backend``: how the networks run (:mod:`paradiffpolicy.backends`); default ``eager``, or the
+    backend the tuned preset was timed on.
     Errors name the file, the format detected and what does not match or is unsupported.
     """
     from paradiffpolicy.interop import detect_format, load_foreign
 
     path = Path(path)
+    if backend is not None:
+        check_backend(backend)
     fmt = detect_format(path)
     if sampler == "tuned" or (isinstance(sampler, SamplerConfig) and sampler.name == "tuned"):
         from paradiffpolicy.presets import load_tuned
 
-        sampler = load_tuned(path, sampler if isinstance(sampler, SamplerConfig) else None)
+        sampler, tuned_backend = load_tuned(path, sampler if isinstance(sampler, SamplerConfig) else None)
+        backend = backend or tuned_backend
     elif isinstance(sampler, str):
         raise ValueError(f"sampler={sampler!r}: pass a SamplerConfig or 'tuned'")
+    backend = backend or "eager"
     if fmt != "paradiffpolicy":
         cfg, tensors, metadata = load_foreign(path, fmt)
-        return build_policy(cfg, tensors, metadata, sampler, device, source=str(path))
+        return build_policy(cfg, tensors, metadata, sampler, device, source=str(path), backend=backend)
     cfg, metadata = read_config(path)
     wpath = path / WEIGHTS
     if not wpath.is_file():
@@ -107,11 +115,11 @@ def load_policy(path: str | os.PathLike, sampler: SamplerConfig | str | None = N
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint weights {wpath} are truncated or corrupted: {e}") from None
-    return build_policy(cfg, tensors, metadata, sampler, device, source=str(wpath))
+    return build_policy(cfg, tensors, metadata, sampler, device, source=str(wpath), backend=backend)
 
 
 def build_policy(cfg: PolicyConfig, tensors: dict, metadata: dict, sampler: SamplerConfig | None = None,
-                 device: str | torch.device = "cpu", source: str = "checkpoint"):
+                 device: str | torch.device = "cpu", source: str = "checkpoint", backend: str = "eager"):
     """A policy from a config and a complete state dict: every tensor consumed, every parameter
     and buffer filled, shapes equal, values finite; errors name ``source`` and the keys."""
     from paradiffpolicy.policy import DiffusionPolicy, upgrade_legacy_keys
@@ -119,7 +127,7 @@ def build_policy(cfg: PolicyConfig, tensors: dict, metadata: dict, sampler: Samp
     wpath = source
     tensors = upgrade_legacy_keys(tensors)
     try:
-        policy = DiffusionPolicy(cfg, sampler)
+        policy = DiffusionPolicy(cfg, sampler, backend=backend)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
     expected = policy.state_dict()

@@ -23,7 +23,6 @@ from paradiffpolicy.schedulers import SCHEDULERS, SchedulerConfig
 T = TypeVar("T")
 
 SAMPLERS = ("sequential", "picard", "tuned")
-BACKENDS = ("eager", "jit", "compile")
 INITS = ("rollout", "copy")
 
 
@@ -129,10 +128,6 @@ class SamplerConfig:
     num_inference_steps: Optional[int] = None
     # closed loop only: start each tick from the previous tick's trajectory and (time-shifted) noise
     warm_start: bool = False
-    # how the network runs: "eager" (PyTorch modules), "jit" (a traced TorchScript graph, same
-    # numbers, less Python per call; see models/jit.py) or "compile" (torch.compile: CUDA graphs on
-    # a GPU, fixed-shape Picard windows; see models/compiled.py)
-    backend: str = "eager"
 
     def __post_init__(self) -> None:
         """Validate once, at construction; ``ValueError`` names the offending key."""
@@ -152,8 +147,6 @@ class SamplerConfig:
             raise ValueError(f"sampler.init={self.init!r} is unknown; expected one of {INITS}")
         if self.num_inference_steps is not None and (not _is_int(self.num_inference_steps) or self.num_inference_steps < 1):
             raise ValueError(f"sampler.num_inference_steps={self.num_inference_steps!r} must be an integer >= 1 or null")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"sampler.backend={self.backend!r} is unknown; expected one of {BACKENDS}")
 
 
 def _is_int(v: Any) -> bool:

@@ -19,6 +19,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 from pathlib import Path
 
 import hydra
@@ -28,6 +29,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from paradiffpolicy.backends import check_backend
 from paradiffpolicy.checkpoint import load_policy
 from paradiffpolicy.config import SamplerConfig, to_dict
 from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
@@ -53,6 +55,9 @@ class EvalConfig:
     compare: bool = False
     video: bool = False
     device: str = "cpu"
+    # how the networks run (paradiffpolicy.backends): eager, jit, compile, onnxruntime, openvino;
+    # null: eager, or the backend a tuned preset (sampler=tuned) was timed on
+    backend: Optional[str] = None
     threads: int = 2
     output_dir: str = ""  # default: the Hydra run directory
     progress: bool = True
@@ -69,6 +74,8 @@ class EvalConfig:
         if self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1")
         resolve_device(self.device)
+        if self.backend is not None:
+            check_backend(self.backend)
 
 
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
@@ -122,7 +129,7 @@ class Evaluator:
         self.out = out_dir
         self.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(cfg.threads)
-        self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device)
+        self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device, backend=cfg.backend)
         self.env = make_env(cfg.task, render=cfg.video)
         self.extra_envs = [make_env(cfg.task) for _ in range(cfg.n_envs - 1)]
         check_env_matches_policy(self.env, self.policy, cfg.task.name, cfg.checkpoint)
@@ -137,15 +144,16 @@ class Evaluator:
                       "sampler": {**to_dict(sampler), **self.policy.sampler.settings(), "num_inference_steps": self.policy.num_inference_steps,
                                   **({"preset": "tuned"} if cfg.sampler.name == "tuned" else {})},
                       "controller": to_dict(cfg.controller), "seeds": [cfg.seed + i for i in range(cfg.n_episodes)],
-                      "versions": versions(), "device": cfg.device, "cpu": cpu_model(), "threads": cfg.threads, "interrupted": False}
+                      "versions": versions(), "device": cfg.device, "backend": self.policy.backend,
+                      "cpu": cpu_model(), "threads": cfg.threads, "interrupted": False}
         reference = None
+        backend = self.policy.backend
         if cfg.compare:  # the sequential sampler of the same scheduler and steps, on the same backend
             reference = self.policy.make_sampler(SamplerConfig(name="sequential", scheduler=sampler.scheduler,
-                                                               num_inference_steps=sampler.num_inference_steps,
-                                                               backend=sampler.backend))
-        if sampler.backend != "eager":  # trace / compile (each sampler's input shape) before the first timed call
+                                                               num_inference_steps=sampler.num_inference_steps))
+        if backend != "eager":  # trace / compile / export (each sampler's input shape) before the first timed call
             ready = sum(self.policy.warm_up(cfg.n_envs, s) for s in (self.policy.sampler, reference) if s is not None)
-            log.info("%s backend ready after %.1f s", sampler.backend, ready)
+            log.info("%s backend ready after %.1f s", backend, ready)
         t0 = time.perf_counter()
         results: list[EpisodeResult] = []  # filled as episodes finish, so an interrupt keeps them
         seq_results: list[EpisodeResult] = []
@@ -172,7 +180,7 @@ class Evaluator:
                 seq["overall"]["pc_success"] = None
             ratios, devs = inf_log.reference_ratio, inf_log.reference_dev
             info["compare"] = {
-                "reference": f"sequential, backend={sampler.backend} (the same backend)",
+                "reference": f"sequential, backend={backend} (the same backend)",
                 "speedup": float(np.median(ratios)) if ratios else None,
                 "speedup_p5_p95": [float(np.percentile(ratios, q)) for q in (5, 95)] if ratios else None,
                 "max_abs_dev": inf_log.max_abs_dev,

@@ -8,16 +8,15 @@ inputs, runs the encoder once per call and delegates sampling of the U-Net to a 
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from paradiffpolicy.backends import EXPORTED, ExportedDenoiser, ExportedEncoder, check_backend
 from paradiffpolicy.config import PolicyConfig, SamplerConfig
 from paradiffpolicy.features import coerce_observation
 from paradiffpolicy.models.compiled import CompiledDenoiser
@@ -66,6 +65,16 @@ class PolicyOutput:
         return self.action_pred[:, self.start :]
 
 
+@dataclass(frozen=True)
+class Network:
+    """The policy's networks on one backend: ``denoiser`` (what the samplers call) and ``encoder``
+    (``{feature: (B, To, ...)}`` normalised observations → (B, To·D) conditioning)."""
+
+    backend: str
+    denoiser: Callable
+    encoder: Callable
+
+
 LEGACY_KEYS = {"obs_normalizer.": "obs_encoder.normalizers.0."}
 
 
@@ -86,10 +95,11 @@ class DiffusionPolicy(nn.Module):
 
     ``predict_action(obs).actions`` is the executed chunk (B, Ta, Da) in the environment's action
     units, ``obs`` a dict ``{feature name: (B, To, ...)}`` or, for one low-dim feature, a
-    (B, To, Do) array.
+    (B, To, Do) array. ``sampler`` is the sampling algorithm, ``backend`` how the networks run
+    (:mod:`paradiffpolicy.backends`); both can also be named per call.
     """
 
-    def __init__(self, config: PolicyConfig, sampler: SamplerConfig | None = None):
+    def __init__(self, config: PolicyConfig, sampler: SamplerConfig | None = None, backend: str = "eager"):
         super().__init__()
         config.require_dims()
         self.config = config
@@ -107,6 +117,10 @@ class DiffusionPolicy(nn.Module):
         self.action_normalizer = Normalizer(config.action_normalization, config.action_dim)
         self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - make_betas(config.scheduler), 0), persistent=False)
         self._register_load_state_dict_pre_hook(self._upgrade_keys)
+        # exported networks copy the weights: new weights rebuild them
+        self.register_load_state_dict_post_hook(lambda module, keys: module._networks.clear())
+        self._networks: dict[str, Network] = {}
+        self.set_backend(backend)
         self.set_sampler(sampler or SamplerConfig())
 
     @staticmethod
@@ -126,26 +140,44 @@ class DiffusionPolicy(nn.Module):
     # -- sampling ----------------------------------------------------------------------------
 
     def set_sampler(self, sampler: SamplerConfig) -> None:
-        """Choose the policy's own inference sampler and network backend (used when a call names
-        no other sampler)."""
+        """Choose the policy's own inference sampler (used when a call names no other)."""
         self.sampler_config = sampler
         self.sampler = self.make_sampler(sampler)
-        # a plain attribute, not a submodule: the checkpoint's keys stay the model's
-        wrapper = {"eager": None, "jit": TracedDenoiser, "compile": CompiledDenoiser}[sampler.backend]
-        self._backend = None if wrapper is None else wrapper(self.model)
 
-    def with_backend(self, backend: str) -> "DiffusionPolicy":
-        """A copy of this policy (same weights, own sampler unchanged) whose network runs on
-        ``backend``: eager, jit or compile, e.g. to time backends side by side."""
-        other = copy.deepcopy(self)
-        other.set_sampler(dataclasses.replace(self.sampler_config, backend=backend))
-        return other
+    def set_backend(self, backend: str) -> None:
+        """Choose how the policy's networks run when a call names no other backend: eager, jit,
+        compile, onnxruntime or openvino (:mod:`paradiffpolicy.backends`). The network is built on
+        first use (:meth:`warm_up` builds it ahead)."""
+        self.backend = check_backend(backend)
+        if hasattr(self, "sampler"):
+            self.sampler = self.make_sampler(self.sampler_config)
 
-    def make_sampler(self, sampler: SamplerConfig) -> Sampler:
+    def network(self, backend: str | None = None) -> Network:
+        """The policy's networks on ``backend`` (default the policy's own), built once and kept:
+        several backends share the weights of one policy, e.g. to time them side by side."""
+        name = check_backend(backend or self.backend)
+        if name not in self._networks:
+            self._networks[name] = self._build_network(name)
+        return self._networks[name]
+
+    def _build_network(self, backend: str) -> Network:
+        if backend in EXPORTED:
+            if self.device.type != "cpu":
+                raise ValueError(f"backend={backend} runs on the CPU; this policy is on {self.device}")
+            threads = torch.get_num_threads()  # the exported runtimes' intra-op threads: torch's setting
+            cfg = self.config
+            denoiser = ExportedDenoiser(self.model, backend, cfg.horizon, cfg.action_dim,
+                                        self.obs_encoder.step_dim * cfg.n_obs_steps, threads)
+            return Network(backend, denoiser, ExportedEncoder(self.obs_encoder, backend, cfg.n_obs_steps, threads))
+        wrapper = {"eager": None, "jit": TracedDenoiser, "compile": CompiledDenoiser}[backend]
+        return Network(backend, self.model if wrapper is None else wrapper(self.model), self.obs_encoder)
+
+    def make_sampler(self, sampler: SamplerConfig, backend: str | None = None) -> Sampler:
         """A sampler for this policy's scheduler on its device, e.g. a sequential reference to pass
-        as ``predict_action(..., sampler=...)`` (built once, reused every call). The network
-        backend stays the policy's: the sampler's ``backend`` only sets Picard's fixed shapes."""
-        return make_sampler(self.config.scheduler, sampler).to(self.device)
+        as ``predict_action(..., sampler=...)`` (built once, reused every call). ``backend`` (default
+        the policy's) only matters for ``compile``, whose graphs need Picard's fixed shapes."""
+        fixed = (backend or self.backend) == "compile"
+        return make_sampler(self.config.scheduler, sampler, fixed_shape=fixed).to(self.device)
 
     def _apply(self, fn, recurse=True):  # keep the sampler's tables on the module's device
         out = super()._apply(fn, recurse)
@@ -155,16 +187,18 @@ class DiffusionPolicy(nn.Module):
 
     @property
     def denoiser(self):
-        """What the sampler calls: the U-Net, or its traced / compiled form (``sampler.backend``)."""
-        return self.model if self._backend is None else self._backend
+        """What the policy's sampler calls on its own backend: the U-Net, or its traced, compiled
+        or exported form."""
+        return self.network().denoiser
 
-    def warm_up(self, batch_size: int = 1, sampler: Sampler | None = None) -> float:
+    def warm_up(self, batch_size: int = 1, sampler: Sampler | None = None, backend: str | None = None) -> float:
         """Run one call at ``batch_size`` so a lazily built backend (the jit trace, the compiled
-        graph) is ready before latency matters; returns the seconds it took. The compile backend
-        builds one graph per input shape, so warm each sampler that will share the network
-        (``sampler``: e.g. a sequential reference passed per call later; default the policy's)."""
+        graph, the exported runtime) is ready before latency matters; returns the seconds it took.
+        The compile backend builds one graph per input shape, so warm each sampler that will share
+        the network (``sampler``: e.g. a sequential reference passed per call later)."""
         t0 = time.perf_counter()
-        self.predict_action(self.dummy_observation(batch_size), generator=torch.Generator().manual_seed(0), sampler=sampler)
+        self.predict_action(self.dummy_observation(batch_size), generator=torch.Generator().manual_seed(0),
+                            sampler=sampler, backend=backend)
         return time.perf_counter() - t0
 
     @property
@@ -216,23 +250,27 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"observation contains NaN or inf at {np.flatnonzero(~np.isfinite(a)).tolist()}; refusing to act on it")
         return a.astype(np.float32)
 
-    def encode_observation(self, obs: Any) -> Tensor:
-        """Validate, normalise and encode ``obs`` → global conditioning (B, To·D). Runs the image
-        encoder; done once per call, the samplers only iterate the U-Net."""
-        return self.obs_encoder(self.validate_obs(obs))
+    def encode_observation(self, obs: Any, backend: str | None = None) -> Tensor:
+        """Validate, normalise and encode ``obs`` → global conditioning (B, To·D), on ``backend``
+        (default the policy's). Runs the image encoder; done once per call, the samplers only
+        iterate the U-Net."""
+        obs = self.validate_obs(obs)
+        if self.training:  # random crops and batch statistics live in the PyTorch modules only
+            return self.obs_encoder(obs)
+        return self.network(backend).encoder(obs)
 
     @torch.no_grad()
     def predict_action(self, obs: Any, noise: SamplerNoise | None = None, generator: torch.Generator | None = None,
-                       **sampling) -> PolicyOutput:
+                       backend: str | None = None, **sampling) -> PolicyOutput:
         """Sample an action chunk: :meth:`encode_observation`, then :meth:`sample_from_condition`.
 
         Args:
             obs: ``{feature: (B, To, ...)}`` in environment units (images uint8 HWC or float CHW
                 in [0, 1]), or a (B, To, Do) array for a single low-dim feature.
-            noise, generator, **sampling: as for :meth:`sample_from_condition` (``sampler``,
-                ``warm_start``, ``return_trajectory``, ``deadline``).
+            noise, generator, backend, **sampling: as for :meth:`sample_from_condition`
+                (``sampler``, ``warm_start``, ``return_trajectory``, ``deadline``, ``prefix``).
         """
-        return self.sample_from_condition(self.encode_observation(obs), noise, generator, **sampling)
+        return self.sample_from_condition(self.encode_observation(obs, backend), noise, generator, backend=backend, **sampling)
 
     @torch.no_grad()
     def sample_from_condition(
@@ -245,6 +283,7 @@ class DiffusionPolicy(nn.Module):
         return_trajectory: bool = False,
         deadline: float | None = None,
         prefix: ActionPrefix | None = None,
+        backend: str | None = None,
     ) -> PolicyOutput:
         """Sample, unnormalise and slice, given the global conditioning of :meth:`encode_observation`.
 
@@ -262,6 +301,7 @@ class DiffusionPolicy(nn.Module):
             prefix: actions the chunk must agree with (normalised units, the whole horizon; see
                 :class:`~paradiffpolicy.sampling.prefix.ActionPrefix`), applied inside every
                 denoising step of every sampler.
+            backend: how the network runs for this call (default the policy's own).
         """
         cfg = self.config
         sampler = sampler or self.sampler
@@ -274,7 +314,7 @@ class DiffusionPolicy(nn.Module):
                 f"noise has shape {tuple(noise.initial.shape)} x {noise.num_steps} steps; expected "
                 f"{expected} x {sampler.table.num_steps} steps"
             )
-        out = sampler.sample(self.denoiser, noise.to(self.device), cond, warm_start=warm_start,
+        out = sampler.sample(self.network(backend).denoiser, noise.to(self.device), cond, warm_start=warm_start,
                              return_trajectory=return_trajectory, deadline=deadline,
                              prefix=None if prefix is None else prefix.to(self.device))
         if not torch.isfinite(out.sample).all():

@@ -12,6 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from paradiffpolicy.backends import check_backend
 from paradiffpolicy.config import SamplerConfig, from_dict
 
 FILENAME = "sampler_tuned.json"
@@ -22,17 +23,18 @@ def tuned_path(checkpoint: str | Path) -> Path:
     return path / FILENAME if path.is_dir() else path.with_name(path.name + "." + FILENAME)
 
 
-def save_tuned(checkpoint: str | Path, sampler: SamplerConfig, report: dict) -> Path:
+def save_tuned(checkpoint: str | Path, sampler: SamplerConfig, backend: str, report: dict) -> Path:
     path = tuned_path(checkpoint)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"sampler": dataclasses.asdict(sampler), **report}, indent=2))
+    tmp.write_text(json.dumps({"sampler": dataclasses.asdict(sampler), "backend": backend, **report}, indent=2))
     tmp.replace(path)
     return path
 
 
-def load_tuned(checkpoint: str | Path, requested: SamplerConfig | None = None) -> SamplerConfig:
-    """The tuned settings of ``checkpoint``; ``warm_start`` (a closed-loop choice, not tuned) is
-    taken from ``requested``."""
+def load_tuned(checkpoint: str | Path, requested: SamplerConfig | None = None) -> tuple[SamplerConfig, str]:
+    """The tuned sampler settings of ``checkpoint`` and the backend they were timed on;
+    ``warm_start`` (a closed-loop choice, not tuned) is taken from ``requested``. Files written
+    before the backend became a load-time option keep it inside ``sampler``: read from there."""
     path = tuned_path(checkpoint)
     if not path.is_file():
         raise ValueError(f"sampler=tuned: {path} does not exist; run python -m paradiffpolicy.tune checkpoint={checkpoint}")
@@ -42,8 +44,11 @@ def load_tuned(checkpoint: str | Path, requested: SamplerConfig | None = None) -
         raise ValueError(f"sampler=tuned: {path} is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or "sampler" not in doc:
         raise ValueError(f"sampler=tuned: {path} has no 'sampler' entry")
-    cfg = from_dict(SamplerConfig, doc["sampler"], name=f"tuned sampler in {path}")
+    settings = dict(doc["sampler"]) if isinstance(doc["sampler"], dict) else doc["sampler"]
+    backend = doc.get("backend") or (settings.pop("backend", None) if isinstance(settings, dict) else None) or "eager"
+    cfg = from_dict(SamplerConfig, settings, name=f"tuned sampler in {path}")
+    check_backend(backend, key=f"backend in {path}")
     if cfg.name == "tuned":
         raise ValueError(f"sampler=tuned: {path} names no sampler ('tuned' refers to itself)")
     warm = requested.warm_start if requested is not None else cfg.warm_start
-    return dataclasses.replace(cfg, warm_start=warm)
+    return dataclasses.replace(cfg, warm_start=warm), backend

@@ -42,7 +42,8 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from paradiffpolicy.checkpoint import load_policy
-from paradiffpolicy.config import BACKENDS, INITS, SamplerConfig
+from paradiffpolicy.backends import BACKENDS
+from paradiffpolicy.config import INITS, SamplerConfig
 from paradiffpolicy.data.obs_sample import load_observation_sample
 from paradiffpolicy.presets import save_tuned
 from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, run_dir, versions
@@ -116,6 +117,7 @@ class Candidate:
     rows_per_iteration: float
     predicted_ms: float = 0.0
     label: str = ""
+    backend: str = "eager"
 
 
 def load_windows(cfg: TuneConfig, policy) -> tuple[dict[str, torch.Tensor], str]:
@@ -160,20 +162,21 @@ def time_call(fn, reps: int) -> float:
     return float(np.median(out) * 1e3)
 
 
-def batch_costs(cfg: TuneConfig, networks: dict, cond: torch.Tensor, sync) -> dict[str, dict[int, float]]:
+def batch_costs(cfg: TuneConfig, policy, cond: torch.Tensor, sync) -> dict[str, dict[int, float]]:
     """Milliseconds of one network call at each batch size, per backend."""
-    pc = next(iter(networks.values())).config
+    pc = policy.config
     costs = {}
-    for backend, pol in networks.items():
+    for backend in cfg.backends:
         costs[backend] = {}
+        denoiser = policy.network(backend).denoiser
         for b in cfg.batch_sizes:
-            x = torch.randn(b, pc.horizon, pc.action_dim, device=pol.device)
-            t = torch.full((b,), 10, dtype=torch.long, device=pol.device)
+            x = torch.randn(b, pc.horizon, pc.action_dim, device=policy.device)
+            t = torch.full((b,), 10, dtype=torch.long, device=policy.device)
             c = cond[:1].expand(b, -1).contiguous()
 
             def call():
                 with torch.no_grad():
-                    pol.denoiser(x, t, global_cond=c)
+                    denoiser(x, t, global_cond=c)
                 sync()
 
             costs[backend][b] = time_call(call, 7)
@@ -213,7 +216,6 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     base = load_policy(cfg.checkpoint, sampler=SamplerConfig(name="sequential", **fixed), device=device)
     windows, obs_source = load_windows(cfg, base)
     tune_obs, held_obs = split(windows, cfg.tune_samples, cfg.seed)
-    networks = {backend: base.with_backend(backend) for backend in cfg.backends}
     table = base.sampler.table
     stochastic = bool(table.stochastic)
     tols = sorted(cfg.tols or (TOLS_STOCHASTIC if stochastic else TOLS_ODE), reverse=True)
@@ -222,7 +224,7 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
 
     # 1. what a batched call costs here
     cond_tune = base.encode_observation({f: v.to(device) for f, v in tune_obs.items()})
-    costs = batch_costs(cfg, networks, cond_tune, sync)
+    costs = batch_costs(cfg, base, cond_tune, sync)
     overhead = loop_overhead_ms(table, (base.config.horizon, base.config.action_dim), device)
     bar.update(1)
 
@@ -254,25 +256,25 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     ranked = []
     for cand in candidates:
         for backend in cfg.backends:
-            c = dataclasses.replace(cand, sampler=dataclasses.replace(cand.sampler, backend=backend))
+            c = dataclasses.replace(cand, backend=backend)
             c.predicted_ms = predict_ms(costs[backend], overhead, c.iterations, c.rows_per_iteration)
             ranked.append(c)
     ranked.sort(key=lambda c: c.predicted_ms)
     verify = ranked[: cfg.verify_top]
     for v in verify:
-        v.label = f"p={v.sampler.window} τ={v.sampler.tol:g} {v.sampler.init}" + (f" aa{v.sampler.anderson}" if v.sampler.anderson else "") + f" {v.sampler.backend}"
+        v.label = f"p={v.sampler.window} τ={v.sampler.tol:g} {v.sampler.init}" + (f" aa{v.sampler.anderson}" if v.sampler.anderson else "") + f" {v.backend}"
     preset = readme_preset(cfg, stochastic, fixed)
     if preset is not None:
-        pbackend = verify[0].sampler.backend  # the preset on the same backend as the best candidate
-        verify.append(Candidate(dataclasses.replace(preset, backend=pbackend), float("nan"), -1, float("nan"), float("nan"),
-                                predicted_ms=float("nan"), label=f"README preset p={preset.window} τ={preset.tol:g} {pbackend}"))
+        pbackend = verify[0].backend  # the preset on the same backend as the best candidate
+        verify.append(Candidate(preset, float("nan"), -1, float("nan"), float("nan"), predicted_ms=float("nan"),
+                                label=f"README preset p={preset.window} τ={preset.tol:g} {pbackend}", backend=pbackend))
 
     # 3. batch-1 timing on held-out observations, interleaved with the same-backend sequential sampler
-    samplers = {v.label: (networks[v.sampler.backend], networks[v.sampler.backend].make_sampler(v.sampler)) for v in verify}
-    for backend in sorted({v.sampler.backend for v in verify}):
-        samplers[f"sequential {backend}"] = (networks[backend], networks[backend].sampler)
-    for pol, s in samplers.values():
-        pol.warm_up(1, s)
+    samplers = {v.label: (v.backend, base.make_sampler(v.sampler, v.backend)) for v in verify}
+    for backend in sorted({v.backend for v in verify}):
+        samplers[f"sequential {backend}"] = (backend, base.make_sampler(base.sampler_config, backend))
+    for backend, s in samplers.values():
+        base.warm_up(1, s, backend)
     held_cond = base.encode_observation({f: v.to(device) for f, v in held_obs.items()})
     names = list(samplers)
     lat = {n: [] for n in names}
@@ -281,28 +283,28 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
         i = int(torch.randint(held_cond.shape[0], (1,), generator=gen))
         nz = base.draw_noise(1, gen)
         for name in names[trial % len(names):] + names[: trial % len(names)]:
-            pol, s = samplers[name]
+            backend, s = samplers[name]
             sync()
             t0 = time.perf_counter()
-            pol.sample_from_condition(held_cond[i : i + 1], noise=nz, sampler=s)
+            base.sample_from_condition(held_cond[i : i + 1], noise=nz, sampler=s, backend=backend)
             sync()
             lat[name].append((time.perf_counter() - t0) * 1e3)
         bar.update(1)
     timed = []
     for v in verify:
-        seq = lat[f"sequential {v.sampler.backend}"]
+        seq = lat[f"sequential {v.backend}"]
         ratios = np.asarray(seq) / np.asarray(lat[v.label])
-        timed.append({"label": v.label, "sampler": dataclasses.asdict(v.sampler), "predicted_ms": v.predicted_ms,
+        timed.append({"label": v.label, "sampler": dataclasses.asdict(v.sampler), "backend": v.backend, "predicted_ms": v.predicted_ms,
                       "latency_ms": {"p50": float(np.median(lat[v.label])), "p95": float(np.percentile(lat[v.label], 95))},
-                      "speedup_vs_sequential_same_backend": {"reference": f"sequential, backend={v.sampler.backend}",
+                      "speedup_vs_sequential_same_backend": {"reference": f"sequential, backend={v.backend}",
                                                              "median": float(np.median(ratios)),
                                                              "p5_p95": [float(np.percentile(ratios, 5)), float(np.percentile(ratios, 95))]},
                       "tune_dev_max": v.tune_dev_max, "tune_over": v.tune_over})
     eligible = [t for t in timed if not t["label"].startswith("README") or meets(base, t, cond_tune, noise, ref, cfg, allowed)]
-    for backend in sorted({v.sampler.backend for v in verify}):  # the sequential sampler is a candidate too (deviation 0)
+    for backend in sorted({v.backend for v in verify}):  # the sequential sampler is a candidate too (deviation 0)
         name = f"sequential {backend}"
-        seq_cfg = dataclasses.asdict(networks[backend].sampler_config)
-        eligible.append({"label": name, "sampler": seq_cfg, "predicted_ms": float("nan"),
+        seq_cfg = dataclasses.asdict(base.sampler_config)
+        eligible.append({"label": name, "sampler": seq_cfg, "backend": backend, "predicted_ms": float("nan"),
                          "latency_ms": {"p50": float(np.median(lat[name])), "p95": float(np.percentile(lat[name], 95))},
                          "speedup_vs_sequential_same_backend": {"reference": f"sequential, backend={backend}", "median": 1.0,
                                                                 "p5_p95": [1.0, 1.0]},
@@ -310,6 +312,7 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
         timed.append(eligible[-1])
     best = min(eligible, key=lambda t: t["latency_ms"]["p50"])
     chosen = SamplerConfig(**best["sampler"])
+    chosen_backend = best["backend"]
 
     # 4. the chosen setting on the held-out half it was not tuned on
     held_noise = base.draw_noise(held_cond.shape[0], torch.Generator().manual_seed(cfg.seed + 2))
@@ -321,7 +324,7 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
             "fraction_within": float((held_dev <= cfg.max_dev).float().mean())}
     report = {
         "checkpoint": cfg.checkpoint, "max_dev": cfg.max_dev, "coverage": cfg.coverage, "margin": cfg.margin,
-        "chosen": dataclasses.asdict(chosen),
+        "chosen": dataclasses.asdict(chosen), "chosen_backend": chosen_backend,
         "chosen_label": best["label"], "speedup": best["speedup_vs_sequential_same_backend"], "latency_ms": best["latency_ms"],
         "held_out": {**held, "meets_budget": held["fraction_within"] >= cfg.coverage},
         "observations": obs_source, "tune_samples": n_tune, "held_out_samples": int(held_cond.shape[0]),
@@ -333,7 +336,7 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     (out_dir / "tune_report.json").write_text(json.dumps(report, indent=2))
     if cfg.write:
         keep = {k: report[k] for k in ("max_dev", "coverage", "margin", "speedup", "latency_ms", "held_out", "observations", "device", "cpu", "threads")}
-        report["written"] = str(save_tuned(cfg.checkpoint, chosen, {"tuned_on": keep}))
+        report["written"] = str(save_tuned(cfg.checkpoint, chosen, chosen_backend, {"tuned_on": keep}))
     print(summary(report))
     return report
 

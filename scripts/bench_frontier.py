@@ -88,7 +88,7 @@ class FrontierConfig:
 
 
 def sampler_config(cfg: FrontierConfig, name: str) -> SamplerConfig:
-    return SamplerConfig(**SETTINGS[name], backend=cfg.backend)
+    return SamplerConfig(**SETTINGS[name])
 
 
 def checkpoint_of(task: str) -> Path:
@@ -109,7 +109,7 @@ def success_phase(cfg: FrontierConfig) -> None:
 def latency_phase(cfg: FrontierConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     ckpt = checkpoint_of(cfg.task)
-    policy = load_policy(ckpt, sampler=SamplerConfig(name="sequential", backend=cfg.backend))
+    policy = load_policy(ckpt, sampler=SamplerConfig(name="sequential"), backend=cfg.backend)
     sample = load_observation_sample(ckpt)
     if sample is None:
         raise SystemExit(f"{ckpt} has no observation sample ({ckpt}/observations.safetensors); see scripts/make_obs_sample.py")

@@ -183,27 +183,27 @@ def main(argv: list[str]) -> dict:
     policy = build_policy(cfg)
     common = dict(scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps)
     # "sequential" (eager) is the reference every speedup is measured against
-    samplers = {"sequential": SamplerConfig(name="sequential", **common)}
+    # name -> (sampler settings, network backend)
+    samplers = {"sequential": (SamplerConfig(name="sequential", **common), "eager")}
     for backend in cfg.backends:
         if backend != "eager":
-            samplers[f"sequential-{backend}"] = SamplerConfig(name="sequential", backend=backend, **common)
+            samplers[f"sequential-{backend}"] = (SamplerConfig(name="sequential", **common), backend)
     for spec in cfg.baselines:
         sched, _, steps = spec.partition(":")
         if not steps.isdigit():
             raise SystemExit(f"baselines entry {spec!r} must be <scheduler>:<steps>, e.g. ddim:16")
         for backend in cfg.backends:
-            samplers[f"baseline-{sched}{steps}" + (f"-{backend}" if backend != "eager" else "")] = SamplerConfig(
-                name="sequential", scheduler=sched, num_inference_steps=int(steps), backend=backend)
+            samplers[f"baseline-{sched}{steps}" + (f"-{backend}" if backend != "eager" else "")] = (SamplerConfig(
+                name="sequential", scheduler=sched, num_inference_steps=int(steps)), backend)
     windows = list(cfg.windows) or [cfg.window]
     tols = list(cfg.tols) or [cfg.tol]
     for window, tol, init, m, backend in itertools.product(windows, tols, cfg.inits, cfg.andersons, cfg.backends):
         name = (f"picard-{init}" + (f"-aa{m}" if m else "") + (f"-p{window}" if len(windows) > 1 else "")
                 + (f"-tol{tol:g}" if len(tols) > 1 else "") + (f"-{backend}" if backend != "eager" else ""))
-        samplers[name] = SamplerConfig(name="picard", window=window, tol=tol, max_iters=cfg.max_iters,
-                                       init=init, anderson=m, backend=backend, **common)
-    # one policy per network backend (same weights); each sampler is passed per call
-    networks = {backend: policy.with_backend(backend) for backend in {s.backend for s in samplers.values()}}
-    built = {name: (networks[scfg.backend], networks[scfg.backend].make_sampler(scfg)) for name, scfg in samplers.items()}
+        samplers[name] = (SamplerConfig(name="picard", window=window, tol=tol, max_iters=cfg.max_iters,
+                                        init=init, anderson=m, **common), backend)
+    # one policy, its network on each backend; each sampler and backend passed per call
+    built = {name: (backend, policy.make_sampler(scfg, backend)) for name, (scfg, backend) in samplers.items()}
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     pc = policy.config
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -214,7 +214,7 @@ def main(argv: list[str]) -> dict:
     conv = {n: [] for n in names}
     devs = {n: [] for n in names}  # per sample: largest |a - a_sequential| over the executed actions
     ratios = {n: [] for n in names if n != "sequential"}  # vs sequential on the eager backend
-    same_ref = {n: "sequential" if samplers[n].backend == "eager" else f"sequential-{samplers[n].backend}" for n in names}
+    same_ref = {n: "sequential" if samplers[n][1] == "eager" else f"sequential-{samplers[n][1]}" for n in names}
     same = {n: [] for n in names if not n.startswith("sequential")}  # vs sequential on the variant's own backend
     refs = [n for n in names if n.startswith("sequential-")]  # other sequential references (e.g. jit)
     ratios_ref = {(n, r): [] for n in names if not n.startswith(("sequential", "baseline-")) for r in refs}
@@ -223,9 +223,10 @@ def main(argv: list[str]) -> dict:
 
     def run(name: str, cond: torch.Tensor, noise) -> PolicyOutput:
         """Sampler ``name`` on conditioning ``cond`` with (the first steps of) ``noise``."""
-        network, sampler = built[name]
+        backend, sampler = built[name]
         steps = sampler.table.num_steps  # baselines take fewer steps: the first ones of the same draw
-        return network.sample_from_condition(cond, noise=SamplerNoise(noise.initial, noise.steps[:steps]), sampler=sampler)
+        return policy.sample_from_condition(cond, noise=SamplerNoise(noise.initial, noise.steps[:steps]), sampler=sampler,
+                                            backend=backend)
 
     def encode(obs) -> tuple[torch.Tensor, float]:
         sync()
@@ -281,7 +282,7 @@ def main(argv: list[str]) -> dict:
     results = {}
     for name in names:
         results[name] = {
-            "settings": {**built[name][1].settings(), "backend": samplers[name].backend},
+            "settings": {**built[name][1].settings(), "backend": samplers[name][1]},
             "latency_ms": percentiles(lat[name]),
             "iterations": {"mean": float(np.mean(rounds[name])), "max": int(np.max(rounds[name]))},
             "nfe": {"mean": float(np.mean(nfe[name]))},

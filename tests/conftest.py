@@ -12,6 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _export_cache(tmp_path_factory):
+    """Exported networks (backend=onnxruntime/openvino) go to a temporary cache, not the user's."""
+    os.environ["PARADIFFPOLICY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def needs_backend(name: str):
+    """Skip (with the reason) where an optional exported runtime is not installed; CI installs them."""
+    return pytest.mark.skipif(importlib.util.find_spec(name) is None or importlib.util.find_spec("onnx") is None,
+                              reason=f"backend {name} needs pip install -e '.[{name}]'")
+
+
 class ToyDenoiser(torch.nn.Module):
     """A cheap, smooth, nonlinear epsilon-predictor with the Denoiser signature.
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import needs_backend
 from paradiffpolicy import CheckpointError, SamplerConfig, load_policy
 from paradiffpolicy.convert import convert
 from paradiffpolicy.sampling import SamplerNoise
@@ -47,9 +48,9 @@ def fixture_params():
     return [pytest.param(n, marks=needs_image) if n == "lerobot_image_small" else n for n in FIXTURES]
 
 
-def run(name, sampler, obs=None, z_key="noise.z"):
+def run(name, sampler, obs=None, z_key="noise.z", backend=None):
     ref = reference(name)
-    policy = load_policy(FIXTURES[name][0], sampler=sampler)
+    policy = load_policy(FIXTURES[name][0], sampler=sampler, backend=backend)
     noise = SamplerNoise(ref["noise.x_T"], ref[z_key])
     info = policy.predict_action(observations(name, ref) if obs is None else obs, noise=noise)
     actions = info.actions
@@ -83,10 +84,15 @@ def test_encoder_and_normalisers_match_upstream(name):
 
 
 @pytest.mark.parametrize("name", fixture_params())
-@pytest.mark.parametrize("sampler", [SamplerConfig(name="picard", window=1, tol=0.1), SamplerConfig(name="picard", window=8, tol=0.0),
-                                     SamplerConfig(name="picard", window=16, tol=0.0, backend="jit")], ids=["w1", "tol0", "tol0-jit"])
-def test_picard_exact_settings_reproduce_upstream(name, sampler):
-    _, ref, _, info = run(name, sampler)
+@pytest.mark.parametrize("sampler,backend", [
+    (SamplerConfig(name="picard", window=1, tol=0.1), None), (SamplerConfig(name="picard", window=8, tol=0.0), None),
+    (SamplerConfig(name="picard", window=16, tol=0.0), "jit"),
+    # exported networks, the image encoder included: upstream's sample within the same tolerance
+    pytest.param(SamplerConfig(name="sequential"), "onnxruntime", marks=needs_backend("onnxruntime")),
+    pytest.param(SamplerConfig(name="picard", window=16, tol=0.0), "openvino", marks=needs_backend("openvino")),
+], ids=["w1", "tol0", "tol0-jit", "seq-onnxruntime", "tol0-openvino"])
+def test_picard_exact_settings_reproduce_upstream(name, sampler, backend):
+    _, ref, _, info = run(name, sampler, backend=backend)
     assert (info.action_pred_normalized - ref["sample"]).abs().max() < TOL
 
 

@@ -27,11 +27,11 @@ def _serve(conn, payload: dict) -> None:
     ("close",) messages until closed. Errors are sent back, never raised here."""
     torch.set_num_threads(payload["threads"])
     try:
-        policy = DiffusionPolicy(payload["config"], payload["sampler"]).eval()
+        policy = DiffusionPolicy(payload["config"], payload["sampler"], backend=payload["backend"]).eval()
         policy.load_state_dict(payload["state"])
         policy.to(payload["device"])
         agent = PolicyAgent(policy, warm_start=payload["warm_start"], budget_s=payload["budget_s"], join=payload["join"])
-        if payload["sampler"].backend != "eager":
+        if payload["backend"] != "eager":
             policy.warm_up(1)  # trace / compile now: the episode's first calls must not pay for it
         conn.send(("ready",))
     except Exception as e:  # noqa: BLE001 - report to the parent
@@ -72,7 +72,7 @@ class ProcessAgent(PolicyAgent):
             raise ValueError(f"threads={threads} must be >= 1")
         ctx = mp.get_context("spawn")  # fork is unsafe with torch's thread pools
         self._conn, child = ctx.Pipe()
-        payload = {"config": policy.config, "sampler": policy.sampler_config, "threads": threads,
+        payload = {"config": policy.config, "sampler": policy.sampler_config, "backend": policy.backend, "threads": threads,
                    "state": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
                    "warm_start": warm_start, "budget_s": budget_s, "device": str(policy.device), "join": self.join}
         self._proc = ctx.Process(target=_serve, args=(child, payload), daemon=True, name="policy-inference")

@@ -122,7 +122,7 @@ class SpatialSoftmax(nn.Module):
 
 def center_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
     """torchvision's ``CenterCrop`` for a crop no larger than the image (top = round((H - h) / 2))."""
-    h, w = x.shape[-2:]
+    h, w = (int(n) for n in x.shape[-2:])  # plain ints also while tracing (the image size is fixed)
     ch, cw = size
     top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
     return x[..., top : top + ch, left : left + cw]

@@ -8,12 +8,13 @@ __all__ = ["Denoiser", "make_sampler", "PicardSampler", "SampleStats", "SamplerN
            "Trajectory", "WarmStart", "draw_noise"]
 
 
-def make_sampler(scheduler, sampler):
+def make_sampler(scheduler, sampler, fixed_shape: bool = False):
     """Build a sampler from the policy's training ``SchedulerConfig`` and a ``SamplerConfig``.
 
     The sampler may switch the inference scheduler (``sampler.scheduler``) and step count
     (``sampler.num_inference_steps``); the noise schedule, prediction type and clipping stay the
-    training ones.
+    training ones. ``fixed_shape``: Picard calls the network at one input shape (for a compiled
+    graph; see :class:`PicardSampler`).
     """
     import dataclasses
 
@@ -32,4 +33,4 @@ def make_sampler(scheduler, sampler):
     table = make_step_table(dataclasses.replace(scheduler, **overrides))
     if sampler.name == "sequential":
         return SequentialSampler(table)
-    return PicardSampler(table, sampler)
+    return PicardSampler(table, sampler, fixed_shape=fixed_shape)

@@ -58,12 +58,12 @@ class PicardSampler:
             the guess for states beyond the window), ``anderson`` (memory m; 0: plain Picard).
         fixed_shape: run every network call at (batch x window) rows, finished rows and steps past
             N included and discarded, so a compiled graph sees one input shape (CUDA graphs).
-            Default: on for ``backend="compile"``.
+            Set by the policy for its ``compile`` backend (see :mod:`paradiffpolicy.backends`).
     """
 
     name = "picard"
 
-    def __init__(self, table: StepTable, config: SamplerConfig | None = None, fixed_shape: bool | None = None, **settings):
+    def __init__(self, table: StepTable, config: SamplerConfig | None = None, fixed_shape: bool = False, **settings):
         if config is None:
             config = SamplerConfig(name="picard", **settings)
         elif settings:
@@ -75,7 +75,7 @@ class PicardSampler:
         self.max_iters = n if config.max_iters is None else int(config.max_iters)
         self.init = config.init
         self.anderson = int(config.anderson)
-        self.fixed_shape = config.backend == "compile" if fixed_shape is None else bool(fixed_shape)
+        self.fixed_shape = bool(fixed_shape)
         # convergence scale of state k+1; 1 where no noise is injected (ODE steps, DDPM's last step)
         sig = table.noise_std
         self.scale = torch.where(sig > 0, sig, torch.ones_like(sig)) if table.stochastic else torch.ones_like(sig)

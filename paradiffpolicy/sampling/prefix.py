@@ -148,6 +148,9 @@ class ActionPrefix:
                 return x0, eps
             a, w = self._rows(rows)
             return self._moved(table, x0, eps, k, w * (a - x0))
+        if not getattr(model, "differentiable", True):
+            raise ValueError("join.method=guided needs gradients through the network; this backend's exported "
+                             "network has none: use backend=eager or backend=jit")
         a, w = self._rows(rows)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)

@@ -1,0 +1,179 @@
+"""How a policy's networks run: a load-time choice, separate from the sampling algorithm.
+
+``eager``        PyTorch modules as they are.
+``jit``          a traced TorchScript graph of the U-Net (same numbers, less Python per call;
+                 ``models/jit.py``).
+``compile``      ``torch.compile`` of the U-Net (CUDA graphs on a GPU; ``models/compiled.py``).
+``onnxruntime``  the U-Net and the observation encoder exported once to ONNX and run by ONNX
+                 Runtime's CPU provider (``pip install -e ".[onnxruntime]"``).
+``openvino``     the same ONNX graphs compiled by OpenVINO for the CPU, float32
+                 (``pip install -e ".[openvino]"``).
+
+On a small CPU a batch-1 U-Net call in PyTorch spends most of its time outside the arithmetic; the
+exported runtimes do not (``benchmarks/results/backend-cost-*.md``). ONNX Runtime's CPU kernels
+scale poorly with batch, so it suits sequential samplers; OpenVINO also keeps batched Picard
+windows cheap. Exported graphs take the batch size as a dynamic axis (Picard's shrinking windows,
+vectorised eval), hold a copy of the weights taken at export, and are cached on disk keyed by the
+weights, the input shapes, the runtime and its version (``PARADIFFPOLICY_CACHE``, default
+``~/.cache/paradiffpolicy``). Outputs agree with eager to a few 1e-6 per call (float sums in
+another order), so a sampler's fixed point is that backend's own sequential sample.
+
+Exported networks are not differentiable: a join that needs gradients through the network
+(``join.method=guided``) needs ``eager`` or ``jit``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+BACKENDS = ("eager", "jit", "compile", "onnxruntime", "openvino")
+EXPORTED = ("onnxruntime", "openvino")
+ONNX_OPSET = 17
+
+
+def check_backend(backend: str, key: str = "backend") -> str:
+    """``backend`` if known and importable here; ``ValueError`` naming ``key`` and, for an
+    exported runtime that is not installed, the extra that installs it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{key}={backend!r} is unknown; expected one of {BACKENDS}")
+    if backend in EXPORTED:
+        for module in ("onnx", backend):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise ValueError(f"{key}={backend!r} needs the {module!r} package: pip install -e \".[{backend}]\"") from None
+    return backend
+
+
+def available_backends() -> list[str]:
+    """The backends this installation can run (the exported ones only with their runtime)."""
+    out = []
+    for b in BACKENDS:
+        try:
+            out.append(check_backend(b))
+        except ValueError:
+            pass
+    return out
+
+
+def runtime_version(backend: str) -> str:
+    """The version of the package that runs ``backend`` (torch for the PyTorch backends)."""
+    return importlib.metadata.version({"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(backend, "torch"))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PARADIFFPOLICY_CACHE", Path.home() / ".cache" / "paradiffpolicy"))
+
+
+def export_onnx(module: nn.Module, example: tuple[Tensor, ...], names: list[str], tag: str) -> Path:
+    """``module`` exported to ONNX with a dynamic batch axis (dim 0 of every input and the output),
+    or the cached file of an earlier export of the same weights and input shapes."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr([(n, tuple(x.shape[1:]), str(x.dtype)) for n, x in zip(names, example)]).encode())
+    h.update(f"{torch.__version__} opset{ONNX_OPSET}".encode())
+    path = cache_dir() / "onnx" / f"{tag}-{h.hexdigest()[:20]}.onnx"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    axes = {n: {0: "batch"} for n in [*names, "out"]}
+    training = module.training
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the tracer's notes on shape checks that hold for every batch size
+            torch.onnx.export(module.eval(), example, str(tmp), input_names=names, output_names=["out"],
+                              dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
+    finally:
+        module.train(training)
+    tmp.replace(path)  # atomic: a concurrent export of the same key writes the same bytes
+    return path
+
+
+def load_runtime(path: Path, backend: str, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """A function ``feeds -> output`` running the ONNX graph at ``path`` on ``backend``'s CPU
+    runtime with ``threads`` intra-op threads, float32 throughout."""
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return lambda feeds: session.run(None, feeds)[0]
+    if backend == "openvino":
+        import openvino as ov
+
+        core = ov.Core()
+        # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise lower the precision
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+        request = compiled.create_infer_request()
+        return lambda feeds: request.infer(feeds)[0].copy()  # the request reuses its output buffer
+    raise ValueError(f"backend={backend!r} is not an exported runtime; expected one of {EXPORTED}")
+
+
+class ExportedDenoiser:
+    """``Denoiser`` (see ``sampling.base``) backed by the U-Net exported to ONNX and run by
+    ``backend``; float32 in and out, on the CPU."""
+
+    differentiable = False
+
+    def __init__(self, model: nn.Module, backend: str, horizon: int, action_dim: int, cond_dim: int, threads: int):
+        example = (torch.zeros(1, horizon, action_dim), torch.zeros(1, dtype=torch.int64), torch.zeros(1, cond_dim))
+        self.backend = backend
+        self.threads = threads
+        self._run = load_runtime(export_onnx(model, example, ["sample", "timestep", "global_cond"], "unet"), backend, threads)
+
+    def __call__(self, sample: Tensor, timestep: Tensor, global_cond: Tensor | None = None) -> Tensor:
+        if global_cond is None:
+            raise ValueError(f"the {self.backend} backend needs a global condition (observations); use backend=eager without one")
+        if sample.device.type != "cpu":
+            raise ValueError(f"backend={self.backend} runs on the CPU; the policy is on {sample.device}")
+        m = sample.shape[0]
+        out = self._run({"sample": _array(sample), "timestep": _array(timestep.expand(m), np.int64),
+                         "global_cond": _array(global_cond)})
+        return torch.from_numpy(out)
+
+
+class ExportedEncoder:
+    """The observation encoder (normalisers and image trunk) exported to ONNX and run by
+    ``backend``: ``{feature: (B, To, ...)} -> (B, To·D)``, as ``ObservationEncoder.forward``."""
+
+    def __init__(self, encoder: nn.Module, backend: str, n_obs_steps: int, threads: int):
+        self.names = [f.name for f in encoder.features]
+        example = tuple(torch.full((1, n_obs_steps, *f.shape), 0.5) for f in encoder.features)
+        module = _PositionalEncoder(encoder, self.names)
+        self._run = load_runtime(export_onnx(module, example, [f"obs{i}" for i in range(len(self.names))], "encoder"),
+                                 backend, threads)
+
+    def __call__(self, obs: dict[str, Tensor]) -> Tensor:
+        return torch.from_numpy(self._run({f"obs{i}": _array(obs[n]) for i, n in enumerate(self.names)}))
+
+
+class _PositionalEncoder(nn.Module):
+    """The encoder with its dict input as positional tensors (what an ONNX graph takes)."""
+
+    def __init__(self, encoder: nn.Module, names: list[str]):
+        super().__init__()
+        self.encoder = encoder
+        self.names = names
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        return self.encoder(dict(zip(self.names, xs)))
+
+
+def _array(x: Tensor, dtype=np.float32) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().numpy(), dtype=dtype)

@@ -1,0 +1,87 @@
+"""Exported backends (ONNX Runtime, OpenVINO): the eager numbers, the samplers' exactness on each
+backend, the cache, and clear errors. Skipped with the reason where a runtime is not installed."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import needs_backend
+from paradiffpolicy import SamplerConfig, load_policy
+from paradiffpolicy.backends import available_backends, cache_dir
+from paradiffpolicy.sampling.prefix import ActionPrefix
+from test_policy import small_policy
+
+EXPORTED = [pytest.param(b, marks=needs_backend(b)) for b in ("onnxruntime", "openvino")]
+
+
+def _inputs(policy, bsz=3):
+    obs = torch.randn(bsz, 2, 5, generator=torch.Generator().manual_seed(0))
+    return obs, policy.draw_noise(bsz, torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_exported_sequential_sample_is_the_eager_one(backend):
+    policy = small_policy(SamplerConfig(name="sequential"))
+    obs, noise = _inputs(policy)
+    eager = policy.predict_action(obs, noise=noise)
+    out = policy.predict_action(obs, noise=noise, backend=backend)
+    dev = (out.action_pred_normalized - eager.action_pred_normalized).abs().max()
+    assert dev < 1e-5
+    # the same network, not a coincidence: a changed weight moves both the same way once re-exported
+    with torch.no_grad():
+        policy.model.final_conv[1].bias.add_(0.3)
+    moved = policy.predict_action(obs, noise=noise)
+    stale = policy.predict_action(obs, noise=noise, backend=backend)  # holds the weights of its export
+    assert (stale.actions - out.actions).abs().max() < 1e-5 < (moved.actions - eager.actions).abs().max()
+    policy.load_state_dict(policy.state_dict())  # new weights: the exported network is rebuilt
+    fresh = policy.predict_action(obs, noise=noise, backend=backend)
+    assert (fresh.action_pred_normalized - moved.action_pred_normalized).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+@pytest.mark.parametrize("exact", [dict(window=1, tol=0.1), dict(window=8, tol=0.0)], ids=["w1", "tol0"])
+def test_picard_reaches_the_sequential_sample_of_its_backend(backend, exact):
+    """Picard's fixed point on an exported network is that network's sequential sample, with a
+    committed prefix too (conditioned sampling on the same backend)."""
+    policy = small_policy(SamplerConfig(name="sequential"))
+    policy.set_backend(backend)
+    obs, noise = _inputs(policy)
+    picard = policy.make_sampler(SamplerConfig(name="picard", **exact))
+    prefix = ActionPrefix(torch.full((3, 16, 2), 0.2), torch.cat([torch.ones(3, 4), torch.zeros(3, 12)], 1), mode="x0")
+    for pre in (None, prefix):
+        seq = policy.predict_action(obs, noise=noise, prefix=pre)
+        par = policy.predict_action(obs, noise=noise, sampler=picard, prefix=pre)
+        assert (par.action_pred_normalized - seq.action_pred_normalized).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_export_is_cached_by_weights(backend):
+    policy = small_policy()
+    obs, noise = _inputs(policy, 1)
+    policy.predict_action(obs, noise=noise, backend=backend)
+    files = sorted((cache_dir() / "onnx").glob("unet-*.onnx"))
+    assert files and os.environ["PARADIFFPOLICY_CACHE"] in str(files[0])  # the tests' cache, not the user's
+    again = small_policy()  # same seed, same weights: the same file
+    again.predict_action(obs, noise=noise, backend=backend)
+    assert sorted((cache_dir() / "onnx").glob("unet-*.onnx")) == files
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_guided_join_needs_a_differentiable_backend(backend):
+    policy = small_policy()
+    obs, noise = _inputs(policy, 1)
+    guided = ActionPrefix(torch.zeros(1, 16, 2), torch.ones(1, 16), mode="guided")
+    with pytest.raises(ValueError, match="backend=eager or backend=jit"):
+        policy.predict_action(obs, noise=noise, backend=backend, prefix=guided)
+
+
+def test_bad_backend_is_refused_by_name(tmp_path):
+    policy = small_policy()
+    with pytest.raises(ValueError, match=r"backend='tpu' is unknown"):
+        policy.set_backend("tpu")
+    with pytest.raises(ValueError, match=r"backend='onnx' is unknown"):
+        policy.predict_action(torch.zeros(1, 2, 5), backend="onnx")
+    with pytest.raises(ValueError, match=r"backend='tensorrt' is unknown"):
+        load_policy(tmp_path, backend="tensorrt")
+    assert {"eager", "jit", "compile"} <= set(available_backends())
