@@ -18,14 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from paradiffpolicy.backends import check_backend
 from paradiffpolicy.config import PolicyConfig, SamplerConfig, from_dict, to_dict
+from paradiffpolicy.errors import CheckpointError
+
+__all__ = ["CheckpointError", "build_policy", "load_policy", "read_config", "save_policy"]
 
 FORMAT = "paradiffpolicy/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or does not match its configuration."""
 
 
 def save_policy(policy, directory: str | os.PathLike, metadata: dict[str, Any] | None = None,
@@ -146,5 +145,5 @@ def build_policy(cfg: PolicyConfig, tensors: dict, metadata: dict, sampler: Samp
     if bad:
         raise CheckpointError(f"checkpoint weights {wpath} contain NaN/inf in {bad[:5]}")
     policy.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
-    policy.metadata = metadata
+    policy.metadata = dict(metadata)
     return policy.to(device).eval()

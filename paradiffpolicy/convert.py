@@ -28,7 +28,7 @@ def convert(src: str | Path, dst: str | Path, weights_dtype: str = "float32") ->
     fmt = detect_format(src)
     seq = SamplerConfig(name="sequential")
     policy = load_policy(src, sampler=seq)
-    meta = {**getattr(policy, "metadata", {}), "converted_from": str(src), "converted_from_format": fmt,
+    meta = {**policy.metadata, "converted_from": str(src), "converted_from_format": fmt,
             "converted_by": f"paradiffpolicy {__version__}"}
     save_policy(policy, dst, metadata=meta, weights_dtype=weights_dtype)
     reloaded = load_policy(dst, sampler=seq)

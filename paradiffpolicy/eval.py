@@ -36,6 +36,7 @@ from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
 from paradiffpolicy.control.controller import ControllerConfig, DelaySchedule, EpisodeResult, jump_summary, run_fast, run_realtime, run_vector
 from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs import TaskConfig, make_env
+from paradiffpolicy.measure import provenance
 from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, run_dir, sigterm_as_keyboard_interrupt, versions
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,14 @@ def check_env_matches_policy(env, policy, task: str, checkpoint: str) -> None:
 
 
 
-def aggregate(results: list[EpisodeResult], wall_s: float) -> dict:
+def aggregate(results: list[EpisodeResult], wall_s: float) -> tuple[dict, InferenceLog]:
+    """The summary of ``results`` (LeRobot's ``overall`` fields, inference, control) and their
+    inference calls pooled into one log."""
     n = len(results)
     inf = InferenceLog()
     for r in results:
         inf.extend(r.inference)
-    return {
+    return ({
         "overall": {
             "n_episodes": n,
             "pc_success": 100.0 * sum(r.success for r in results) / n if n else 0.0,
@@ -119,8 +122,7 @@ def aggregate(results: list[EpisodeResult], wall_s: float) -> dict:
             "achieved_hz": float(np.mean([r.achieved_hz for r in results])) if n else 0.0,
             "jumps": jump_summary([j for r in results for j in r.seam_jumps], [j for r in results for j in r.inner_jumps]),
         },
-        "_log": inf,
-    }
+    }, inf)
 
 
 class Evaluator:
@@ -145,7 +147,8 @@ class Evaluator:
                                   **({"preset": "tuned"} if cfg.sampler.name == "tuned" else {})},
                       "controller": to_dict(cfg.controller), "seeds": [cfg.seed + i for i in range(cfg.n_episodes)],
                       "versions": versions(), "device": cfg.device, "backend": self.policy.backend,
-                      "cpu": cpu_model(), "threads": cfg.threads, "interrupted": False}
+                      "cpu": cpu_model(), "threads": cfg.threads, "interrupted": False,
+                      "provenance": provenance(cfg.threads, cfg.device, [self.policy.backend])}
         reference = None
         backend = self.policy.backend
         if cfg.compare:  # the sequential sampler of the same scheduler and steps, on the same backend
@@ -168,14 +171,12 @@ class Evaluator:
         finally:
             for env in [self.env, *self.extra_envs]:
                 env.close()
-        main = aggregate(results, time.perf_counter() - t0)
-        inf_log = main.pop("_log")
+        main, inf_log = aggregate(results, time.perf_counter() - t0)
         info.update(main)
         info["control"].update({"mode": cfg.controller.mode, "target_hz": cfg.controller.hz or cfg.task.control_hz})
         info["per_episode"] = [r.to_json() for r in sorted(results, key=lambda r: r.seed)]
         if cfg.compare:
-            seq = aggregate(seq_results, 0.0)
-            seq.pop("_log")
+            seq, _ = aggregate(seq_results, 0.0)
             if not seq_results:  # interrupted before any sequential episode finished
                 seq["overall"]["pc_success"] = None
             ratios, devs = inf_log.reference_ratio, inf_log.reference_dev

@@ -115,11 +115,13 @@ class DiffusionPolicy(nn.Module):
             cond_predict_scale=config.cond_predict_scale,
         ))
         self.action_normalizer = Normalizer(config.action_normalization, config.action_dim)
+        # where the weights came from (training run, dataset, foreign source); filled by load_policy
+        self.metadata: dict[str, Any] = {}
         self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - make_betas(config.scheduler), 0), persistent=False)
         self._register_load_state_dict_pre_hook(self._upgrade_keys)
         # exported networks copy the weights: new weights rebuild them
         self.register_load_state_dict_post_hook(lambda module, keys: module._networks.clear())
-        self._networks: dict[str, Network] = {}
+        self._networks: dict[tuple[str, int], Network] = {}
         self.set_backend(backend)
         self.set_sampler(sampler or SamplerConfig())
 
@@ -153,12 +155,13 @@ class DiffusionPolicy(nn.Module):
             self.sampler = self.make_sampler(self.sampler_config)
 
     def network(self, backend: str | None = None) -> Network:
-        """The policy's networks on ``backend`` (default the policy's own), built once and kept:
-        several backends share the weights of one policy, e.g. to time them side by side."""
-        name = check_backend(backend or self.backend)
-        if name not in self._networks:
-            self._networks[name] = self._build_network(name)
-        return self._networks[name]
+        """The policy's networks on ``backend`` (default the policy's own), built once per backend
+        and torch thread count (an exported runtime takes its thread count when it is built) and
+        kept: several backends share the weights of one policy, e.g. to time them side by side."""
+        key = (check_backend(backend or self.backend), torch.get_num_threads())
+        if key not in self._networks:
+            self._networks[key] = self._build_network(key[0])
+        return self._networks[key]
 
     def _build_network(self, backend: str) -> Network:
         if backend in EXPORTED:

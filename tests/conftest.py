@@ -1,6 +1,5 @@
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -72,11 +71,3 @@ def tiny_lowdim_policy():
     policy.action_normalizer.fit(torch.tensor([[-1.0] * 2, [1.0] * 2]))
     return policy
 
-
-def load_script(name: str):
-    """``scripts/<name>.py`` as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(mod)
-    return mod

@@ -7,13 +7,13 @@ import json
 import zipfile
 from pathlib import Path
 
+from paradiffpolicy.errors import CheckpointError
+
 FORMATS = ("paradiffpolicy", "lerobot", "diffusion_policy")
 
 
 def detect_format(path: str | Path) -> str:
     """``paradiffpolicy``, ``lerobot`` or ``diffusion_policy``; a ``CheckpointError`` says why not."""
-    from paradiffpolicy.checkpoint import CheckpointError
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -44,7 +44,6 @@ def detect_format(path: str | Path) -> str:
 
 def load_foreign(path: str | Path, fmt: str):
     """(PolicyConfig, state dict, metadata) of a foreign checkpoint; errors name the format detected."""
-    from paradiffpolicy.checkpoint import CheckpointError
     from paradiffpolicy.interop import diffusion_policy, lerobot
 
     reader = {"lerobot": lerobot.load, "diffusion_policy": diffusion_policy.load}[fmt]

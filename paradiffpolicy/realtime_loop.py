@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """A robot-style control loop: robosuite at 20 Hz on the wall clock, driven by PolicyRunner.
 
-    python scripts/run_realtime_loop.py seconds=60        # Lift, ParaDDIM-16 p=4, worker process
-    python scripts/run_realtime_loop.py seconds=60 sampler.scheduler=null sampler.num_inference_steps=null window=8 tol=0.1
+    python -m paradiffpolicy.realtime_loop seconds=60        # Lift, ParaDDIM-16 p=4, worker process
+    python -m paradiffpolicy.realtime_loop seconds=60 sampler.scheduler=null sampler.num_inference_steps=null window=8 tol=0.1
     # soak: 20,000 ticks, one row of memory and latency every 60 s, appended as it goes
-    python scripts/run_realtime_loop.py ticks=20000 interval_s=60 out=benchmarks/results/cpu-2core-soak.json
+    python -m paradiffpolicy.realtime_loop ticks=20000 interval_s=60 out=benchmarks/results/cpu-2core-soak.json
 
 Episodes restart when they end. Prints latency percentiles, deadline misses and late ticks, and
 writes them as JSON (``out=...``). The loop itself is what a user writes around PolicyRunner.
@@ -29,13 +28,12 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paradiffpolicy import SamplerConfig, load_policy  # noqa: E402
-from paradiffpolicy.config import from_dict  # noqa: E402
-from paradiffpolicy.control.agent import InferenceLog  # noqa: E402
-from paradiffpolicy.control.runner import PolicyRunner  # noqa: E402
-from paradiffpolicy.envs import TaskConfig, make_env  # noqa: E402
-from paradiffpolicy.runtime import versions  # noqa: E402
+from paradiffpolicy import SamplerConfig, load_policy
+from paradiffpolicy.config import from_dict
+from paradiffpolicy.control.agent import InferenceLog
+from paradiffpolicy.control.runner import PolicyRunner
+from paradiffpolicy.envs import TaskConfig, make_env
+from paradiffpolicy.runtime import versions
 
 
 @dataclass

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Score a scripted expert on the evaluation seeds (the same initial states the policies see).
 
-    python scripts/eval_expert.py task=pusht n_episodes=50 out=checkpoints/pusht/expert_eval.json
+    python -m paradiffpolicy.eval_expert task=pusht n_episodes=50 out=checkpoints/pusht/expert_eval.json
 """
 
 from __future__ import annotations
@@ -15,12 +14,11 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paradiffpolicy.config import script_arguments  # noqa: E402
-from paradiffpolicy.control.controller import Episode  # noqa: E402
-from paradiffpolicy.data.experts import make_expert  # noqa: E402
-from paradiffpolicy.envs import make_env  # noqa: E402
-import paradiffpolicy.eval  # noqa: E402,F401 - registers the eval schema with Hydra
+from paradiffpolicy.config import script_arguments
+from paradiffpolicy.control.controller import Episode
+from paradiffpolicy.data.experts import make_expert
+from paradiffpolicy.envs import make_env
+import paradiffpolicy.eval  # noqa: F401 - registers the eval schema with Hydra
 
 
 @dataclass

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Add the simulator's state to a camera store collected by a scripted expert, for training only.
 
-    python scripts/add_privileged_state.py store=data/pusht_image_600.zarr state_task=pusht_keypoints [task.KEY=VALUE ...]
+    python -m paradiffpolicy.add_privileged_state store=data/pusht_image_600.zarr state_task=pusht_keypoints [task.KEY=VALUE ...]
 
 A camera policy learns to read the scene from pixels; with few training steps (a CPU) its image
 encoder is what stays weak. The simulator knows the scene exactly, so a trainer can use it as an
@@ -24,12 +23,11 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paradiffpolicy.collect import SEED_STRIDE, run_expert_episode  # noqa: E402 - also registers collect's schema
-from paradiffpolicy.config import script_arguments  # noqa: E402
-from paradiffpolicy.data.replay_buffer import ReplayBuffer, ReplayBufferError  # noqa: E402
-from paradiffpolicy.envs import make_env  # noqa: E402
-from paradiffpolicy.runtime import exit_on_bad_input  # noqa: E402
+from paradiffpolicy.config import script_arguments
+from paradiffpolicy.data.replay_buffer import ReplayBuffer, ReplayBufferError
+from paradiffpolicy.envs import make_env
+from paradiffpolicy.runtime import exit_on_bad_input
 
 KEY = "privileged.state"
 

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """How far two checkpoints of one policy act apart, against how far the samplers we ship act apart.
 
-    python scripts/compare_checkpoints.py a=checkpoints/pusht_image b=outputs/pusht_image_f32
+    python -m paradiffpolicy.compare_checkpoints a=checkpoints/pusht_image b=outputs/pusht_image_f32
 
 Typical use: ``a`` the float16 export, ``b`` the same EMA exported in float32 (``train ...
 export_dtype=float32`` on the finished run re-exports it). Both checkpoints get the same
@@ -25,11 +24,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paradiffpolicy import SamplerConfig, load_policy  # noqa: E402
-from paradiffpolicy.config import from_dict  # noqa: E402
-from paradiffpolicy.data.obs_sample import load_observation_sample  # noqa: E402
-from paradiffpolicy.runtime import cpu_model, versions  # noqa: E402
+from paradiffpolicy import SamplerConfig, load_policy
+from paradiffpolicy.config import from_dict
+from paradiffpolicy.data.obs_sample import load_observation_sample
+from paradiffpolicy.runtime import cpu_model, versions
 
 
 @dataclass
@@ -68,7 +66,7 @@ def compare(cfg: CompareConfig) -> dict:
         raise SystemExit(f"{cfg.a} and {cfg.b} are different policies (configs differ); nothing to compare")
     sample = load_observation_sample(cfg.a) or load_observation_sample(cfg.b)
     if sample is None:
-        raise SystemExit(f"neither {cfg.a} nor {cfg.b} has observations.safetensors; see scripts/make_obs_sample.py")
+        raise SystemExit(f"neither {cfg.a} nor {cfg.b} has observations.safetensors; see python -m paradiffpolicy.make_obs_sample")
     obs_all, obs_meta = sample
     k = min(cfg.windows, next(iter(obs_all.values())).shape[0])
     sequential = SamplerConfig(name="sequential")

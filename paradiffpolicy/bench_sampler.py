@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Sequential vs Picard sampling latency, side by side, interleaved, in one run.
 
-    python scripts/bench_sampler.py checkpoint=random window=16 tol=0.1 out=benchmarks/results/cpu-2core.json
-    python scripts/bench_sampler.py checkpoint=checkpoints/lift device=cuda
+    python -m paradiffpolicy.bench_sampler checkpoint=random window=16 tol=0.1 out=benchmarks/results/cpu-2core.json
+    python -m paradiffpolicy.bench_sampler checkpoint=checkpoints/lift device=cuda
 
 Overrides are Hydra-style ``key=value`` (see ``BenchConfig``). Each trial draws a fresh observation
 and noise, then times the sequential sampler and every Picard variant on exactly that input, in an
@@ -35,14 +34,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paradiffpolicy import DiffusionPolicy, PolicyConfig, PolicyOutput, SamplerConfig, __version__, load_policy  # noqa: E402
-from paradiffpolicy.config import from_dict  # noqa: E402
-from paradiffpolicy.data.obs_sample import load_observation_sample  # noqa: E402
-from paradiffpolicy.features import FeatureSpec  # noqa: E402
-from paradiffpolicy.sampling import SamplerNoise, draw_noise  # noqa: E402
-from paradiffpolicy.models.vision import VisionConfig  # noqa: E402
-from paradiffpolicy.runtime import cpu_model  # noqa: E402
+from paradiffpolicy import DiffusionPolicy, PolicyConfig, PolicyOutput, SamplerConfig, __version__, load_policy
+from paradiffpolicy.config import from_dict
+from paradiffpolicy.data.obs_sample import load_observation_sample
+from paradiffpolicy.features import FeatureSpec
+from paradiffpolicy.sampling import SamplerNoise, draw_noise
+from paradiffpolicy.models.vision import VisionConfig
+from paradiffpolicy.runtime import cpu_model
 
 
 @dataclass
@@ -124,7 +122,7 @@ def observation_source(cfg: BenchConfig, policy: DiffusionPolicy, gen: torch.Gen
     pc = policy.config
     sample = None if cfg.checkpoint == "random" else load_observation_sample(cfg.checkpoint)
     if cfg.obs == "sample" and sample is None:
-        raise SystemExit(f"obs=sample: {cfg.checkpoint} ships no observations.safetensors (scripts/make_obs_sample.py)")
+        raise SystemExit(f"obs=sample: {cfg.checkpoint} ships no observations.safetensors (python -m paradiffpolicy.make_obs_sample)")
     if cfg.obs in ("auto", "sample") and sample is not None:
         windows, source = sample
 
@@ -134,7 +132,7 @@ def observation_source(cfg: BenchConfig, policy: DiffusionPolicy, gen: torch.Gen
 
         draw_sample.kind = f"shipped sample {cfg.checkpoint}/observations.safetensors: {source.get('source', '?')}"
         return draw_sample
-    dataset = (getattr(policy, "metadata", None) or {}).get("dataset", {}).get("path")
+    dataset = policy.metadata.get("dataset", {}).get("path")
     flat = len(policy.features) == 1 and not policy.features[0].is_image
     if cfg.obs in ("auto", "dataset") and dataset and Path(dataset).exists() and flat:
         from paradiffpolicy.data.replay_buffer import ReplayBuffer

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Ship real observation windows with a checkpoint (``<checkpoint>/observations.safetensors``).
 
-    python scripts/make_obs_sample.py task=lift                    # checkpoint=checkpoints/lift
-    python scripts/make_obs_sample.py task=pusht_keypoints windows=256 seed=7
+    python -m paradiffpolicy.make_obs_sample task=lift                    # checkpoint=checkpoints/lift
+    python -m paradiffpolicy.make_obs_sample task=pusht_keypoints windows=256 seed=7
 
 Runs the task's scripted expert on collection seeds ``seed * 1e6 + attempt`` (``seed`` other than
 the training data's, 0 by default, so no window comes from a training episode) and keeps
@@ -20,13 +19,12 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paradiffpolicy import load_policy  # noqa: E402
-from paradiffpolicy.collect import SEED_STRIDE, run_expert_episode  # noqa: E402
-from paradiffpolicy.config import from_dict  # noqa: E402
-from paradiffpolicy.data.obs_sample import save_observation_sample  # noqa: E402
-from paradiffpolicy.envs import make_env  # noqa: E402
-from paradiffpolicy.envs.base import TaskConfig  # noqa: E402
+from paradiffpolicy import load_policy
+from paradiffpolicy.collect import SEED_STRIDE, run_expert_episode
+from paradiffpolicy.config import from_dict
+from paradiffpolicy.data.obs_sample import save_observation_sample
+from paradiffpolicy.envs import make_env
+from paradiffpolicy.envs.base import TaskConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +76,7 @@ def main(argv: list[str]) -> Path:
                                         .astype(np.uint8 if f.is_image else np.float32)) for f in policy.features}
     source = {"source": f"{len(picks)} windows from {len(episodes)} held-out scripted-expert episodes of task {cfg.task}",
               "task": cfg.task, "expert": task.expert, "episode_seeds": seeds, "held_out": True,
-              "training_collection_seed": cfg.training_seed, "command": "python scripts/make_obs_sample.py " + " ".join(argv)}
+              "training_collection_seed": cfg.training_seed, "command": "python -m paradiffpolicy.make_obs_sample " + " ".join(argv)}
     path = save_observation_sample(ckpt, windows, source)
     print(f"{path}: {source['source']}")
     return path

@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """Success × latency for every sampler a user would consider, on the same episodes.
 
-    python scripts/bench_frontier.py phase=success task=lift       # closed-loop episodes (hours; resumable)
-    python scripts/bench_frontier.py phase=latency task=lift       # batch-1 latency, run alone
-    python scripts/bench_frontier.py phase=report task=lift        # JSON + Markdown + plot
-    python scripts/bench_frontier.py phase=summary tasks=[lift,stack,pusht_keypoints]  # one table, all tasks
+    python -m paradiffpolicy.bench_frontier phase=success task=lift       # closed-loop episodes (hours; resumable)
+    python -m paradiffpolicy.bench_frontier phase=latency task=lift       # batch-1 latency, run alone
+    python -m paradiffpolicy.bench_frontier phase=report task=lift        # JSON + Markdown + plot
+    python -m paradiffpolicy.bench_frontier phase=summary tasks=[lift,stack,pusht_keypoints]  # one table, all tasks
 
 ``success`` runs ``paradiffpolicy.eval`` once per sampler setting (``n_episodes`` fixed seeds, the
 same for every setting; ``n_envs`` environments batched for throughput, which changes no episode)
@@ -21,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
@@ -29,13 +27,14 @@ from typing import List
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paradiffpolicy import SamplerConfig, __version__, load_policy  # noqa: E402
-from paradiffpolicy.config import from_argv  # noqa: E402
-from paradiffpolicy.data.obs_sample import load_observation_sample  # noqa: E402
-from paradiffpolicy.eval import run_complete  # noqa: E402
-from paradiffpolicy.runtime import cpu_model, versions  # noqa: E402
-from paradiffpolicy.success_stats import success_cell, wilson_interval, write_report  # noqa: E402
+from paradiffpolicy import SamplerConfig, load_policy
+from paradiffpolicy.backends import check_backend
+from paradiffpolicy.config import from_argv
+from paradiffpolicy.data.obs_sample import load_observation_sample
+from paradiffpolicy.eval import run_complete
+from paradiffpolicy.measure import interleaved, percentiles, provenance
+from paradiffpolicy.runtime import cpu_model
+from paradiffpolicy.success_stats import success_cell, wilson_interval, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +67,8 @@ class FrontierConfig:
     n_episodes: int = 100
     n_envs: int = 10
     seed: int = 10_000_000
-    backend: str = "jit"
+    # latency phase: every setting on each of these backends, interleaved; each row reports its fastest
+    backends: List[str] = field(default_factory=lambda: ["jit", "onnxruntime", "openvino"])
     threads: int = 2
     trials: int = 30
     warmup: int = 3
@@ -85,6 +85,11 @@ class FrontierConfig:
         for key in ("n_episodes", "n_envs", "threads", "trials"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.phase == "latency":
+            if not self.backends:
+                raise ValueError("backends=[] is empty; expected some of jit, onnxruntime, openvino, eager")
+            for b in self.backends:
+                check_backend(b, key="backends")
 
 
 def sampler_config(cfg: FrontierConfig, name: str) -> SamplerConfig:
@@ -109,45 +114,49 @@ def success_phase(cfg: FrontierConfig) -> None:
 def latency_phase(cfg: FrontierConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     ckpt = checkpoint_of(cfg.task)
-    policy = load_policy(ckpt, sampler=SamplerConfig(name="sequential"), backend=cfg.backend)
+    policy = load_policy(ckpt, sampler=SamplerConfig(name="sequential"))
     sample = load_observation_sample(ckpt)
     if sample is None:
-        raise SystemExit(f"{ckpt} has no observation sample ({ckpt}/observations.safetensors); see scripts/make_obs_sample.py")
+        raise SystemExit(f"{ckpt} has no observation sample ({ckpt}/observations.safetensors); see python -m paradiffpolicy.make_obs_sample")
     obs_all, obs_meta = sample
     samplers = {name: policy.make_sampler(sampler_config(cfg, name)) for name in cfg.settings}
-    for s in samplers.values():
-        policy.warm_up(1, s)
+    for b in cfg.backends:
+        for s in samplers.values():
+            policy.warm_up(1, s, b)
     gen = torch.Generator().manual_seed(0)
     k = next(iter(obs_all.values())).shape[0]
-    lat = {n: [] for n in samplers}
-    iters = {n: [] for n in samplers}
-    names = list(samplers)
-    for trial in range(cfg.warmup + cfg.trials):
-        i = int(torch.randint(k, (1,), generator=gen))
-        obs = {f: v[i : i + 1] for f, v in obs_all.items()}
-        order = names[trial % len(names):] + names[: trial % len(names)]
-        for name in order:
+    windows = [int(torch.randint(k, (1,), generator=gen)) for _ in range(cfg.warmup + cfg.trials)]
+    iters = {(n, b): [] for n in samplers for b in cfg.backends}
+
+    def call(name: str, backend: str):
+        def run(trial: int):
+            i = windows[trial]
             noise = policy.draw_noise(1, torch.Generator().manual_seed(trial), samplers[name])
-            t0 = time.perf_counter()
-            out = policy.predict_action(obs, noise=noise, sampler=samplers[name])
-            dt = time.perf_counter() - t0
+            out = policy.predict_action({f: v[i : i + 1] for f, v in obs_all.items()}, noise=noise, sampler=samplers[name],
+                                        backend=backend)
             if trial >= cfg.warmup:
-                lat[name].append(dt * 1e3)
-                iters[name].append(out.stats.rounds)
+                iters[name, backend].append(out.stats.rounds)
+        return run
+
+    lat = interleaved({(n, b): call(n, b) for n in samplers for b in cfg.backends}, cfg.trials, cfg.warmup)
+    settings = {}
+    for n in samplers:
+        by_backend = {b: {"latency_ms": percentiles(lat[n, b]), "iterations_mean": float(np.mean(iters[n, b]))}
+                      for b in cfg.backends}
+        best = min(cfg.backends, key=lambda b: by_backend[b]["latency_ms"]["p50"])
+        settings[n] = {**by_backend[best], "backend": best, "by_backend": by_backend}
     result = {
-        "task": cfg.task, "checkpoint": str(ckpt.relative_to(ROOT)), "backend": cfg.backend, "batch": 1,
+        "task": cfg.task, "checkpoint": str(ckpt.relative_to(ROOT)), "backends": list(cfg.backends), "batch": 1,
         "trials": cfg.trials, "observations": obs_meta, "cpu": cpu_model(), "threads": cfg.threads,
-        "versions": versions(), "paradiffpolicy_version": __version__,
-        "settings": {n: {"latency_ms": {"p50": float(np.percentile(lat[n], 50)), "p95": float(np.percentile(lat[n], 95)),
-                                        "min": float(np.min(lat[n]))},
-                         "iterations_mean": float(np.mean(iters[n]))} for n in names},
+        "provenance": provenance(cfg.threads, backends=list(cfg.backends)),
+        "settings": settings,
     }
     path = Path(cfg.runs) / cfg.task / "latency.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
-    for n in names:
+    for n in samplers:
         s = result["settings"][n]
-        print(f"{cfg.task} {n}: p50 {s['latency_ms']['p50']:.1f} ms, p95 {s['latency_ms']['p95']:.1f} ms, "
+        print(f"{cfg.task} {n}: p50 {s['latency_ms']['p50']:.1f} ms, p95 {s['latency_ms']['p95']:.1f} ms on {s['backend']}, "
               f"{s['iterations_mean']:.1f} rounds", flush=True)
     return result
 
@@ -175,6 +184,7 @@ def report_phase(cfg: FrontierConfig) -> dict:
             "avg_max_reward": info["overall"]["avg_max_reward"],
             "success_per_seed": [bool(e["success"]) for e in sorted(info["per_episode"], key=lambda e: e["seed"])],
             "latency_ms": None if latency is None else latency["settings"].get(name, {}).get("latency_ms"),
+            "backend": None if latency is None else latency["settings"].get(name, {}).get("backend", latency.get("backend")),
             "rounds": None if latency is None else latency["settings"].get(name, {}).get("iterations_mean"),
         }
     ref = rows.get("ddpm100")
@@ -184,8 +194,8 @@ def report_phase(cfg: FrontierConfig) -> dict:
             "lost": sum(b and not a for a, b in zip(r["success_per_seed"], ref["success_per_seed"]))}
     result = {"task": cfg.task, "seeds": seeds and [seeds[0], seeds[-1]], "episodes_per_setting": cfg.n_episodes,
               "success_machine": "episodes are deterministic given the seeds (fast mode, no wall clock)",
-              "latency": None if latency is None else {k: latency[k] for k in ("backend", "batch", "trials", "observations",
-                                                                              "cpu", "threads", "versions")},
+              "latency": None if latency is None else {k: latency.get(k) for k in ("backends", "batch", "trials", "observations",
+                                                                                  "cpu", "threads", "provenance")},
               "settings": rows}
     return write_report(Path(cfg.out) / f"frontier-{cfg.task}", result, markdown, plot)
 
@@ -203,14 +213,15 @@ def summary_phase(cfg: FrontierConfig) -> str:
     cpus = sorted({r["latency"]["cpu"] for r in reports.values() if r["latency"]})
     episodes = sorted({r["episodes_per_setting"] for r in reports.values()})
     lines = [f"Every sampler on the same {'/'.join(map(str, episodes))} episodes "
-             f"per task ({tasks}); batch-1 latency measured alone ({'; '.join(cpus)}, "
-             f"{'/'.join(sorted({r['latency']['backend'] for r in reports.values() if r['latency']}))} backend for all).\n",
-             f"| sampler | latency p50 ms ({tasks}) | " + " | ".join(f"{t} success % ± SE" for t in cfg.tasks) + " |",
-             "|---|---|" + "---|" * len(cfg.tasks)]
+             f"per task ({tasks}); batch-1 latency measured alone ({'; '.join(cpus)}), each sampler on its fastest "
+             "backend (named per row).\n",
+             f"| sampler | latency p50 ms ({tasks}) | backend | " + " | ".join(f"{t} success % ± SE" for t in cfg.tasks) + " |",
+             "|---|---|---|" + "---|" * len(cfg.tasks)]
     for n in names:
         rows = [reports[t]["settings"][n] for t in cfg.tasks]
         lat = " / ".join("-" if r["latency_ms"] is None else f"{r['latency_ms']['p50']:.0f}" for r in rows)
-        lines.append(f"| {LABELS[n]} | {lat} | " + " | ".join(success_cell(r) for r in rows) + " |")
+        backend = " / ".join(sorted({r.get("backend") or "-" for r in rows}))
+        lines.append(f"| {LABELS[n]} | {lat} | {backend} | " + " | ".join(success_cell(r) for r in rows) + " |")
     text = "\n".join(lines) + "\n"
     (out / "frontier-summary.md").write_text(text)
     print(text)
@@ -221,13 +232,13 @@ def markdown(result: dict) -> str:
     lat = result["latency"]
     head = (f"# Success × latency frontier: {result['task']}\n\n{result['episodes_per_setting']} episodes per setting, "
             f"seeds {result['seeds'][0]}..{result['seeds'][1]}, the same for every setting. ")
-    head += ("Latency: one call at batch 1, " f"backend `{lat['backend']}` for every setting, {lat['trials']} trials "
-             f"interleaved, {lat['cpu']}, {lat['threads']} threads, observations: {lat['observations'].get('source', '?')}.\n"
-             if lat else "Latency not measured yet.\n")
+    head += ("Latency: one call at batch 1 on each of the backends " f"{', '.join(lat.get('backends') or [])}, the fastest per "
+             f"setting shown, {lat['trials']} trials interleaved, {lat['cpu']}, {lat['threads']} threads, "
+             f"observations: {lat['observations'].get('source', '?')}.\n" if lat else "Latency not measured yet.\n")
     head += ("\nSuccess: ± its standard error sqrt(p(1-p)/n), and the 95% Wilson interval. \"vs DDPM-100\": episodes "
              "(same seeds) this sampler succeeds in and sequential DDPM-100 fails / the reverse.\n")
-    lines = [head, "| sampler | success % (± SE) | 95% interval | vs DDPM-100 won / lost | avg max reward | latency p50 ms | p95 ms | network rounds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [head, "| sampler | success % (± SE) | 95% interval | vs DDPM-100 won / lost | avg max reward | latency p50 ms | p95 ms | "
+             "backend | network rounds |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["settings"].values():
         l50 = "" if r["latency_ms"] is None else f"{r['latency_ms']['p50']:.0f}"
         l95 = "" if r["latency_ms"] is None else f"{r['latency_ms']['p95']:.0f}"
@@ -235,7 +246,7 @@ def markdown(result: dict) -> str:
         lo, hi = r["pc_success_ci95"]
         paired = "" if r["vs_ddpm100"] is None else f"+{r['vs_ddpm100']['won']} / −{r['vs_ddpm100']['lost']}"
         lines.append(f"| {r['label']} | {success_cell(r)} | {lo:.0f}-{hi:.0f} | {paired} | "
-                     f"{r['avg_max_reward']:.3f} | {l50} | {l95} | {rounds} |")
+                     f"{r['avg_max_reward']:.3f} | {l50} | {l95} | {r.get('backend') or ''} | {rounds} |")
     return "\n".join(lines) + "\n"
 
 
