@@ -215,12 +215,12 @@ def summary_phase(cfg: FrontierConfig) -> str:
     lines = [f"Every sampler on the same {'/'.join(map(str, episodes))} episodes "
              f"per task ({tasks}); batch-1 latency measured alone ({'; '.join(cpus)}), each sampler on its fastest "
              "backend (named per row).\n",
-             f"| sampler | latency p50 ms ({tasks}) | backend | " + " | ".join(f"{t} success % ± SE" for t in cfg.tasks) + " |",
+             f"| sampler | latency p50 ms ({tasks}) | backend ({tasks}) | " + " | ".join(f"{t} success % ± SE" for t in cfg.tasks) + " |",
              "|---|---|---|" + "---|" * len(cfg.tasks)]
     for n in names:
         rows = [reports[t]["settings"][n] for t in cfg.tasks]
         lat = " / ".join("-" if r["latency_ms"] is None else f"{r['latency_ms']['p50']:.0f}" for r in rows)
-        backend = " / ".join(sorted({r.get("backend") or "-" for r in rows}))
+        backend = " / ".join(r.get("backend") or "-" for r in rows)
         lines.append(f"| {LABELS[n]} | {lat} | {backend} | " + " | ".join(success_cell(r) for r in rows) + " |")
     text = "\n".join(lines) + "\n"
     (out / "frontier-summary.md").write_text(text)

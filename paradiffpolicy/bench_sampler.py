@@ -38,6 +38,7 @@ from paradiffpolicy import DiffusionPolicy, PolicyConfig, PolicyOutput, SamplerC
 from paradiffpolicy.config import from_dict
 from paradiffpolicy.data.obs_sample import load_observation_sample
 from paradiffpolicy.features import FeatureSpec
+from paradiffpolicy.measure import percentiles
 from paradiffpolicy.sampling import SamplerNoise, draw_noise
 from paradiffpolicy.models.vision import VisionConfig
 from paradiffpolicy.runtime import cpu_model
@@ -165,12 +166,6 @@ def observation_source(cfg: BenchConfig, policy: DiffusionPolicy, gen: torch.Gen
 
     draw_uniform.kind = "uniform over the normaliser range (images: uniform pixels); no real observations available"
     return draw_uniform
-
-
-def percentiles(xs: list[float]) -> dict:
-    a = np.asarray(xs)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "min": float(a.min()), "max": float(a.max()), "iqr": float(np.percentile(a, 75) - np.percentile(a, 25))}
 
 
 def main(argv: list[str]) -> dict:

@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def percentiles(values) -> dict[str, float]:
-    """``{"p5", "p50", "p95", "n"}`` of a list of numbers (median and the 90% spread)."""
+    """``{"p5", "p50", "p95", "min", "max", "n"}`` of a list of numbers (median, the 90% spread, extremes)."""
     a = np.asarray(values, dtype=float)
-    return {"p5": float(np.percentile(a, 5)), "p50": float(np.median(a)), "p95": float(np.percentile(a, 95)), "n": int(a.size)}
+    return {"p5": float(np.percentile(a, 5)), "p50": float(np.median(a)), "p95": float(np.percentile(a, 95)),
+            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
 
 
 def interleaved(calls: dict[str, Callable[[int], Any]], trials: int, warmup: int = 1,

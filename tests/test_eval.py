@@ -204,6 +204,23 @@ def test_pusht_keypoints_flattens_the_dict_observation_and_keeps_the_expert_stat
         make_env(TaskConfig(**{**keypoints.__dict__, "obs_keys": ["agent_pos", "pixels"]}))
 
 
+def test_asking_a_camera_env_for_its_shapes_leaves_the_episode_alone():
+    image = TaskConfig(**{**PUSHT.__dict__, "env_kwargs": {"obs_type": "pixels_agent_pos"},
+                          "features": {"observation.image": "pixels", "observation.state": "agent_pos"}})
+    env, twin = make_env(image), make_env(image)
+    try:
+        assert env.observation_shapes() == {"observation.image": (96, 96, 3), "observation.state": (2,)}
+        env.reset(seed=4), twin.reset(seed=4)
+        a = np.array([250.0, 300.0])
+        env.step(a), twin.step(a)
+        assert env.observation_shapes() == twin.observation_shapes()  # asked mid-episode: no reset
+        mine, theirs = env.step(a).obs, twin.step(a).obs
+        assert all(np.array_equal(mine[k], theirs[k]) for k in theirs)
+    finally:
+        env.close()
+        twin.close()
+
+
 def test_env_fault_ends_episode_with_reason(pusht_ckpt):
     from paradiffpolicy import load_policy
 

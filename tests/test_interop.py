@@ -24,7 +24,10 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "interop"
 LOWDIM = HERE / "lerobot_lowdim_tiny"
 DP = HERE / "dp_lowdim_tiny"
 IMAGE = SHARED / "lerobot_image_small"
-needs_image = pytest.mark.skipif(not IMAGE.is_dir(), reason="../shared/interop/lerobot_image_small is not here")
+# a skip on a developer's machine without ../shared; under CI (CI set) the test runs and fails
+# without it, so a CI that lacks the fixtures cannot pass the README's "cameras included" claim
+needs_image = pytest.mark.skipif(not IMAGE.is_dir() and not os.environ.get("CI"),
+                                 reason="../shared/interop/lerobot_image_small is not here")
 
 FIXTURES = {
     "lerobot_lowdim_tiny": (LOWDIM, LOWDIM),

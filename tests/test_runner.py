@@ -17,18 +17,13 @@ def policy(sampler=None, steps=20):
     return DiffusionPolicy(cfg, sampler or SamplerConfig(window=8, tol=0.05)).eval()
 
 
-def wait_for_background(runner):
-    if runner._pending is not None:
-        runner._pending.result()
-
-
 def test_step_uses_background_chunks_and_reports():
     with PolicyRunner(policy(), hz=50, hold="repeat") as runner:
         runner.reset(np.zeros(3), seed=0)
         actions = []
         for tick in range(40):
             actions.append(runner.step(np.full(3, 0.01 * tick)))
-            wait_for_background(runner)  # inference always in time: no misses
+            runner.wait()  # inference always in time: no misses
         stats = runner.stats()
     ta = runner.agent.policy.config.n_action_steps
     assert np.isfinite(np.stack(actions)).all() and len(actions) == 40
@@ -46,11 +41,11 @@ def test_act_is_synchronous_and_matches_step_chunks():
     with PolicyRunner(pol) as runner:  # no hz: act() only
         runner.reset(seed=3)  # the episode starts at the first act()
         acted = [runner.act(o) for o in obs]
-        assert runner._pool is None  # no thread was started
+        assert not any(t.name.startswith("policy-inference") for t in threading.enumerate())  # no thread started
         assert runner.stats()["calls"] == 3 and runner.deadline_misses == 0
     with PolicyRunner(pol, hz=10) as stepped:
         stepped.reset(obs[0], seed=3)
-        first = stepped._chunk.actions[:ta]
+        first = stepped.chunk.actions[:ta]
     assert np.array_equal(np.stack(acted[:ta]), first)  # the same first chunk for the same seed
     with pytest.raises(RuntimeError, match="hz"):
         PolicyRunner(pol).step(obs[0])
@@ -69,7 +64,7 @@ def test_misses_are_counted_and_hold_is_sent_when_inference_is_late():
     pol.sample_from_condition = blocked
     runner = PolicyRunner(pol, hz=200, hold="zero_motion")
     runner.reset(np.zeros(3))
-    horizon_left = len(runner._chunk.actions)
+    horizon_left = len(runner.chunk.actions)
     out = [runner.step(np.zeros(3)) for _ in range(horizon_left + 5)]
     gate.set()
     runner.close()
@@ -83,7 +78,7 @@ def test_budget_caps_each_call_and_is_reported():
     stats = runner.stats()
     runner.close()
     assert stats["budget_hits"] == 1 and stats["unconverged_calls"] == 1
-    assert np.isfinite(runner._chunk.actions).all()
+    assert np.isfinite(runner.chunk.actions).all()
 
 
 @pytest.mark.parametrize("obs,err,match", [
@@ -129,10 +124,10 @@ def test_inference_process_gives_the_thread_runners_chunks_and_survives_bad_inpu
     for proc in (False, True):
         with PolicyRunner(pol, hz=1000, hold="repeat", inference_process=proc) as runner:
             runner.reset(np.full(3, 0.1), seed=7)
-            first = runner._chunk.actions.copy()
+            first = runner.chunk.actions.copy()
             for tick in range(12):  # long enough for a background call
                 runner.step(np.full(3, 0.1))
-                wait_for_background(runner)
+                runner.wait()
             runs.append((first, runner.stats()))
     assert np.abs(runs[0][0] - runs[1][0]).max() < 1e-5
     assert runs[1][1]["calls"] == runs[0][1]["calls"] >= 2 and runs[1][1]["iterations_mean"] > 0
@@ -141,4 +136,4 @@ def test_inference_process_gives_the_thread_runners_chunks_and_survives_bad_inpu
         with pytest.raises(ValueError, match="inference process: .*shape"):
             agent.infer(0, np.zeros((2, 5), dtype=np.float32))
         assert np.isfinite(agent.infer(0).actions).all() and len(agent.log.latency_ms) == 1
-    assert not agent._proc.is_alive()
+    assert not agent.alive

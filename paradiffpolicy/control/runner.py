@@ -111,6 +111,12 @@ class PolicyRunner:
         self.switched = False  # the last action came from a newer chunk than the one before it
 
     @property
+    def chunk(self) -> Chunk | None:
+        """The chunk executing now (its ``actions`` start at its ``obs_tick``); None before the
+        episode's first call."""
+        return self._chunk
+
+    @property
     def log(self):
         """This episode's per-call statistics (:class:`~paradiffpolicy.control.agent.InferenceLog`)."""
         return self.agent.log

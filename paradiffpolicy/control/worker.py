@@ -88,6 +88,11 @@ class ProcessAgent(PolicyAgent):
         """The worker's process id (e.g. to watch its memory)."""
         return self._proc.pid
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker process is running (False after :meth:`close`)."""
+        return self._proc.is_alive()
+
     def _reply(self) -> tuple:
         try:
             msg = self._conn.recv()

@@ -61,10 +61,13 @@ class GymEnv(PolicyEnv):
     def render(self) -> np.ndarray | None:
         return self.env.render() if self._render else None
 
-    def _last_raw(self):
-        if self._last is None:
-            self._last, _ = self.env.reset(seed=0)
-        return self._last
+    def observation_shapes(self) -> dict[str, tuple[int, ...]]:
+        """From the observation space: asking does not reset the environment."""
+        if not self.task.features:
+            return {"observation.state": (self.obs_dim,)}
+        space = self.env.observation_space
+        return {name: tuple(space[keys].shape) if isinstance(keys, str) else (int(sum(np.prod(space[k].shape) for k in keys)),)
+                for name, keys in self.task.features.items()}
 
     def _flat(self, obs):
         if self.task.features:
