@@ -91,8 +91,8 @@ def test_encoder_and_normalisers_match_upstream(name):
     (SamplerConfig(name="picard", window=1, tol=0.1), None), (SamplerConfig(name="picard", window=8, tol=0.0), None),
     (SamplerConfig(name="picard", window=16, tol=0.0), "jit"),
     # exported networks, the image encoder included: upstream's sample within the same tolerance
-    pytest.param(SamplerConfig(name="sequential"), "onnxruntime", marks=needs_backend("onnxruntime")),
-    pytest.param(SamplerConfig(name="picard", window=16, tol=0.0), "openvino", marks=needs_backend("openvino")),
+    pytest.param(SamplerConfig(name="sequential"), "onnxruntime", marks=[needs_backend("onnxruntime"), pytest.mark.slow]),
+    pytest.param(SamplerConfig(name="picard", window=16, tol=0.0), "openvino", marks=[needs_backend("openvino"), pytest.mark.slow]),
 ], ids=["w1", "tol0", "tol0-jit", "seq-onnxruntime", "tol0-openvino"])
 def test_picard_exact_settings_reproduce_upstream(name, sampler, backend):
     _, ref, _, info = run(name, sampler, backend=backend)
