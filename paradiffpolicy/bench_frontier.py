@@ -33,6 +33,7 @@ from paradiffpolicy.config import from_argv
 from paradiffpolicy.data.obs_sample import load_observation_sample
 from paradiffpolicy.eval import run_complete
 from paradiffpolicy.measure import interleaved, percentiles, provenance
+from paradiffpolicy.presets import sampler_preset
 from paradiffpolicy.runtime import cpu_model
 from paradiffpolicy.success_stats import success_cell, wilson_interval, write_report
 
@@ -45,10 +46,10 @@ SETTINGS: dict[str, dict] = {
     "ddim10": dict(name="sequential", scheduler="ddim", num_inference_steps=10),
     "ddim16": dict(name="sequential", scheduler="ddim", num_inference_steps=16),
     "dpmsolver10": dict(name="sequential", scheduler="dpmsolver++", num_inference_steps=10),
-    "picard-p16-tol0.1": dict(name="picard", window=16, tol=0.1),
+    "picard-p16-tol0.1": dict(preset="picard"),  # conf/sampler/picard.yaml
     "picard-p8-tol0.005": dict(name="picard", window=8, tol=0.005),
-    "paraddim10-p4": dict(name="picard", scheduler="ddim", num_inference_steps=10, window=4, tol=1e-3),
-    "paraddim16-p4": dict(name="picard", scheduler="ddim", num_inference_steps=16, window=4, tol=1e-3),
+    "paraddim10-p4": dict(preset="paraddim", num_inference_steps=10),
+    "paraddim16-p4": dict(preset="paraddim"),  # conf/sampler/paraddim.yaml
 }
 LABELS = {
     "ddpm100": "sequential DDPM-100", "ddim8": "sequential DDIM-8", "ddim10": "sequential DDIM-10",
@@ -93,7 +94,10 @@ class FrontierConfig:
 
 
 def sampler_config(cfg: FrontierConfig, name: str) -> SamplerConfig:
-    return SamplerConfig(**SETTINGS[name])
+    """A setting's sampler: a preset of ``conf/sampler/`` (with overrides) or the settings given."""
+    settings = dict(SETTINGS[name])
+    preset = settings.pop("preset", None)
+    return sampler_preset(preset, **settings) if preset else SamplerConfig(**settings)
 
 
 def checkpoint_of(task: str) -> Path:
@@ -178,7 +182,7 @@ def report_phase(cfg: FrontierConfig) -> dict:
         n = info["overall"]["n_episodes"]
         p = info["overall"]["pc_success"] / 100
         rows[name] = {
-            "label": LABELS[name], "sampler": SETTINGS[name], "n_episodes": n, "pc_success": 100 * p,
+            "label": LABELS[name], "sampler": dataclasses.asdict(sampler_config(cfg, name)), "n_episodes": n, "pc_success": 100 * p,
             "pc_success_se": 100 * float(np.sqrt(p * (1 - p) / n)),
             "pc_success_ci95": [100 * b for b in wilson_interval(round(p * n), n)],
             "avg_max_reward": info["overall"]["avg_max_reward"],
@@ -261,7 +265,7 @@ def plot(result: dict, path: Path) -> None:
     for name, r in result["settings"].items():
         if r["latency_ms"] is None:
             continue
-        marker = "o" if SETTINGS[name]["name"] == "sequential" else "s"
+        marker = "o" if r["sampler"]["name"] == "sequential" else "s"
         ax.errorbar(r["latency_ms"]["p50"], r["pc_success"], yerr=r["pc_success_se"], fmt=marker, capsize=3, label=r["label"])
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())

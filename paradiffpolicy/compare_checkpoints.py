@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from paradiffpolicy import SamplerConfig, load_policy
-from paradiffpolicy.config import from_dict
+from paradiffpolicy.config import from_argv
 from paradiffpolicy.data.obs_sample import load_observation_sample
+from paradiffpolicy.measure import max_abs_deviation, provenance
+from paradiffpolicy.presets import sampler_preset
 from paradiffpolicy.runtime import cpu_model, versions
 
 
@@ -44,11 +45,6 @@ class CompareConfig:
             raise ValueError("a= and b= (two checkpoint directories) are required")
         if self.windows < 1:
             raise ValueError(f"windows={self.windows} must be >= 1")
-
-
-def deviations(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    """Per window, the max |x - y| over the executed chunk's steps and action dimensions."""
-    return (x - y).abs().flatten(1).max(dim=1).values.numpy()
 
 
 def weights_dtype(checkpoint: str) -> str:
@@ -70,7 +66,7 @@ def compare(cfg: CompareConfig) -> dict:
     obs_all, obs_meta = sample
     k = min(cfg.windows, next(iter(obs_all.values())).shape[0])
     sequential = SamplerConfig(name="sequential")
-    picard = SamplerConfig(name="picard", window=16, tol=0.1)
+    picard = sampler_preset("picard")
     seq_a, seq_b, pic_b = a.make_sampler(sequential), b.make_sampler(sequential), b.make_sampler(picard)
     weights, sampler = [], []
     for i in range(k):
@@ -79,22 +75,19 @@ def compare(cfg: CompareConfig) -> dict:
         ya = a.predict_action(obs, noise=noise, sampler=seq_a).actions_normalized
         yb = b.predict_action(obs, noise=noise, sampler=seq_b).actions_normalized
         yp = b.predict_action(obs, noise=noise, sampler=pic_b).actions_normalized
-        weights.append(deviations(ya, yb))
-        sampler.append(deviations(yp, yb))
+        weights.append(max_abs_deviation(ya, yb).numpy())  # per window, over the executed chunk
+        sampler.append(max_abs_deviation(yp, yb).numpy())
     w, s = np.concatenate(weights), np.concatenate(sampler)
     return {
         "a": cfg.a, "b": cfg.b, "a_weights_dtype": weights_dtype(cfg.a), "b_weights_dtype": weights_dtype(cfg.b),
         "windows": k, "observations": obs_meta, "sampler": "sequential DDPM, same noise",
         "a_vs_b": summary(w), "picard_p16_tol0.1_vs_sequential_on_b": summary(s),
-        "cpu": cpu_model(), "threads": cfg.threads, "versions": versions(),
+        "cpu": cpu_model(), "threads": cfg.threads, "versions": versions(), "provenance": provenance(cfg.threads),
     }
 
 
 def main(argv: list[str]) -> dict:
-    try:
-        cfg = from_dict(CompareConfig, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = from_argv(CompareConfig, argv)
     result = compare(cfg)
     print(f"{result['windows']} windows, max |Δ action| (normalised units) over the executed chunk:")
     for key in ("a_vs_b", "picard_p16_tol0.1_vs_sequential_on_b"):

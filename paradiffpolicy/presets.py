@@ -12,10 +12,24 @@ import dataclasses
 import json
 from pathlib import Path
 
+import yaml
+
 from paradiffpolicy.backends import check_backend
 from paradiffpolicy.config import SamplerConfig, from_dict
 
 FILENAME = "sampler_tuned.json"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+
+
+def sampler_preset(name: str, **overrides) -> SamplerConfig:
+    """A preset of ``conf/sampler/<name>.yaml`` (what ``sampler=<name>`` selects; the one place the
+    presets' numbers live), with ``overrides``."""
+    path = CONF / f"{name}.yaml"
+    if not path.is_file() or name == "tuned":
+        raise ValueError(f"sampler preset {name!r} is not in {CONF}; expected one of "
+                         f"{sorted(p.stem for p in CONF.glob('*.yaml') if p.stem != 'tuned')}")
+    settings = yaml.safe_load(path.read_text()) or {}
+    return from_dict(SamplerConfig, {**settings, **overrides}, name=f"sampler preset {path}")
 
 
 def tuned_path(checkpoint: str | Path) -> Path:

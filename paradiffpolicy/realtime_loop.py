@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 from paradiffpolicy import SamplerConfig, load_policy
 from paradiffpolicy.config import from_dict
+from paradiffpolicy.presets import sampler_preset
 from paradiffpolicy.control.agent import InferenceLog
 from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs import TaskConfig, make_env
@@ -41,7 +42,7 @@ class LoopConfig:
     checkpoint: str = "checkpoints/lift"
     task: TaskConfig = field(default_factory=TaskConfig)
     # ParaDDIM-16 (conf/sampler/paraddim.yaml): a DDPM-100 chunk is too slow for 20 Hz on 2 cores
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(scheduler="ddim", num_inference_steps=16, window=4, tol=1e-3))
+    sampler: SamplerConfig = field(default_factory=lambda: sampler_preset("paraddim"))
     seconds: float = 60.0
     ticks: int = 0  # stop after this many control ticks instead (0: use ``seconds``)
     interval_s: float = 0.0  # > 0: report memory and latency every interval (soak)

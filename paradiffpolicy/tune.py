@@ -43,10 +43,10 @@ from tqdm import tqdm
 
 from paradiffpolicy.checkpoint import load_policy
 from paradiffpolicy.backends import BACKENDS, EXPORTED, available_backends, check_backend
-from paradiffpolicy.measure import interleaved, network_costs, provenance, ratios
+from paradiffpolicy.measure import interleaved, max_abs_deviation, network_costs, provenance, ratios
 from paradiffpolicy.config import INITS, SamplerConfig
 from paradiffpolicy.data.obs_sample import load_observation_sample
-from paradiffpolicy.presets import save_tuned
+from paradiffpolicy.presets import sampler_preset, save_tuned
 from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, run_dir, versions
 from paradiffpolicy.sampling import PicardSampler, draw_noise
 
@@ -198,7 +198,7 @@ def predict_ms(cost: dict[int, float], overhead: float, iterations: float, rows:
 
 def deviation(a, b) -> torch.Tensor:
     """Per sample: the largest |a - b| over the executed chunks of two PolicyOutputs (normalised units)."""
-    return (a.actions_normalized - b.actions_normalized).abs().flatten(1).amax(dim=1)
+    return max_abs_deviation(a.actions_normalized, b.actions_normalized)
 
 
 def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
@@ -356,7 +356,8 @@ def readme_preset(cfg: TuneConfig, stochastic: bool, fixed: dict) -> SamplerConf
     (DDPM: p=8, τ=0.005; the ODE samplers: the paraddim preset, p=4, τ=1e-3)."""
     if stochastic:
         return SamplerConfig(name="picard", window=8, tol=0.005, **fixed)
-    return SamplerConfig(name="picard", window=4, tol=1e-3, **fixed)
+    paraddim = sampler_preset("paraddim")
+    return SamplerConfig(name="picard", window=paraddim.window, tol=paraddim.tol, **fixed)
 
 
 def summary(report: dict) -> str:

@@ -284,3 +284,12 @@ def test_fewer_trunk_stages_give_a_finer_keypoint_map_under_the_same_names():
     assert set(kept) < set(full) and all(kept[k].shape == full[k].shape for k in kept)  # names and shapes of layer1-2
     with pytest.raises(ValueError, match="backbone_stages=5"):
         VisionConfig(backbone_stages=5)
+
+
+def test_sampler_presets_are_read_from_conf():
+    from paradiffpolicy.presets import sampler_preset
+
+    assert sampler_preset("picard") == SamplerConfig(name="picard", window=16, tol=0.1)
+    assert sampler_preset("paraddim", num_inference_steps=10) == SamplerConfig(scheduler="ddim", num_inference_steps=10, window=4, tol=1e-3)
+    with pytest.raises(ValueError, match="'fastest' is not in .*expected one of .*'picard'"):
+        sampler_preset("fastest")
