@@ -38,7 +38,7 @@ from paradiffpolicy import DiffusionPolicy, PolicyConfig, PolicyOutput, SamplerC
 from paradiffpolicy.config import from_dict
 from paradiffpolicy.data.obs_sample import load_observation_sample
 from paradiffpolicy.features import FeatureSpec
-from paradiffpolicy.measure import percentiles
+from paradiffpolicy.measure import interleaved, percentiles
 from paradiffpolicy.sampling import SamplerNoise, draw_noise
 from paradiffpolicy.models.vision import VisionConfig
 from paradiffpolicy.runtime import cpu_model
@@ -201,7 +201,6 @@ def main(argv: list[str]) -> dict:
     pc = policy.config
     gen = torch.Generator().manual_seed(cfg.seed)
     names = list(built)
-    lat = {n: [] for n in names}
     rounds = {n: [] for n in names}
     nfe = {n: [] for n in names}
     conv = {n: [] for n in names}
@@ -234,36 +233,35 @@ def main(argv: list[str]) -> dict:
     def draw(batch: int):
         return draw_noise((batch, pc.horizon, pc.action_dim), n_max, gen).to(policy.device)
 
-    enc_ms = []
+    enc_ms, draws = [], []
     for trial in range(cfg.warmup + cfg.trials):
         cond, t_enc = encode(draw_obs())  # the encoder runs once per call, whatever the sampler
         if trial >= cfg.warmup:
             enc_ms.append(t_enc * 1e3)
-        noise = draw(cfg.batch)  # one draw per trial, shared by every sampler
-        chunks, times = {}, {}
-        order = names[trial % len(names):] + names[: trial % len(names)]
-        for name in order:
-            sync()
-            t0 = time.perf_counter()
-            out = run(name, cond, noise)
-            sync()
-            times[name] = time.perf_counter() - t0
-            chunks[name] = out.actions_normalized
-            if trial >= cfg.warmup:
-                st = out.stats
-                lat[name].append(times[name] * 1e3)
-                rounds[name].append(st.rounds)
-                nfe[name].append(float(st.nfe.float().mean()))
-                conv[name].append(bool(st.converged.all()))
-        if trial >= cfg.warmup:
-            for name in ratios:
-                ratios[name].append(times["sequential"] / times[name])
-                if not name.startswith("baseline-"):
-                    devs[name].extend(_sample_dev(chunks[name], chunks["sequential"]))
-            for name in same:
-                same[name].append(times[same_ref[name]] / times[name])
-            for name, ref in ratios_ref:
-                ratios_ref[name, ref].append(times[ref] / times[name])
+        draws.append((cond, draw(cfg.batch)))  # one draw per trial, shared by every sampler
+    outputs: dict[tuple[str, int], PolicyOutput] = {}
+
+    def timed(name: str):
+        def call(trial: int):
+            outputs[name, trial] = run(name, *draws[trial])
+        return call
+
+    lat = interleaved({name: timed(name) for name in names}, cfg.trials, cfg.warmup, sync)  # per trial, aligned
+    for i, trial in enumerate(range(cfg.warmup, cfg.warmup + cfg.trials)):
+        times = {name: lat[name][i] for name in names}
+        for name in names:
+            st = outputs[name, trial].stats
+            rounds[name].append(st.rounds)
+            nfe[name].append(float(st.nfe.float().mean()))
+            conv[name].append(bool(st.converged.all()))
+        for name in ratios:
+            ratios[name].append(times["sequential"] / times[name])
+            if not name.startswith("baseline-"):
+                devs[name].extend(_sample_dev(outputs[name, trial].actions_normalized, outputs["sequential", trial].actions_normalized))
+        for name in same:
+            same[name].append(times[same_ref[name]] / times[name])
+        for name, ref in ratios_ref:
+            ratios_ref[name, ref].append(times[ref] / times[name])
 
     if cfg.dev_samples > 0:
         cond, noise = encode(draw_obs(cfg.dev_samples))[0], draw(cfg.dev_samples)
