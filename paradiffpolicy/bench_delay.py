@@ -35,7 +35,7 @@ import numpy as np
 from paradiffpolicy.config import from_argv
 from paradiffpolicy.control.join import JOIN_METHODS
 from paradiffpolicy.runtime import cpu_model, versions
-from paradiffpolicy.success_stats import paired, success_cell, success_summary, write_report
+from paradiffpolicy.success_stats import finish_success_plot, paired, success_cell, success_summary, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,14 +255,7 @@ def plot(result: dict, path: Path) -> None:
         pts = sorted(pts, key=lambda p: p["delay"])
         ax.errorbar([p["delay"] + 0.04 * len(ax.lines) for p in pts], [p["pc_success"] for p in pts],
                     yerr=[p["pc_success_se"] for p in pts], marker="o", capsize=3, label=f"{sampler}, {method}")
-    ax.set_xlabel("inference delay d (control ticks)")
-    ax.set_ylabel("success % (± standard error)")
-    ax.set_title(f"{result['task']}: success against simulated delay")
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_success_plot(fig, ax, path, "inference delay d (control ticks)", f"{result['task']}: success against simulated delay")
 
 
 def main(argv: list[str]):

@@ -35,7 +35,7 @@ from paradiffpolicy.eval import run_complete
 from paradiffpolicy.measure import interleaved, percentiles, provenance
 from paradiffpolicy.presets import sampler_preset
 from paradiffpolicy.runtime import cpu_model
-from paradiffpolicy.success_stats import success_cell, wilson_interval, write_report
+from paradiffpolicy.success_stats import finish_success_plot, success_cell, wilson_interval, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,14 +269,8 @@ def plot(result: dict, path: Path) -> None:
         ax.errorbar(r["latency_ms"]["p50"], r["pc_success"], yerr=r["pc_success_se"], fmt=marker, capsize=3, label=r["label"])
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.legend(fontsize=7, loc="best")
-    ax.set_xlabel("latency per chunk, batch 1, p50 (ms, log)")
-    ax.set_ylabel("success % (± standard error)")
-    ax.set_title(f"{result['task']}: {result['episodes_per_setting']} episodes per sampler, same seeds")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_success_plot(fig, ax, path, "latency per chunk, batch 1, p50 (ms, log)",
+                        f"{result['task']}: {result['episodes_per_setting']} episodes per sampler, same seeds")
 
 
 def main(argv: list[str]):

@@ -59,3 +59,17 @@ def write_report(stem: Path, result: dict, markdown: Callable[[dict], str], plot
     plot(result, stem.with_suffix(".png"))
     print(text)
     return result
+
+
+def finish_success_plot(fig, ax, path: Path, xlabel: str, title: str) -> None:
+    """Label a success-rate plot (y: success % ± standard error), save it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("success % (± standard error)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
