@@ -154,7 +154,8 @@ class Evaluator:
         if cfg.compare:  # the sequential sampler of the same scheduler and steps, on the same backend
             reference = self.policy.make_sampler(SamplerConfig(name="sequential", scheduler=sampler.scheduler,
                                                                num_inference_steps=sampler.num_inference_steps))
-        if backend != "eager":  # trace / compile / export (each sampler's input shape) before the first timed call
+        in_worker = cfg.controller.mode == "realtime" and cfg.controller.inference_process  # the worker warms its own
+        if backend != "eager" and not in_worker:  # trace / compile / export (each sampler's shape) before the first timed call
             ready = sum(self.policy.warm_up(cfg.n_envs, s) for s in (self.policy.sampler, reference) if s is not None)
             log.info("%s backend ready after %.1f s", backend, ready)
         t0 = time.perf_counter()

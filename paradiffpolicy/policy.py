@@ -119,11 +119,19 @@ class DiffusionPolicy(nn.Module):
         self.metadata: dict[str, Any] = {}
         self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - make_betas(config.scheduler), 0), persistent=False)
         self._register_load_state_dict_pre_hook(self._upgrade_keys)
-        # exported networks copy the weights: new weights rebuild them
-        self.register_load_state_dict_post_hook(lambda module, keys: module._networks.clear())
+        # built networks are caches (exported ones copy the weights): new weights rebuild them
+        self.register_load_state_dict_post_hook(DiffusionPolicy._forget_networks)
         self._networks: dict[tuple[str, int], Network] = {}
         self.set_backend(backend)
         self.set_sampler(sampler or SamplerConfig())
+
+    @staticmethod
+    def _forget_networks(module: "DiffusionPolicy", incompatible_keys) -> None:
+        module._networks.clear()
+
+    def __getstate__(self):  # copies and pickles rebuild their networks (runtimes do not copy)
+        state = super().__getstate__()
+        return {**state, "_networks": {}}
 
     @staticmethod
     def _upgrade_keys(state_dict, prefix, *args) -> None:

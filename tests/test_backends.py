@@ -85,3 +85,16 @@ def test_bad_backend_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"backend='tensorrt' is unknown"):
         load_policy(tmp_path, backend="tensorrt")
     assert {"eager", "jit", "compile"} <= set(available_backends())
+
+
+@pytest.mark.parametrize("backend", EXPORTED)
+def test_a_copy_of_a_policy_rebuilds_its_exported_network(backend):
+    import copy
+
+    policy = small_policy(SamplerConfig(name="sequential"))
+    policy.set_backend(backend)
+    obs, noise = _inputs(policy, 1)
+    out = policy.predict_action(obs, noise=noise)  # the runtime is built
+    twin = copy.deepcopy(policy)  # e.g. the trainer's EMA copy; runtimes themselves are not copied
+    assert twin.network() is not policy.network()
+    assert torch.equal(twin.predict_action(obs, noise=noise).actions, out.actions)
