@@ -61,14 +61,14 @@ def samplers(policy) -> dict:
     """The sampler settings every backend runs: the policy's scheduler sequentially, DDIM-8/16, and
     the Picard preset (``conf/sampler/picard.yaml``)."""
     from paradiffpolicy.config import SamplerConfig
-    from paradiffpolicy.eval import compose_eval_config
+    from paradiffpolicy.presets import sampler_preset
 
     n = policy.config.scheduler.num_inference_steps
     return {
         f"sequential {policy.config.scheduler.name}-{n}": SamplerConfig(name="sequential"),
         "sequential ddim-8": SamplerConfig(name="sequential", scheduler="ddim", num_inference_steps=8),
         "sequential ddim-16": SamplerConfig(name="sequential", scheduler="ddim", num_inference_steps=16),
-        "picard (preset)": compose_eval_config(["sampler=picard"]).sampler,
+        "picard (preset)": sampler_preset("picard"),
     }
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -159,17 +158,6 @@ def split(windows: dict[str, torch.Tensor], n_tune: int, seed: int):
     return {f: v[tune_idx] for f, v in windows.items()}, {f: v[held_idx] for f, v in windows.items()}
 
 
-def time_call(fn, reps: int) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` calls after one warm-up call."""
-    fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return float(np.median(out) * 1e3)
-
-
 def batch_costs(cfg: TuneConfig, policy, cond: torch.Tensor, sync) -> dict[str, dict[int, float]]:
     """Median milliseconds of one network call at each batch size, per backend."""
     costs = network_costs(policy, list(cfg.backends), list(cfg.batch_sizes), cond, trials=7, warmup=1, sync=sync, seed=cfg.seed)
@@ -184,8 +172,8 @@ def loop_overhead_ms(table, shape: tuple[int, int], device) -> float:
 
     sampler = PicardSampler(table, window=8, tol=0.0)
     noise = draw_noise((1, *shape), table.num_steps, torch.Generator().manual_seed(0)).to(device)
-    ms = time_call(lambda: sampler.sample(free, noise), 5)
-    return ms / table.num_steps
+    ms = interleaved({"loop": lambda _: sampler.sample(free, noise)}, trials=5, warmup=1)["loop"]
+    return float(np.median(ms)) / table.num_steps
 
 
 def predict_ms(cost: dict[int, float], overhead: float, iterations: float, rows: float) -> float:
