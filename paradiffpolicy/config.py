@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 SAMPLERS = ("sequential", "picard", "tuned")
 INITS = ("rollout", "copy")
+UPDATES = ("picard", "frozen_x0", "frozen_eps")
 
 
 @dataclass
@@ -124,6 +125,10 @@ class SamplerConfig:
     init: str = "rollout"
     # Picard only: Anderson acceleration with this many past iterations (0: plain Picard)
     anderson: int = 0
+    # Picard only: how a correction of one window state is carried to the next ones (see
+    # sampling/picard.py): "picard" (ParaDiGMS' running sum), "frozen_x0" or "frozen_eps" (a
+    # Newton-type step with the step's linear part, x̂0 or ε̂ held fixed)
+    update: str = "picard"
     scheduler: Optional[str] = None
     num_inference_steps: Optional[int] = None
     # closed loop only: start each tick from the previous tick's trajectory and (time-shifted) noise
@@ -145,6 +150,8 @@ class SamplerConfig:
             raise ValueError(f"sampler.scheduler={self.scheduler!r} is unknown; expected one of {SCHEDULERS} or null")
         if self.init not in INITS:
             raise ValueError(f"sampler.init={self.init!r} is unknown; expected one of {INITS}")
+        if self.update not in UPDATES:
+            raise ValueError(f"sampler.update={self.update!r} is unknown; expected one of {UPDATES}")
         if self.num_inference_steps is not None and (not _is_int(self.num_inference_steps) or self.num_inference_steps < 1):
             raise ValueError(f"sampler.num_inference_steps={self.num_inference_steps!r} must be an integer >= 1 or null")
 

@@ -5,8 +5,9 @@
     # soak: 20,000 ticks, one row of memory and latency every 60 s, appended as it goes
     python -m paradiffpolicy.realtime_loop ticks=20000 interval_s=60 out=benchmarks/results/cpu-2core-soak.json
 
-Episodes restart when they end. Prints latency percentiles, deadline misses and late ticks, and
-writes them as JSON (``out=...``). The loop itself is what a user writes around PolicyRunner.
+Episodes restart when they end; each is ``control.controller.run_realtime`` (what ``eval
+controller=realtime`` runs), the last one stopped when the tick or time budget is spent. Prints
+latency percentiles, deadline misses and late ticks, and writes them as JSON (``out=...``).
 With ``interval_s`` > 0, a row per interval (resident memory, latency percentiles of that
 interval's calls, misses) is appended to ``<out>.intervals.jsonl`` as it is measured, so an
 interrupted soak keeps its rows; the report compares the first and last intervals.
@@ -32,6 +33,7 @@ from paradiffpolicy import SamplerConfig, load_policy
 from paradiffpolicy.config import from_dict
 from paradiffpolicy.presets import sampler_preset
 from paradiffpolicy.control.agent import InferenceLog
+from paradiffpolicy.control.controller import run_realtime
 from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs import TaskConfig, make_env
 from paradiffpolicy.runtime import versions
@@ -68,63 +70,62 @@ def main(argv: list[str]) -> dict:
     torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.checkpoint, sampler=cfg.sampler)
     env = make_env(cfg.task)
-    period = 1.0 / cfg.task.control_hz
-    late = episodes = successes = total_ticks = 0
+    hz = cfg.task.control_hz
     series_path = Path(cfg.out + ".intervals.jsonl") if cfg.out and cfg.interval_s > 0 else None
     if series_path is not None:
         series_path.parent.mkdir(parents=True, exist_ok=True)
         series_path.write_text("")
     series: list[dict] = []
-    with PolicyRunner(policy, hz=cfg.task.control_hz, hold=cfg.task.hold, budget_s=cfg.budget_s,
-                      warm_start=cfg.sampler.warm_start, inference_process=cfg.inference_process,
-                      threads=cfg.threads) as runner:
-        misses = 0
-        past = InferenceLog()  # calls of the finished episodes
-        obs = env.reset(cfg.seed)
-        runner.reset(obs, seed=cfg.seed)
-        t0 = time.perf_counter()
-        t_end = t0 + cfg.seconds
-        next_report, seen_calls, seen_misses = t0 + cfg.interval_s, 0, 0
-        start, tick = time.perf_counter(), 0
+    episodes: list = []  # EpisodeResult of every finished (or stopped) episode
+    t0 = time.perf_counter()
+    soak = {"next": t0 + cfg.interval_s, "calls": 0, "misses": 0}
+
+    def totals(current) -> tuple[int, int, int, list[float]]:
+        """Ticks, deadline misses, late ticks and call latencies so far, the running episode included."""
+        ticks = sum(e.length for e in episodes) + current.length
+        misses = sum(e.deadline_misses for e in episodes) + runner.deadline_misses
+        late = sum(e.late_ticks for e in episodes) + current.late_ticks
+        return ticks, misses, late, [ms for e in episodes for ms in e.inference.latency_ms] + list(runner.log.latency_ms)
+
+    def after_tick(current) -> bool:
+        now = time.perf_counter()
+        ticks, misses, late, lat = totals(current)
+        if cfg.interval_s > 0 and now >= soak["next"]:
+            new = lat[soak["calls"]:]
+            row = {"elapsed_s": round(now - t0, 1), "ticks": ticks, "rss_mb": rss_mb(),
+                   "worker_rss_mb": rss_mb(getattr(runner.agent, "pid", None)) if cfg.inference_process else None,
+                   "calls": len(new), "deadline_misses": misses - soak["misses"], "late_ticks_total": late,
+                   **{f"latency_{q}_ms": float(np.percentile(new, v)) if new else None
+                      for q, v in (("p50", 50), ("p99", 99), ("max", 100))}}
+            series.append(row)
+            if series_path is not None:
+                with open(series_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            soak.update(next=soak["next"] + cfg.interval_s, calls=len(lat), misses=misses)
+        return ticks >= cfg.ticks if cfg.ticks > 0 else now >= t0 + cfg.seconds
+
+    with PolicyRunner(policy, hz=hz, hold=cfg.task.hold, budget_s=cfg.budget_s, warm_start=cfg.sampler.warm_start,
+                      inference_process=cfg.inference_process, threads=cfg.threads) as runner:
         try:
-            while (total_ticks < cfg.ticks) if cfg.ticks > 0 else (time.perf_counter() < t_end):
-                due = start + tick * period
-                now = time.perf_counter()
-                if now < due:
-                    time.sleep(due - now)
-                elif now - due > period / 2:
-                    late += 1
-                step = env.step(runner.step(obs))
-                obs, tick, total_ticks = step.obs, tick + 1, total_ticks + 1
-                if step.done:
-                    episodes += 1
-                    successes += step.success
-                    misses += runner.deadline_misses
-                    past.extend(runner.log)  # reset starts the next episode's log
-                    obs = env.reset(cfg.seed + episodes)
-                    runner.reset(obs, seed=cfg.seed + episodes)  # synchronous first chunk: restart the clock
-                    start, tick = time.perf_counter(), 0
-                if cfg.interval_s > 0 and time.perf_counter() >= next_report:
-                    lat = (past.latency_ms + runner.log.latency_ms)[seen_calls:]
-                    row = {"elapsed_s": round(time.perf_counter() - t0, 1), "ticks": total_ticks, "rss_mb": rss_mb(),
-                           "worker_rss_mb": rss_mb(getattr(runner.agent, "pid", None)) if cfg.inference_process else None,
-                           "calls": len(lat), "deadline_misses": misses + runner.deadline_misses - seen_misses,
-                           "late_ticks_total": late, **{f"latency_{q}_ms": float(np.percentile(lat, v)) if lat else None
-                                                       for q, v in (("p50", 50), ("p99", 99), ("max", 100))}}
-                    series.append(row)
-                    if series_path is not None:
-                        with open(series_path, "a") as f:
-                            f.write(json.dumps(row) + "\n")
-                    seen_calls, seen_misses = len(past.latency_ms) + len(runner.log.latency_ms), misses + runner.deadline_misses
-                    next_report += cfg.interval_s
+            stop = False
+            while not stop:  # episodes restart when they end, until the tick or time budget is spent
+                result = run_realtime(env, runner, cfg.seed + len(episodes), hz, after_tick=after_tick)
+                episodes.append(result)
+                stop = result.failure_reason is not None or (
+                    sum(e.length for e in episodes) >= cfg.ticks if cfg.ticks > 0 else time.perf_counter() >= t0 + cfg.seconds)
         except KeyboardInterrupt:
             print("interrupted; reporting what was measured", file=sys.stderr)
-        misses += runner.deadline_misses
-        past.extend(runner.log)
-        stats = past.summary()
+    total_ticks = sum(e.length for e in episodes)
+    misses = sum(e.deadline_misses for e in episodes)
+    late = sum(e.late_ticks for e in episodes)
+    log = InferenceLog()
+    for e in episodes:
+        log.extend(e.inference)
+    stats = log.summary()
     report = {"seconds": round(time.perf_counter() - t0, 1), "ticks": total_ticks, "hz": cfg.task.control_hz,
               "deadline_misses": misses, "late_ticks": late,
-              "episodes_finished": episodes, "successes": successes, "latency_ms": stats["latency_ms"],
+              "episodes": len(episodes), "successes": sum(e.success for e in episodes),
+              "failures": [e.failure_reason for e in episodes if e.failure_reason], "latency_ms": stats["latency_ms"],
               "calls": stats["calls"], "iterations_mean": stats["iterations_mean"], "sampler": OmegaConf.to_container(OmegaConf.structured(cfg.sampler)),
               "threads": cfg.threads, "inference_process": cfg.inference_process, "machine": f"{platform.machine()} {os.cpu_count()} cpus", "versions": versions()}
     if len(series) >= 2:
@@ -155,7 +156,7 @@ def markdown(report: dict) -> str:
              f"torch {report['versions'].get('torch')}, mujoco {report['versions'].get('mujoco')}, robosuite {report['versions'].get('robosuite')}.",
              "",
              f"Deadline misses **{report['deadline_misses']}**, late ticks {report['late_ticks']}, {report['calls']} calls "
-             f"(iterations mean {report['iterations_mean']:.1f}), episodes {report['episodes_finished']} "
+             f"(iterations mean {report['iterations_mean']:.1f}), episodes {report['episodes']} "
              f"({report['successes']} successes). Latency ms: p50 {lat['p50']:.0f}, p95 {lat['p95']:.0f}, "
              f"p99 {lat['p99']:.0f}, max {lat['max']:.0f}."]
     soak = report.get("soak")
@@ -163,13 +164,18 @@ def markdown(report: dict) -> str:
         worker = "" if soak.get("worker_rss_mb_first") is None else (
             f"; the inference worker {soak['worker_rss_mb_first']} → {soak['worker_rss_mb_last']} MB (growth {soak['worker_rss_growth_mb']} MB)")
         lines += ["", f"Resident memory of the loop process {soak['rss_mb_first']} MB after the first interval, {soak['rss_mb_last']} MB after the last "
-                  f"(growth {soak['rss_growth_mb']} MB){worker}; latency p99 {soak['latency_p99_ms_first']:.0f} ms first interval, "
-                  f"{soak['latency_p99_ms_last']:.0f} ms last.", "",
+                  f"(growth {soak['rss_growth_mb']} MB){worker}; latency p99 {_ms(soak['latency_p99_ms_first'])} ms first interval, "
+                  f"{_ms(soak['latency_p99_ms_last'])} ms last.", "",
                   "| elapsed s | ticks | RSS MB | worker RSS MB | calls | misses | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|---|---|"]
         for r in soak["rows"]:
             lines.append(f"| {r['elapsed_s']} | {r['ticks']} | {r['rss_mb']} | {r['worker_rss_mb'] or '-'} | {r['calls']} | {r['deadline_misses']} | "
-                         f"{r['latency_p50_ms'] or 0:.0f} | {r['latency_p99_ms'] or 0:.0f} | {r['latency_max_ms'] or 0:.0f} |")
+                         f"{_ms(r['latency_p50_ms'])} | {_ms(r['latency_p99_ms'])} | {_ms(r['latency_max_ms'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _ms(value: float | None) -> str:
+    """A latency for the table; "-" for an interval without calls."""
+    return "-" if value is None else f"{value:.0f}"
 
 
 def rss_mb(pid: int | None = None) -> float | None:

@@ -205,6 +205,13 @@ class StepTable:
         return alpha, beta
 
 
+    def frozen_eps_coefficient(self) -> Tensor:
+        """(N,): ``∂x_{k+1}/∂x_k`` when the noise prediction ε̂ is held fixed (x̂0 = (x - √(1-ᾱ) ε̂)/√ᾱ
+        moves with the state): ``A + B/√ᾱ``. The data-prediction counterpart is the α of
+        :meth:`frozen_x0_coefficients`."""
+        return self.coef_sample + self.coef_x0 / self.sqrt_alpha_prod
+
+
 def _rows(v: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-row vector (M,) to broadcast over ``like`` (M, ...)."""
     return v.reshape(v.shape + (1,) * (like.dim() - 1))

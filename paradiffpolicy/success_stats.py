@@ -49,15 +49,18 @@ def success_cell(row: dict) -> str:
     return f"{row['pc_success']:.0f} (95%: ≥ {lo:.0f})" if row["pc_success"] > 0 else f"0 (95%: ≤ {hi:.0f})"
 
 
-def write_report(stem: Path, result: dict, markdown: Callable[[dict], str], plot: Callable[[dict, Path], None]) -> dict:
-    """A success report as ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` side by side; prints
-    the Markdown and returns ``result``."""
+def write_report(stem: Path, result: dict, markdown: Callable[[dict], str], plot: Callable[[dict, Path], None] | None,
+                 echo: bool = True) -> dict:
+    """A report as ``<stem>.json``, ``<stem>.md`` and (with ``plot``) ``<stem>.png`` side by side;
+    prints the Markdown (``echo``) and returns ``result``."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     text = markdown(result)
     stem.with_suffix(".md").write_text(text)
-    plot(result, stem.with_suffix(".png"))
-    print(text)
+    if plot is not None:
+        plot(result, stem.with_suffix(".png"))
+    if echo:
+        print(text)
     return result
 
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from paradiffpolicy.checkpoint import load_policy
 from paradiffpolicy.backends import BACKENDS, EXPORTED, available_backends, check_backend
 from paradiffpolicy.measure import interleaved, max_abs_deviation, network_costs, provenance, ratios
-from paradiffpolicy.config import INITS, SamplerConfig
+from paradiffpolicy.config import INITS, UPDATES, SamplerConfig
 from paradiffpolicy.data.obs_sample import load_observation_sample
 from paradiffpolicy.presets import sampler_preset, save_tuned
 from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, run_dir, versions
@@ -71,6 +71,7 @@ class TuneConfig:
     tols: List[float] = field(default_factory=list)  # default: TOLS_STOCHASTIC or TOLS_ODE
     inits: List[str] = field(default_factory=lambda: ["rollout", "copy"])
     andersons: List[int] = field(default_factory=lambda: [0])
+    updates: List[str] = field(default_factory=lambda: ["picard", "frozen_x0"])  # Picard's window update
     # network backends searched; []: jit and every installed exported runtime on a CPU, eager and
     # jit on a GPU (paradiffpolicy.backends)
     backends: List[str] = field(default_factory=list)
@@ -101,6 +102,8 @@ class TuneConfig:
         bad = [i for i in self.inits if i not in INITS] + [b for b in self.backends if b not in BACKENDS]
         if bad or not self.inits:
             raise ValueError(f"inits={list(self.inits)} / backends={list(self.backends)}: expected some of {INITS} / {BACKENDS}")
+        if not self.updates or any(u not in UPDATES for u in self.updates):
+            raise ValueError(f"updates={list(self.updates)}: expected a non-empty list of {UPDATES}")
         for b in self.backends:
             check_backend(b, key="backends")
         if not self.backends:
@@ -176,6 +179,21 @@ def loop_overhead_ms(table, shape: tuple[int, int], device) -> float:
     return float(np.median(ms)) / table.num_steps
 
 
+def estimate_minutes(cfg: TuneConfig, costs: dict[str, dict[int, float]], n_tune: int, n: int, settings: int, tols: int) -> float:
+    """Rough wall time of the search and the timing, from the measured cost curve (the eager
+    network's largest batch, scaled linearly in rows): the sequential reference at ``n_tune`` rows,
+    about three tolerances per setting at ~2N/p iterations of ``n_tune * p`` rows, and ``trials``
+    batch-1 calls of each timed sampler."""
+    curve = costs.get("eager") or next(iter(costs.values()))
+    biggest = max(curve)
+    per_row = curve[biggest] / biggest
+    windows = sorted(set(cfg.windows))
+    search = n * n_tune * per_row + sum(min(3, tols) * (2 * n / p) * n_tune * p * per_row for p in windows) * settings / len(windows)
+    fastest_single = min(c[1] if 1 in c else min(c.values()) for c in costs.values())
+    timing = cfg.trials * (len(cfg.backends) + cfg.verify_top + 1) * n * fastest_single
+    return (search + timing) / 60000.0
+
+
 def predict_ms(cost: dict[int, float], overhead: float, iterations: float, rows: float) -> float:
     """Batch-1 latency of ``iterations`` network calls of ``rows`` rows each (cost interpolated
     in the batch size) plus the loop's own cost."""
@@ -200,7 +218,7 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     table = base.sampler.table
     stochastic = bool(table.stochastic)
     tols = sorted(cfg.tols or (TOLS_STOCHASTIC if stochastic else TOLS_ODE), reverse=True)
-    combos = [(w, i, m) for w in sorted(set(cfg.windows)) for i in cfg.inits for m in cfg.andersons]
+    combos = [(w, i, m, u) for w in sorted(set(cfg.windows)) for i in cfg.inits for m in cfg.andersons for u in cfg.updates]
     bar = tqdm(total=2 + len(combos) + cfg.trials + 1, desc="tune", disable=not cfg.progress)
 
     # 1. what a batched call costs here
@@ -208,6 +226,9 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     costs = batch_costs(cfg, base, cond_tune, sync)
     overhead = loop_overhead_ms(table, (base.config.horizon, base.config.action_dim), device)
     bar.update(1)
+    estimate = estimate_minutes(cfg, costs, cond_tune.shape[0], table.num_steps, len(combos), len(tols))
+    bar.write(f"tune: about {estimate:.0f} min more on this machine (estimated from the cost curve; "
+              f"{len(combos)} settings x up to {len(tols)} tolerances on {cond_tune.shape[0]} samples, {cfg.trials} timing trials)")
 
     # 2. deviation and iterations on the tuning half, the same noise for every setting
     n_tune = cond_tune.shape[0]
@@ -217,15 +238,15 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     bar.update(1)
     candidates: list[Candidate] = []
     tried = []
-    for window, init, anderson in combos:
+    for window, init, anderson, update in combos:
         for tol in tols:
-            scfg = SamplerConfig(name="picard", window=window, tol=tol, init=init, anderson=anderson, **fixed)
+            scfg = SamplerConfig(name="picard", window=window, tol=tol, init=init, anderson=anderson, update=update, **fixed)
             out = base.sample_from_condition(cond_tune, noise=noise, sampler=base.make_sampler(scfg))
             dev = deviation(out, ref)
             over = int((dev > cfg.max_dev * cfg.margin).sum())
             iters = float(out.stats.iterations.float().mean())
             rows = float((out.stats.nfe.float() / out.stats.iterations.float()).mean())
-            tried.append({"window": window, "tol": tol, "init": init, "anderson": anderson, "over": over,
+            tried.append({"window": window, "tol": tol, "init": init, "anderson": anderson, "update": update, "over": over,
                           "dev_max": float(dev.max()), "iterations": iters})
             if over <= allowed:
                 candidates.append(Candidate(scfg, float(dev.max()), over, iters, rows))
@@ -243,7 +264,8 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     ranked.sort(key=lambda c: c.predicted_ms)
     verify = ranked[: cfg.verify_top]
     for v in verify:
-        v.label = f"p={v.sampler.window} τ={v.sampler.tol:g} {v.sampler.init}" + (f" aa{v.sampler.anderson}" if v.sampler.anderson else "") + f" {v.backend}"
+        v.label = (f"p={v.sampler.window} τ={v.sampler.tol:g} {v.sampler.init}" + (f" aa{v.sampler.anderson}" if v.sampler.anderson else "")
+                   + (f" {v.sampler.update}" if v.sampler.update != "picard" else "") + f" {v.backend}")
     preset = readme_preset(cfg, stochastic, fixed)
     if preset is not None:
         pbackend = verify[0].backend  # the preset on the same backend as the best candidate

@@ -11,6 +11,7 @@ from conftest import needs_backend
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_reports_deviation_and_speedups_for_every_variant(tmp_path):
     out = tmp_path / "bench.json"
     report = importlib.import_module("paradiffpolicy.bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
@@ -230,6 +231,7 @@ def test_make_obs_sample_keeps_camera_frames(tmp_path):
     assert load_policy(ck).predict_action({k: v[:1] for k, v in windows.items()}).actions.shape[0] == 1
 
 
+@pytest.mark.slow
 def test_compare_checkpoints_measures_the_weight_format_against_the_sampler(tmp_path):
     import torch
 
@@ -256,6 +258,7 @@ def test_compare_checkpoints_measures_the_weight_format_against_the_sampler(tmp_
         compare([f"a={tmp_path / 'f16'}", f"b={tmp_path / 'other'}", "threads=1"])
 
 
+@pytest.mark.slow
 def test_eval_expert_scores_the_scripted_expert_on_the_evaluation_seeds(tmp_path):
     out = tmp_path / "expert.json"
     report = importlib.import_module("paradiffpolicy.eval_expert").main(["task=pusht", "n_episodes=2", f"out={out}"])

@@ -441,7 +441,8 @@ def test_realtime_loop_script_writes_soak_rows_as_it_goes(tmp_path, pusht_ckpt):
            "ticks=25", "interval_s=0.5", f"out={out}",
            "sampler.scheduler=null", "sampler.num_inference_steps=null", "window=4"]  # the tiny checkpoint has 10 steps
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=env, timeout=300)
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = [json.loads(line) for line in Path(str(out) + ".intervals.jsonl").read_text().splitlines()]
     assert report["ticks"] == 25 and report["hz"] == 10 and len(rows) >= 2

@@ -68,6 +68,29 @@ def test_anderson_keeps_the_sequential_fixed_point(name, steps, memory):
     assert (x - ref).abs().max() < 2e-2 and bool(stats.converged.all())
 
 
+@pytest.mark.parametrize("name,steps", SCHEDULERS)
+@pytest.mark.parametrize("update", ["frozen_x0", "frozen_eps"])
+def test_newton_type_updates_keep_the_sequential_fixed_point(name, steps, update):
+    """A window update that carries corrections with the step's linear part (instead of the running
+    sum) changes the path, not the fixed point: exact at window=1 and at tol=0 for any window, never
+    more than N iterations; with Anderson on top too."""
+    table, model, noise, cond, ref = _setup(name, steps, strength=2.0)
+    for settings_ in (dict(window=1, tol=0.5), dict(window=5, tol=0.0), dict(window=16, tol=0.0),
+                      dict(window=8, tol=0.0, anderson=2)):
+        out = PicardSampler(table, update=update, **settings_).sample(model, noise, cond)
+        assert (out.sample - ref).abs().max() < 1e-4, settings_
+        assert out.stats.rounds <= steps and bool(out.stats.converged.all())
+
+
+def test_newton_type_update_is_not_the_running_sum():
+    """The update option takes effect: at a loose tolerance the path (and so the count or the
+    sample) differs from ParaDiGMS' running sum."""
+    table, model, noise, cond, _ = _setup("ddpm", 100, strength=2.0)
+    plain = PicardSampler(table, window=16, tol=0.1).sample(model, noise, cond)
+    newton = PicardSampler(table, window=16, tol=0.1, update="frozen_x0").sample(model, noise, cond)
+    assert plain.stats.rounds != newton.stats.rounds or not torch.equal(plain.sample, newton.sample)
+
+
 def test_smaller_tolerance_tracks_sequential_more_closely():
     table, model, noise, cond, ref = _setup("ddpm", 100, strength=2.0)
     devs, rounds = [], []
@@ -114,8 +137,8 @@ def test_rows_converge_independently():
     assert max(calls[s_easy.rounds:]) <= 16
 
 
-@pytest.mark.parametrize("anderson", [0, 2])
-def test_fixed_shape_windows_give_the_same_result(anderson):
+@pytest.mark.parametrize("anderson,update", [(0, "picard"), (2, "picard"), (0, "frozen_x0")])
+def test_fixed_shape_windows_give_the_same_result(anderson, update):
     """``fixed_shape`` (compiled graphs) feeds every call (batch x window) rows, finished rows and
     steps past N included; the results, iteration counts and residuals are those of the
     shrinking windows, also with a warm start and rows that finish at different times."""
@@ -138,7 +161,7 @@ def test_fixed_shape_windows_give_the_same_result(anderson):
         runs = {}
         for fixed in (False, True):
             shapes.clear()
-            sampler = PicardSampler(table, window=16, tol=0.05, anderson=anderson, fixed_shape=fixed)
+            sampler = PicardSampler(table, window=16, tol=0.05, anderson=anderson, update=update, fixed_shape=fixed)
             out = sampler.sample(routed, noise, cond, warm_start=warm)
             runs[fixed] = (out.sample, out.stats, set(shapes))
         (x, st, seen), (xf, stf, seen_f) = runs[False], runs[True]
@@ -166,6 +189,7 @@ def test_max_iters_returns_estimate_flagged_unconverged():
     (dict(max_iters=0), "sampler.max_iters"),
     (dict(init="zeros"), "sampler.init"),
     (dict(anderson=-1), "sampler.anderson"),
+    (dict(update="newton"), "sampler.update"),
 ])
 def test_bad_settings_are_rejected_by_name(kwargs, match):
     table = make_step_table(SchedulerConfig(num_inference_steps=10))

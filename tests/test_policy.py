@@ -199,6 +199,7 @@ def test_float16_weights_halve_the_file_and_load_as_float32(tmp_path):
     assert torch.equal(loaded.model.final_conv[1].weight, w.half().float())
 
 
+@pytest.mark.slow
 def test_shipped_camera_policy_samples_exactly_on_its_held_out_windows():
     """checkpoints/pusht_image as shipped (float16 weights, camera + agent xy): on its held-out
     observation windows, Picard at window=1/tol=0 returns the sequential sample with the same noise,

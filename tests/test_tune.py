@@ -1,6 +1,7 @@
 """paradiffpolicy.tune: the chosen setting keeps its budget, is written beside the checkpoint and
 is what sampler=tuned loads."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def test_observation_sample_round_trip(checkpoint):
     assert load_observation_sample(checkpoint.parent) is None
 
 
+@pytest.mark.slow
 def test_tune_writes_a_setting_that_keeps_the_budget_and_sampler_tuned_loads_it(checkpoint, tmp_path):
     cfg = TuneConfig(checkpoint=str(checkpoint), max_dev=0.1, windows=[2, 4, 8], inits=["rollout"], backends=["eager", "jit"],
                      batch_sizes=[1, 2, 4, 8], tune_samples=24, verify_top=2, trials=3, threads=1, progress=False)
@@ -50,8 +52,9 @@ def test_tune_writes_a_setting_that_keeps_the_budget_and_sampler_tuned_loads_it(
     assert set(sequential) == {"sequential eager", "sequential jit"}
     assert report["speedup_vs_fastest_sequential"]["reference"] == min(sequential, key=sequential.get)
     # tolerances are scanned loosest first and the scan stops at the first that keeps the budget
-    for window in (2, 4, 8):
-        scan = [t for t in report["tried"] if t["window"] == window]
+    for window, update in itertools.product((2, 4, 8), ("picard", "frozen_x0")):  # each window update searched
+        scan = [t for t in report["tried"] if t["window"] == window and t["update"] == update]
+        assert scan
         assert [t["tol"] for t in scan] == sorted((t["tol"] for t in scan), reverse=True)
         assert all(t["over"] > 0 for t in scan[:-1])
     held = report["held_out"]
@@ -99,3 +102,13 @@ def test_a_preset_written_before_backends_moved_out_of_the_sampler_still_loads(t
     tuned_path(ckpt).write_text(json.dumps({**legacy, "sampler": {**legacy["sampler"], "backend": "tpu"}}))
     with pytest.raises(ValueError, match="backend in .*sampler_tuned.json='tpu' is unknown"):
         load_tuned(ckpt)
+
+
+def test_quick_mode_is_a_coarser_grid_and_overrides_still_win():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        full = OmegaConf.to_object(compose(config_name="tune"))
+        quick = OmegaConf.to_object(compose(config_name="tune", overrides=["tune_mode=quick"]))
+        mixed = OmegaConf.to_object(compose(config_name="tune", overrides=["tune_mode=quick", "windows=[4]"]))
+    assert full == TuneConfig()  # the full search is the schema's defaults
+    assert quick.windows == [8, 16] and quick.tune_samples < full.tune_samples and quick.trials < full.trials
+    assert mixed.windows == [4] and mixed.tune_samples == quick.tune_samples

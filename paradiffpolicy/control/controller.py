@@ -229,9 +229,12 @@ def run_fast(env: PolicyEnv, agent: PolicyAgent, seed: int, record_video: bool =
 
 
 def run_realtime(env: PolicyEnv, runner: PolicyRunner, seed: int, hz: float, late_tolerance: float = 0.5,
-                 record_video: bool = False, clock: Clock | None = None) -> EpisodeResult:
+                 record_video: bool = False, clock: Clock | None = None,
+                 after_tick: Callable[[EpisodeResult], bool] | None = None) -> EpisodeResult:
     """One environment step per tick at ``hz`` on ``clock``, the action from ``runner.step``. The
-    first chunk is computed before the clock starts. ``achieved_hz`` is the paced loop's rate."""
+    first chunk is computed before the clock starts. ``achieved_hz`` is the paced loop's rate.
+    ``after_tick(result so far)`` runs after every step (a long-running loop's reporting); when it
+    returns True the episode stops there, unfinished."""
     ep = Episode(env, seed, record_video, clock)
     period = 1.0 / hz
     achieved = 0.0
@@ -248,6 +251,8 @@ def run_realtime(env: PolicyEnv, runner: PolicyRunner, seed: int, hz: float, lat
             ep.step(runner.step(ep.obs), seam=runner.switched)
             elapsed = ep.clock.now() - start
             achieved = runner.tick / elapsed if elapsed > 0 else 0.0
+            if after_tick is not None and after_tick(ep.result):
+                break
     ep.result.deadline_misses = runner.deadline_misses
     log = runner.log
     runner.reset()  # waits for a call still running; ready for the next episode

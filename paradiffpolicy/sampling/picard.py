@@ -80,6 +80,14 @@ class PicardSampler:
         sig = table.noise_std
         self.scale = torch.where(sig > 0, sig, torch.ones_like(sig)) if table.stochastic else torch.ones_like(sig)
         self.phi, self.psi = _frozen_rollout_tables(table)
+        self.update = config.update
+        # carry_ij = Π_{i<=l<j} c_l: how a change of state i reaches state j under the window update
+        if self.update == "frozen_x0":
+            self.carry = self.phi
+        elif self.update == "frozen_eps":
+            self.carry = _product_table(table.frozen_eps_coefficient())
+        else:
+            self.carry = None  # picard: c = 1, a running sum
         # K (N+1, N), K_jl = Φ_{l+1,j}: the noise part of a rollout from x_0 is R = K @ (σ z)
         self.noise_kernel = self.phi[1:, :].T.contiguous()
 
@@ -87,11 +95,13 @@ class PicardSampler:
         self.table = self.table.to(device)
         for name in ("scale", "phi", "psi", "noise_kernel"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.carry is not None:
+            self.carry = self.carry.to(device)
         return self
 
     def settings(self) -> dict:
         return {"name": self.name, "window": self.window, "tol": self.tol, "max_iters": self.max_iters, "init": self.init,
-                "anderson": self.anderson}
+                "anderson": self.anderson, "update": self.update}
 
     @torch.no_grad()
     def sample(
@@ -188,7 +198,7 @@ class PicardSampler:
                 stepped = (f.view(r, w, *shape) + sz[rr, k]).reshape(r * w, *shape)
                 incr = incr + prefix.pull(stepped, flat_k + 1, rr.reshape(-1), noise.initial, table).view(r, w, *shape)
             incr = incr * vmask
-            new = xs[rows, bb].unsqueeze(1) + incr.cumsum(dim=1)  # states pos+1
+            new = self._window_update(xs[rows, bb], x_in, incr, vmask, bb, k)  # states pos+1
             if prefix is not None and prefix.changes_state:
                 new = prefix.pin(new.reshape(r * w, *shape), flat_k + 1, rr.reshape(-1), noise.initial, table).view(new.shape)
 
@@ -222,6 +232,27 @@ class PicardSampler:
                             deadline_hit=deadline_hit)
         trajectory = Trajectory(xs[:, : n + 1].clone(), x0buf.clone()) if return_trajectory else None
         return SamplerOutput(xs[:, n].clone(), stats, trajectory)
+
+    def _window_update(self, x_b: Tensor, x_in: Tensor, incr: Tensor, vmask: Tensor, bb: Tensor, k: Tensor) -> Tensor:
+        """New window states x_{k+1} (R, w, ...) from the step increments ``incr = G_k(x_k) - x_k``
+        at the old states ``x_in``, the window starting at the exact state ``x_b`` (R, ...).
+
+        A Newton-type step on the triangular system ``x_{k+1} = G_k(x_k)`` with ``∂G_k/∂x ≈ c_k I``:
+        ``x'_{k+1} = G_k(x_k) + c_k (x'_k - x_k)``. ``c = 1`` is ParaDiGMS' running sum; ``c_k`` the
+        step's coefficient on x_k with x̂0 (``frozen_x0``) or ε̂ (``frozen_eps``) held fixed carries a
+        correction as the scheduler itself would, less the network's response (ParaSolver's
+        linearisation, Lu et al. 2025). Any c has the same fixed point, and x'_{b+1} = G_b(x_b) is
+        exact, so the window still advances by at least one state per iteration."""
+        if self.carry is None:
+            return x_b.unsqueeze(1) + incr.cumsum(dim=1)
+        c = self.carry[k, k + 1].view(*k.shape, *[1] * (x_in.dim() - 2))  # c_k
+        g = incr + (1 - c) * x_in * vmask  # G_k(x_k) - c_k x_k on valid positions, 0 on padding
+        kk = k + 1
+        lower = self.carry[kk[:, None, :], kk[:, :, None]]  # (R, w, w): Π_{k_j < l <= k_i} c_l, 0 for j > i
+        start = self.carry[bb[:, None], kk]  # (R, w): Π_{b <= l <= k_i} c_l
+        flat = g.flatten(2)
+        out = torch.bmm(lower, flat) + start.unsqueeze(-1) * x_b.flatten(1).unsqueeze(1)
+        return out.view(x_in.shape)
 
     def _fill_tail(self, xs: Tensor, x0: Tensor, r_noise: Tensor, rows: Tensor, end: Tensor, steps: Tensor,
                    warm: tuple[Tensor, Tensor, Tensor | None] | None, pin: tuple[ActionPrefix, Tensor] | None = None) -> None:
@@ -295,6 +326,18 @@ class _AndersonHistory:
         step = x + f - torch.einsum("rwmd,rwm->rwd", dx + df, gamma.squeeze(-1))
         keep = plain | ~torch.isfinite(step).all(-1)
         return torch.where(keep.view(r, w, *[1] * (new.dim() - 2)), new, step.view_as(new))
+
+
+def _product_table(c: Tensor) -> Tensor:
+    """(N+1, N+1) table of ``Π_{i<=l<j} c_l`` for j >= i (1 on the diagonal), zero below it."""
+    device = c.device
+    c = c.double().cpu().numpy()
+    n = len(c)
+    prod = np.zeros((n + 1, n + 1))
+    prod[np.arange(n + 1), np.arange(n + 1)] = 1.0
+    for j in range(n):
+        prod[: j + 1, j + 1] = c[j] * prod[: j + 1, j]
+    return torch.tensor(prod, dtype=torch.float32, device=device)
 
 
 def _frozen_rollout_tables(table: StepTable) -> tuple[Tensor, Tensor]:
