@@ -204,7 +204,6 @@ class StepTable:
         beta = self.coef_x0 + self.coef_x0_prev - self.coef_eps * self.sqrt_alpha_prod * inv
         return alpha, beta
 
-
     def frozen_eps_coefficient(self) -> Tensor:
         """(N,): ``∂x_{k+1}/∂x_k`` when the noise prediction ε̂ is held fixed (x̂0 = (x - √(1-ᾱ) ε̂)/√ᾱ
         moves with the state): ``A + B/√ᾱ``. The data-prediction counterpart is the α of

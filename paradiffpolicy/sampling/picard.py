@@ -21,6 +21,11 @@ scheduler with the pre-drawn noise and no network call (ParaSolver, Lu et al. 20
 frozen, each step is affine, ``x_{k+1} = α_k x_k + β_k x̂0 + σ_k z_k``, so the whole tail is one
 closed-form expression, ``x_j = Φ_ej x_e + Ψ_ej x̂0 + R_j - Φ_ej R_e``.
 
+``update`` chooses how a correction of one window state reaches the later ones: ``"picard"`` the
+running sum above; ``"frozen_x0"`` / ``"frozen_eps"`` a Newton-type step with ``∂G_k/∂x ≈ c_k I``,
+``x'_{k+1} = G_k(x_k) + c_k (x'_k - x_k)``, c_k the step's coefficient on x_k with x̂0 or ε̂ held
+(ParaSolver's diagonal linearisation; ``docs/sampler.md``). Same fixed point, same exact x_{b+1}.
+
 ``anderson=m`` > 0 replaces the plain update of the window's unconverged states by a triangular
 Anderson step over the last m iterations (ParaTAA, Tang et al. 2024): with residuals
 ``F = G(X) - X`` and their differences ΔF, ΔX across iterations, state i takes
@@ -55,7 +60,8 @@ class PicardSampler:
             ``tol`` (``τ``, see the module docstring for its scale), ``max_iters`` (cap on batched
             network calls, default N, which always suffices; a sample that hits it is returned as
             its current estimate with ``converged=False``), ``init`` (``"rollout"`` or ``"copy"``:
-            the guess for states beyond the window), ``anderson`` (memory m; 0: plain Picard).
+            the guess for states beyond the window), ``anderson`` (memory m; 0: plain Picard),
+            ``update`` (``"picard"``, ``"frozen_x0"`` or ``"frozen_eps"``: the window update).
         fixed_shape: run every network call at (batch x window) rows, finished rows and steps past
             N included and discarded, so a compiled graph sees one input shape (CUDA graphs).
             Set by the policy for its ``compile`` backend (see :mod:`paradiffpolicy.backends`).
@@ -330,14 +336,16 @@ class _AndersonHistory:
 
 def _product_table(c: Tensor) -> Tensor:
     """(N+1, N+1) table of ``Π_{i<=l<j} c_l`` for j >= i (1 on the diagonal), zero below it."""
-    device = c.device
-    c = c.double().cpu().numpy()
+    return torch.tensor(_products(c.double().cpu().numpy()), dtype=torch.float32, device=c.device)
+
+
+def _products(c: np.ndarray) -> np.ndarray:
     n = len(c)
     prod = np.zeros((n + 1, n + 1))
     prod[np.arange(n + 1), np.arange(n + 1)] = 1.0
-    for j in range(n):
+    for j in range(n):  # column j+1 from column j, for every start i <= j at once
         prod[: j + 1, j + 1] = c[j] * prod[: j + 1, j]
-    return torch.tensor(prod, dtype=torch.float32, device=device)
+    return prod
 
 
 def _frozen_rollout_tables(table: StepTable) -> tuple[Tensor, Tensor]:
@@ -347,12 +355,9 @@ def _frozen_rollout_tables(table: StepTable) -> tuple[Tensor, Tensor]:
     """
     alpha, beta = (v.double().cpu().numpy() for v in table.frozen_x0_coefficients())
     n = len(alpha)
-    phi = np.zeros((n + 1, n + 1))
+    phi = _products(alpha)
     psi = np.zeros((n + 1, n + 1))
-    phi[np.arange(n + 1), np.arange(n + 1)] = 1.0
-    for j in range(n):  # column j+1 from column j, for every start i <= j at once
-        phi[: j + 1, j + 1] = alpha[j] * phi[: j + 1, j]
+    for j in range(n):
         psi[: j + 1, j + 1] = alpha[j] * psi[: j + 1, j] + beta[j]
     dev = table.timesteps.device
     return torch.tensor(phi, dtype=torch.float32, device=dev), torch.tensor(psi, dtype=torch.float32, device=dev)
-
