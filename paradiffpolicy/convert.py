@@ -1,6 +1,6 @@
 """Convert a LeRobot folder or a diffusion_policy ``.ckpt`` to our format, once.
 
-    python -m paradiffpolicy.convert SRC DST [--float16]
+    python -m paradiffpolicy.convert SRC DST [--float16] [--overwrite]
 
 ``DST`` gets ``model.safetensors`` + ``config.json`` (pickle-free from then on), with the source
 path, its detected format and this package's version recorded in the metadata. The conversion is
@@ -21,10 +21,25 @@ from paradiffpolicy.config import SamplerConfig
 from paradiffpolicy.interop import detect_format
 
 
-def convert(src: str | Path, dst: str | Path, weights_dtype: str = "float32") -> dict:
+def check_destination(dst: str | Path, overwrite: bool = False) -> Path:
+    """``dst`` as a directory a checkpoint may be written to; ``CheckpointError`` naming it when it
+    is an existing file, or a directory that already holds a checkpoint (unless ``overwrite``).
+    Checked before anything is loaded or written, so a refused destination is left untouched."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"destination {dst} is an existing file; expected a directory (new or empty)")
+    held = [f for f in ("config.json", "model.safetensors") if (dst / f).exists()]
+    if held and not overwrite:
+        raise CheckpointError(f"destination {dst} already holds a checkpoint ({', '.join(held)}); "
+                              "choose another directory or pass --overwrite")
+    return dst
+
+
+def convert(src: str | Path, dst: str | Path, weights_dtype: str = "float32", overwrite: bool = False) -> dict:
     """Write ``src`` (any supported format) to ``dst`` in ours; returns a summary."""
     from paradiffpolicy import __version__
 
+    check_destination(dst, overwrite)
     fmt = detect_format(src)
     seq = SamplerConfig(name="sequential")
     policy = load_policy(src, sampler=seq)
@@ -48,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="a LeRobot policy folder, a diffusion_policy .ckpt, or one of ours")
     parser.add_argument("dst", help="output directory")
     parser.add_argument("--float16", action="store_true", help="store network weights as float16 (statistics stay float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in DST")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.src, args.dst, "float16" if args.float16 else "float32")
+        out = convert(args.src, args.dst, "float16" if args.float16 else "float32", overwrite=args.overwrite)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -169,6 +169,17 @@ def test_convert_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "paradiffpolicy.convert", str(tmp_path / "nope"), str(tmp_path / "d")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    # a bad destination: a one-line error, and what is there stays as it was
+    before = (tmp_path / "c" / "model.safetensors").read_bytes()
+    again = subprocess.run([sys.executable, "-m", "paradiffpolicy.convert", str(DP / "latest.ckpt"), str(tmp_path / "c")],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a checkpoint" in again.stderr and "Traceback" not in again.stderr
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == before
+    (tmp_path / "file").write_text("keep me")
+    onto_file = subprocess.run([sys.executable, "-m", "paradiffpolicy.convert", str(DP / "latest.ckpt"), str(tmp_path / "file")],
+                               capture_output=True, text=True)
+    assert onto_file.returncode == 2 and "existing file" in onto_file.stderr and "Traceback" not in onto_file.stderr
+    assert (tmp_path / "file").read_text() == "keep me"
 
 
 @pytest.mark.slow
