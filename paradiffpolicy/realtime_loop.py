@@ -78,31 +78,34 @@ def main(argv: list[str]) -> dict:
     series: list[dict] = []
     episodes: list = []  # EpisodeResult of every finished (or stopped) episode
     t0 = time.perf_counter()
-    soak = {"next": t0 + cfg.interval_s, "calls": 0, "misses": 0}
+    soak = {"next": t0 + cfg.interval_s, "calls": 0, "misses": 0, "done_ticks": 0}  # done_ticks: finished episodes
 
-    def totals(current) -> tuple[int, int, int, list[float]]:
-        """Ticks, deadline misses, late ticks and call latencies so far, the running episode included."""
-        ticks = sum(e.length for e in episodes) + current.length
+    def report(now: float, current) -> None:
+        """One soak row: memory, and the latencies and misses of the calls since the last row."""
+        lat = [ms for e in episodes for ms in e.inference.latency_ms] + list(runner.log.latency_ms)
         misses = sum(e.deadline_misses for e in episodes) + runner.deadline_misses
-        late = sum(e.late_ticks for e in episodes) + current.late_ticks
-        return ticks, misses, late, [ms for e in episodes for ms in e.inference.latency_ms] + list(runner.log.latency_ms)
+        new = lat[soak["calls"]:]
+        row = {"elapsed_s": round(now - t0, 1), "ticks": sum(e.length for e in episodes) + current.length, "rss_mb": rss_mb(),
+               "worker_rss_mb": rss_mb(getattr(runner.agent, "pid", None)) if cfg.inference_process else None,
+               "calls": len(new), "deadline_misses": misses - soak["misses"],
+               "late_ticks_total": sum(e.late_ticks for e in episodes) + current.late_ticks,
+               **{f"latency_{q}_ms": float(np.percentile(new, v)) if new else None
+                  for q, v in (("p50", 50), ("p99", 99), ("max", 100))}}
+        series.append(row)
+        if series_path is not None:
+            with open(series_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        soak.update(next=soak["next"] + cfg.interval_s, calls=len(lat), misses=misses)
+
+    def spent(ticks: int, now: float) -> bool:
+        """Whether the loop's budget (``ticks``, else ``seconds``) is used up."""
+        return ticks >= cfg.ticks if cfg.ticks > 0 else now >= t0 + cfg.seconds
 
     def after_tick(current) -> bool:
         now = time.perf_counter()
-        ticks, misses, late, lat = totals(current)
         if cfg.interval_s > 0 and now >= soak["next"]:
-            new = lat[soak["calls"]:]
-            row = {"elapsed_s": round(now - t0, 1), "ticks": ticks, "rss_mb": rss_mb(),
-                   "worker_rss_mb": rss_mb(getattr(runner.agent, "pid", None)) if cfg.inference_process else None,
-                   "calls": len(new), "deadline_misses": misses - soak["misses"], "late_ticks_total": late,
-                   **{f"latency_{q}_ms": float(np.percentile(new, v)) if new else None
-                      for q, v in (("p50", 50), ("p99", 99), ("max", 100))}}
-            series.append(row)
-            if series_path is not None:
-                with open(series_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            soak.update(next=soak["next"] + cfg.interval_s, calls=len(lat), misses=misses)
-        return ticks >= cfg.ticks if cfg.ticks > 0 else now >= t0 + cfg.seconds
+            report(now, current)
+        return spent(soak["done_ticks"] + current.length, now)
 
     with PolicyRunner(policy, hz=hz, hold=cfg.task.hold, budget_s=cfg.budget_s, warm_start=cfg.sampler.warm_start,
                       inference_process=cfg.inference_process, threads=cfg.threads) as runner:
@@ -111,8 +114,8 @@ def main(argv: list[str]) -> dict:
             while not stop:  # episodes restart when they end, until the tick or time budget is spent
                 result = run_realtime(env, runner, cfg.seed + len(episodes), hz, after_tick=after_tick)
                 episodes.append(result)
-                stop = result.failure_reason is not None or (
-                    sum(e.length for e in episodes) >= cfg.ticks if cfg.ticks > 0 else time.perf_counter() >= t0 + cfg.seconds)
+                soak["done_ticks"] += result.length
+                stop = result.failure_reason is not None or spent(soak["done_ticks"], time.perf_counter())
         except KeyboardInterrupt:
             print("interrupted; reporting what was measured", file=sys.stderr)
     total_ticks = sum(e.length for e in episodes)

@@ -294,13 +294,9 @@ def run_tune(cfg: TuneConfig, out_dir: Path) -> dict:
     timed = []
     for v in verify:
         seq = lat[f"sequential {v.backend}"]
-
-        ratios = np.asarray(seq) / np.asarray(lat[v.label])
         timed.append({"label": v.label, "sampler": dataclasses.asdict(v.sampler), "backend": v.backend, "predicted_ms": v.predicted_ms,
                       "latency_ms": {"p50": float(np.median(lat[v.label])), "p95": float(np.percentile(lat[v.label], 95))},
-                      "speedup_vs_sequential_same_backend": {"reference": f"sequential, backend={v.backend}",
-                                                             "median": float(np.median(ratios)),
-                                                             "p5_p95": [float(np.percentile(ratios, 5)), float(np.percentile(ratios, 95))]},
+                      "speedup_vs_sequential_same_backend": {"reference": f"sequential, backend={v.backend}", **_ratio(seq, lat[v.label])},
                       "speedup_vs_fastest_sequential": {"reference": fastest, **_ratio(lat[fastest], lat[v.label])},
                       "tune_dev_max": v.tune_dev_max, "tune_over": v.tune_over})
     eligible = [t for t in timed if not t["label"].startswith("README") or meets(base, t, cond_tune, noise, ref, cfg, allowed)]
