@@ -22,7 +22,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -68,6 +68,9 @@ class FrontierConfig:
     n_episodes: int = 100
     n_envs: int = 10
     seed: int = 10_000_000
+    # success phase: the network backend of the episodes (None: eval's default, eager); episodes on
+    # two backends differ only by the backends' float error, so a setting keeps its seed set's backend
+    backend: Optional[str] = None
     # latency phase: every setting on each of these backends, interleaved; each row reports its fastest
     backends: List[str] = field(default_factory=lambda: ["jit", "onnxruntime", "openvino"])
     threads: int = 2
@@ -86,6 +89,8 @@ class FrontierConfig:
         for key in ("n_episodes", "n_envs", "threads", "trials"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.backend is not None:
+            check_backend(self.backend, key="backend")
         if self.phase == "latency":
             if not self.backends:
                 raise ValueError("backends=[] is empty; expected some of jit, onnxruntime, openvino, eager")
@@ -110,7 +115,8 @@ def success_phase(cfg: FrontierConfig) -> None:
     for name in cfg.settings:
         run_point(Path(cfg.runs) / cfg.task / name,
                   [f"task={cfg.task}", f"n_episodes={cfg.n_episodes}", f"n_envs={cfg.n_envs}", f"seed={cfg.seed}",
-                   f"threads={cfg.threads}", *([f"task.max_steps={cfg.max_steps}"] if cfg.max_steps else []),
+                   f"threads={cfg.threads}", *([f"backend={cfg.backend}"] if cfg.backend else []),
+                   *([f"task.max_steps={cfg.max_steps}"] if cfg.max_steps else []),
                    *[f"sampler.{k}={v}" for k, v in dataclasses.asdict(sampler_config(cfg, name)).items() if v is not None]],
                   cfg.n_episodes, f"{cfg.task} {name}")
 
