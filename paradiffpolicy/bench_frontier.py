@@ -4,6 +4,7 @@
     python -m paradiffpolicy.bench_frontier phase=latency task=lift       # batch-1 latency, run alone
     python -m paradiffpolicy.bench_frontier phase=report task=lift        # JSON + Markdown + plot
     python -m paradiffpolicy.bench_frontier phase=summary tasks=[lift,stack,pusht_keypoints]  # one table, all tasks
+    python -m paradiffpolicy.bench_frontier phase=pooled task=stack "pooled_runs=[runs/a,runs/b]"  # seed sets pooled
 
 ``success`` runs ``paradiffpolicy.eval`` once per sampler setting (``n_episodes`` fixed seeds, the
 same for every setting; ``n_envs`` environments batched for throughput, which changes no episode)
@@ -12,7 +13,10 @@ interruption. ``latency`` times one policy call per setting at batch 1 on the sa
 noise, settings interleaved in an order that rotates per trial, all on one network backend, on the
 observations shipped with the checkpoint; run it with nothing else on the machine. ``report`` joins
 both: success with its standard error sqrt(p(1-p)/n), mean max reward, latency p50/p95.
-``summary`` puts the reports of ``tasks`` side by side (``frontier-summary.md``).
+``summary`` puts the reports of ``tasks`` side by side (``frontier-summary.md``). ``pooled`` joins
+the success runs of disjoint seed sets (each written by ``success`` with its own ``seed`` and
+``runs``) and compares every pair of settings episode by episode on all of them, with the exact
+McNemar test: a difference is stated only where p < ``alpha`` (``frontier-pooled-<task>``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from paradiffpolicy.eval import run_complete
 from paradiffpolicy.measure import interleaved, percentiles, provenance
 from paradiffpolicy.presets import sampler_preset
 from paradiffpolicy.runtime import cpu_model
-from paradiffpolicy.success_stats import finish_success_plot, success_cell, wilson_interval, write_report
+from paradiffpolicy.success_stats import (finish_success_plot, paired, success_cell, success_summary, wilson_interval,
+                                          write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,10 +84,16 @@ class FrontierConfig:
     runs: str = "outputs/frontier"
     out: str = "benchmarks/results"
     max_steps: int = 0  # 0: the task's episode length (smoke tests shorten it)
+    pooled_runs: List[str] = field(default_factory=list)  # pooled only: the runs folders of disjoint seed sets
+    alpha: float = 0.05  # pooled only: the p-value below which a difference is stated
 
     def __post_init__(self) -> None:
-        if self.phase not in ("success", "latency", "report", "summary"):
-            raise ValueError(f"phase={self.phase!r} must be success, latency, report or summary")
+        if self.phase not in ("success", "latency", "report", "summary", "pooled"):
+            raise ValueError(f"phase={self.phase!r} must be success, latency, report, summary or pooled")
+        if self.phase == "pooled" and len(self.pooled_runs) < 1:
+            raise ValueError("pooled_runs=[] is empty; expected the runs folders of the seed sets to pool")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha={self.alpha} must lie in (0, 1)")
         unknown = [s for s in self.settings if s not in SETTINGS]
         if unknown:
             raise ValueError(f"settings {unknown} are unknown; expected some of {list(SETTINGS)}")
@@ -238,6 +249,72 @@ def summary_phase(cfg: FrontierConfig) -> str:
     return text
 
 
+def pooled_phase(cfg: FrontierConfig) -> dict:
+    """Every setting complete in every seed set of ``pooled_runs``, pooled; each pair of settings
+    compared on the pooled episodes (:func:`~paradiffpolicy.success_stats.paired`)."""
+    sets, names = [], list(cfg.settings)
+    for runs in cfg.pooled_runs:
+        infos = {}
+        for name in cfg.settings:
+            path = Path(runs) / cfg.task / name / "eval_info.json"
+            info = json.loads(path.read_text()) if path.is_file() else None
+            if info is None or info.get("interrupted"):
+                print(f"{path}: missing or interrupted, {name} left out of the pooled report", flush=True)
+                names = [n for n in names if n != name]
+                continue
+            infos[name] = info
+        sets.append((runs, infos))
+    if len(names) < 2:
+        raise SystemExit(f"fewer than two settings are complete in every one of {list(cfg.pooled_runs)}")
+    per_seed: dict[str, list[bool]] = {n: [] for n in names}
+    seen: set[int] = set()
+    seed_sets = []
+    for runs, infos in sets:
+        seeds = sorted(e["seed"] for e in infos[names[0]]["per_episode"])
+        for n in names:
+            eps = sorted(infos[n]["per_episode"], key=lambda e: e["seed"])
+            if [e["seed"] for e in eps] != seeds:
+                raise SystemExit(f"{runs}: {n} ran other seeds than {names[0]}; a seed set must be shared by every setting")
+            per_seed[n] += [bool(e["success"]) for e in eps]
+        if seen & set(seeds):
+            raise SystemExit(f"{runs}: seeds {sorted(seen & set(seeds))[:3]}... appear in another seed set; pooled sets must be disjoint")
+        seen |= set(seeds)
+        seed_sets.append({"runs": str(runs), "seeds": [seeds[0], seeds[-1]], "n_episodes": len(seeds),
+                          "backend": infos[names[0]].get("backend"), "cpu": infos[names[0]].get("cpu"),
+                          "pc_success": {n: infos[n]["overall"]["pc_success"] for n in names}})
+    rows = {n: {"label": LABELS[n], **success_summary(per_seed[n]), "success_per_seed": per_seed[n]} for n in names}
+    pairs = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            test = paired(per_seed[a], per_seed[b])
+            better = a if test["won"] > test["lost"] else b
+            pairs.append({"a": a, "b": b, **test, "verdict": f"{LABELS[better]} better" if test["p_value"] < cfg.alpha
+                          else "no measurable difference"})
+    result = {"task": cfg.task, "alpha": cfg.alpha, "seed_sets": seed_sets, "episodes_per_setting": len(seen),
+              "settings": rows, "pairs": pairs}
+    return write_report(Path(cfg.out) / f"frontier-pooled-{cfg.task}", result, pooled_markdown, None)
+
+
+def pooled_markdown(result: dict) -> str:
+    sets = result["seed_sets"]
+    lines = [f"# Success on pooled seed sets: {result['task']}\n",
+             f"{result['episodes_per_setting']} episodes per setting: " + "; ".join(
+                 f"seeds {s['seeds'][0]}..{s['seeds'][1]} ({s['n_episodes']}, backend {s['backend'] or 'eager'}, {s['cpu']})"
+                 for s in sets) + ". Fast mode, every setting on the same episodes. Pairs: episodes the first setting "
+             "wins / loses against the second, and the exact McNemar p-value on them; a difference is stated only where "
+             f"p < {result['alpha']}.\n",
+             "| sampler | pooled success % (± SE) | 95% interval | " + " | ".join(f"seeds {s['seeds'][0]}.." for s in sets) + " |",
+             "|---|---|---|" + "---|" * len(sets)]
+    for n, r in result["settings"].items():
+        lo, hi = r["pc_success_ci95"]
+        lines.append(f"| {r['label']} | {success_cell(r)} | {lo:.0f}-{hi:.0f} | "
+                     + " | ".join(f"{s['pc_success'][n]:.0f}" for s in sets) + " |")
+    lines += ["", "| pair | won / lost | p | verdict |", "|---|---|---|---|"]
+    for p in result["pairs"]:
+        lines.append(f"| {LABELS[p['a']]} vs {LABELS[p['b']]} | +{p['won']} / −{p['lost']} | {p['p_value']:.3f} | {p['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict) -> str:
     lat = result["latency"]
     head = (f"# Success × latency frontier: {result['task']}\n\n{result['episodes_per_setting']} episodes per setting, "
@@ -281,7 +358,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str]):
     cfg = from_argv(FrontierConfig, argv)
-    return {"success": success_phase, "latency": latency_phase, "report": report_phase, "summary": summary_phase}[cfg.phase](cfg)
+    return {"success": success_phase, "latency": latency_phase, "report": report_phase, "summary": summary_phase,
+            "pooled": pooled_phase}[cfg.phase](cfg)
 
 
 if __name__ == "__main__":

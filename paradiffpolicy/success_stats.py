@@ -8,6 +8,7 @@ losses), not by their rates alone.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -33,12 +34,24 @@ def success_summary(successes: list[bool]) -> dict:
 
 
 def paired(these: list[bool], reference: list[bool]) -> dict:
-    """Episodes (same seeds, same order) these succeed in and the reference fails ("won"), and the
-    reverse ("lost")."""
+    """Episodes (same seeds, same order) these succeed in and the reference fails ("won"), the
+    reverse ("lost"), and the exact McNemar p-value of the two (:func:`sign_test`)."""
     if len(these) != len(reference):
         raise ValueError(f"paired comparison needs the same episodes: {len(these)} vs {len(reference)}")
-    return {"won": sum(a and not b for a, b in zip(these, reference)),
-            "lost": sum(b and not a for a, b in zip(these, reference))}
+    won = sum(a and not b for a, b in zip(these, reference))
+    lost = sum(b and not a for a, b in zip(these, reference))
+    return {"won": won, "lost": lost, "p_value": sign_test(won, lost)}
+
+
+def sign_test(won: int, lost: int) -> float:
+    """Two-sided exact McNemar test: the probability, were both settings equally good, of a split
+    of the ``won + lost`` discordant episodes at least as uneven as this one (each discordant
+    episode a fair coin; episodes both settings win or both lose say nothing about the difference)."""
+    n = won + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(won, lost) + 1)) / 2**n
+    return float(min(1.0, 2 * tail))
 
 
 def success_cell(row: dict) -> str:

@@ -110,6 +110,20 @@ def test_frontier_success_interval_is_wilsons():
     assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
 
 
+def test_paired_counts_and_exact_mcnemar_p():
+    """Won / lost count only discordant episodes; the p-value is the two-sided exact binomial test
+    on them (18 vs 35 → 0.0270, as scipy.stats.binomtest(18, 53) gives; 0 vs 5 → 2/32; a tie → 1)."""
+    from paradiffpolicy.success_stats import paired, sign_test
+
+    these, ref = [True, True, False, False, True], [True, False, True, False, False]
+    assert paired(these, ref) == {"won": 2, "lost": 1, "p_value": 1.0}
+    assert sign_test(18, 35) == pytest.approx(0.027008, abs=1e-6)
+    assert sign_test(35, 18) == sign_test(18, 35)
+    assert sign_test(0, 5) == pytest.approx(0.0625) and sign_test(0, 0) == 1.0
+    with pytest.raises(ValueError, match="same episodes"):
+        paired(these, ref[:4])
+
+
 @pytest.mark.slow
 def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
     """python -m paradiffpolicy.bench_delay on the shipped PushT keypoints policy, short episodes:
@@ -183,6 +197,19 @@ def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
     assert "| sequential DDIM-8 |" in summary and (tmp_path / "out" / "frontier-summary.md").read_text() == summary
     with pytest.raises(SystemExit, match="no report for"):
         mod.main(["phase=summary", "tasks=[pusht,lift]", *common])
+    # a second, disjoint seed set, then both pooled: pairs on all 6 episodes
+    second = [c for c in common if not c.startswith(("runs=", "settings="))]
+    mod.main(["phase=success", "seed=20000000", "settings=[ddpm100,ddim8]", f"runs={tmp_path / 'runs2'}", *second])
+    pooled = mod.main(["phase=pooled", f"pooled_runs=[{tmp_path / 'runs'},{tmp_path / 'runs2'}]", *common])
+    assert set(pooled["settings"]) == {"ddpm100", "ddim8"}  # paraddim10-p4 is missing from the second set
+    assert [s["n_episodes"] for s in pooled["seed_sets"]] == [3, 3] and pooled["episodes_per_setting"] == 6
+    (pair,) = pooled["pairs"]
+    a, b = pooled["settings"]["ddpm100"]["success_per_seed"], pooled["settings"]["ddim8"]["success_per_seed"]
+    assert len(a) == 6 and pair["won"] - pair["lost"] == sum(a) - sum(b)
+    assert (pair["verdict"] == "no measurable difference") == (pair["p_value"] >= 0.05)
+    assert "| pair | won / lost | p | verdict |" in (tmp_path / "out" / "frontier-pooled-pusht.md").read_text()
+    with pytest.raises(SystemExit, match="disjoint"):
+        mod.main(["phase=pooled", f"pooled_runs=[{tmp_path / 'runs'},{tmp_path / 'runs'}]", *common])
 
 
 @pytest.mark.slow
