@@ -96,17 +96,70 @@ class DelayBenchConfig:
 
 
 def success_phase(cfg: DelayBenchConfig) -> None:
+    """Each point's episodes; a complete point with fewer episodes than ``n_episodes`` grows by the
+    missing seeds, run into ``more-<first seed>/`` beside it (the report pools the parts)."""
     from paradiffpolicy.eval import run_point
 
     for d in cfg.delays:
         for method in cfg.methods:
             run = Path(cfg.runs) / cfg.task / cfg.sampler_label / cfg.method_label(method) / f"d{d}"
-            run_point(run, [f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"backend={cfg.backend}",
-                            "controller=delay", f"controller.delay={d}", f"controller.execute={cfg.execute_for(d)}",
-                            f"controller.join.method={method}",
-                            f"controller.join.inpaint={cfg.inpaint}", f"n_episodes={cfg.n_episodes}", f"n_envs={cfg.n_envs}",
-                            f"seed={cfg.seed}", f"threads={cfg.threads}", *([f"task.max_steps={cfg.max_steps}"] if cfg.max_steps else [])],
-                      cfg.n_episodes, f"{cfg.task} {cfg.sampler_label} {cfg.method_label(method)} d={d}")
+            name = f"{cfg.task} {cfg.sampler_label} {cfg.method_label(method)} d={d}"
+            parts = point_parts(run)
+            have = sum(info["overall"]["n_episodes"] for info in parts)
+            if have >= cfg.n_episodes:
+                print(f"{name}: {have} episodes, done, skipped", flush=True)
+            elif not parts:
+                run_point(run, point_overrides(cfg, method, d, cfg.seed, cfg.n_episodes), cfg.n_episodes, name)
+            else:
+                run_point(run / f"more-{cfg.seed + have}", point_overrides(cfg, method, d, cfg.seed + have, cfg.n_episodes - have),
+                          cfg.n_episodes - have, f"{name} (seeds {cfg.seed + have}+)")
+
+
+def point_overrides(cfg: DelayBenchConfig, method: str, delay: int, seed: int, n_episodes: int) -> list[str]:
+    """The ``paradiffpolicy.eval`` overrides of one point's episodes."""
+    return [f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"backend={cfg.backend}",
+            "controller=delay", f"controller.delay={delay}", f"controller.execute={cfg.execute_for(delay)}",
+            f"controller.join.method={method}", f"controller.join.inpaint={cfg.inpaint}", f"n_episodes={n_episodes}",
+            f"n_envs={cfg.n_envs}", f"seed={seed}", f"threads={cfg.threads}",
+            *([f"task.max_steps={cfg.max_steps}"] if cfg.max_steps else [])]
+
+
+def point_parts(run: Path) -> list[dict]:
+    """The finished evaluations of a point, in seed order: ``run`` itself, then each ``more-<seed>/``
+    that continues the seeds without a gap (a part that does not is left out, and rerun)."""
+    parts: list[dict] = []
+    for path in [run, *sorted(run.glob("more-*"), key=lambda p: int(p.name.split("-")[1]))]:
+        try:
+            info = json.loads((path / "eval_info.json").read_text())
+        except (OSError, ValueError):
+            break
+        seeds = sorted(e["seed"] for e in info["per_episode"])
+        if info.get("interrupted") or (parts and seeds[0] != max(e["seed"] for e in parts[-1]["per_episode"]) + 1):
+            break
+        parts.append(info)
+    return parts
+
+
+def merged_point(parts: list[dict]) -> dict:
+    """One point's parts as one ``eval_info``: episodes joined; means weighted by their counts;
+    a jump's p95 over parts is their p95s weighted by count (an approximation, exact for one part)."""
+    if len(parts) == 1:
+        return parts[0]
+    info = {**parts[0], "per_episode": [e for p in parts for e in p["per_episode"]], "parts": len(parts)}
+    calls = [p["inference"]["calls"] for p in parts]
+    info["inference"] = {**parts[0]["inference"], "calls": sum(calls),
+                         "iterations_mean": float(np.average([p["inference"]["iterations_mean"] for p in parts], weights=calls))}
+    jumps = [p["control"].get("jumps") for p in parts]
+    if all(jumps):
+        merged = {}
+        for where in ("seam", "inner"):
+            live = [j[where] for j in jumps if j[where]["n"]]
+            merged[where] = {"n": sum(x["n"] for x in live), "mean": None, "p95": None}
+            if live:
+                merged[where].update({k: float(np.average([x[k] for x in live], weights=[x["n"] for x in live]))
+                                      for k in ("mean", "p95")})
+        info["control"] = {**parts[0]["control"], "jumps": merged}
+    return info
 
 
 def cost_phase(cfg: DelayBenchConfig) -> dict:
@@ -176,10 +229,10 @@ def report_phase(cfg: DelayBenchConfig) -> dict:
     base = Path(cfg.runs) / cfg.task
     points = []
     for info_path in sorted(base.glob("*/*/d*/eval_info.json")):
-        info = json.loads(info_path.read_text())
-        if not info.get("interrupted"):
+        parts = point_parts(info_path.parent)
+        if parts:
             sampler_label, method, dname = info_path.parts[-4:-1]
-            points.append(_point(info, sampler_label, method, int(dname[1:]), str(info_path)))
+            points.append(_point(merged_point(parts), sampler_label, method, int(dname[1:]), str(info_path.parent)))
     if not points:
         raise SystemExit(f"no complete point under {base}; run phase=success first")
     if cfg.fast_run and not any(p["method"] == "naive" and p["delay"] == 0 for p in points):
@@ -224,14 +277,15 @@ def markdown(result: dict) -> str:
              "the previous chunk executes, then the new chunk from index d (s: ticks between calls; `-sd`: s = d). Seeds from "
              f"{p0['seeds'][0]}; every point of a sampler on the same seeds. Success ± SE and the 95% Wilson "
              "interval; paired on the seeds: episodes won / lost against `naive` at the same d and against "
-             "the method's own d = 0 (fast mode, i.e. naive d = 0, where it has none). Jumps: the L2 norm of the change between consecutive executed actions, at "
+             "the method's own d = 0 (fast mode, i.e. naive d = 0, where it has none), with the exact McNemar p-value. A point "
+             "of more than one run (grown by later seeds) gives its jumps' p95 as the runs' p95s weighted by count. Jumps: the L2 norm of the change between consecutive executed actions, at "
              "chunk seams and within chunks (environment units), mean / p95.\n",
              "| sampler | join | d | s | episodes | success % | 95% interval | vs naive (same d) | vs d=0 | "
              "jump at seams | jump within chunks | Picard iterations |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
         lo, hi = p["pc_success_ci95"]
-        vs = lambda r: "" if r is None else f"+{r['won']} / −{r['lost']}"  # noqa: E731
+        vs = lambda r: "" if r is None else f"+{r['won']} / −{r['lost']} (p {r['p_value']:.2f})"  # noqa: E731
         j = p["jumps"]
         seam, inner = ("n/a", "n/a") if j is None or not j["seam"]["n"] else (f"{j['seam']['mean']:.3g} / {j['seam']['p95']:.3g}",
                                                        f"{j['inner']['mean']:.3g} / {j['inner']['p95']:.3g}")

@@ -152,6 +152,13 @@ def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
         assert p["jumps"]["seam"]["n"] > 0 and p["jumps"]["inner"]["n"] > 0
     assert json.loads((tmp_path / "out" / "delay-pusht_keypoints.json").read_text())["points"] == report["points"]
     assert (tmp_path / "out" / "delay-pusht_keypoints.md").read_text().count("| picard |") == 4
+    # a complete point grows by the missing seeds only; the report pools its parts
+    grow = [c for c in common if not c.startswith(("methods=", "delays=", "n_episodes="))]
+    bench_delay.main(["phase=success", "methods=[soft]", "delays=[3]", "n_episodes=5", *grow])
+    assert info_path.stat().st_mtime_ns == first and (info_path.parent / "more-10000003" / "eval_info.json").is_file()
+    grown = {(p["method"], p["delay"]): p for p in bench_delay.main(["phase=report", *common])["points"]}[("soft", 3)]
+    assert grown["n_episodes"] == 5 and grown["seeds"] == [10_000_000, 10_000_004]
+    assert grown["success_per_seed"][:3] == points[("soft", 3)]["success_per_seed"] and grown["vs_naive"]["episodes"] == 3
     cost = bench_delay.main(["phase=cost", "methods=[naive,hard,guided]", "trials=2", "warmup=1", *common[2:]])
     assert set(cost["methods"]) == {"naive", "hard", "guided"} and cost["observations"]["held_out"] is True
     with pytest.raises(SystemExit, match="methods"):
