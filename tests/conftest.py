@@ -59,15 +59,17 @@ def toy():
     return ToyDenoiser()
 
 
-def tiny_lowdim_policy():
-    """A small untrained low-dim policy (obs 5, action 2, 20 DDPM steps) with fitted normalisers."""
-    from paradiffpolicy import DiffusionPolicy, PolicyConfig, SchedulerConfig
+def tiny_policy(sampler=None, *, steps: int = 20, obs_range=(0.0, 1.0), action_range=(-1.0, 1.0), **config):
+    """The suite's one small policy: an untrained low-dim U-Net (obs 5, action 2, horizon 16 unless
+    ``config`` says otherwise; weights from seed 0), ``steps`` DDPM steps, normalisers fitted to
+    ``obs_range`` / ``action_range``; ``sampler``: its SamplerConfig (None: the default)."""
+    from paradiffpolicy import DiffusionPolicy, PolicyConfig
 
-    cfg = PolicyConfig(obs_dim=5, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16,
-                       scheduler=SchedulerConfig(num_train_timesteps=20, num_inference_steps=20))
+    cfg = PolicyConfig(**{"obs_dim": 5, "action_dim": 2, "down_dims": [16, 32], "diffusion_step_embed_dim": 16, **config})
+    cfg.scheduler.num_train_timesteps = cfg.scheduler.num_inference_steps = steps
     torch.manual_seed(0)
-    policy = DiffusionPolicy(cfg)
-    policy.obs_normalizer.fit(torch.tensor([[0.0] * 5, [1.0] * 5]))
-    policy.action_normalizer.fit(torch.tensor([[-1.0] * 2, [1.0] * 2]))
-    return policy
+    policy = DiffusionPolicy(cfg, sampler)
+    policy.obs_normalizer.fit(torch.tensor([[obs_range[0]] * cfg.obs_dim, [obs_range[1]] * cfg.obs_dim]))
+    policy.action_normalizer.fit(torch.tensor([[action_range[0]] * cfg.action_dim, [action_range[1]] * cfg.action_dim]))
+    return policy.eval()
 

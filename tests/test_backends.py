@@ -10,7 +10,7 @@ from conftest import needs_backend
 from paradiffpolicy import SamplerConfig, load_policy
 from paradiffpolicy.backends import available_backends, cache_dir
 from paradiffpolicy.sampling.prefix import ActionPrefix
-from test_policy import small_policy
+from conftest import tiny_policy
 
 EXPORTED = [pytest.param(b, marks=needs_backend(b)) for b in ("onnxruntime", "openvino")]
 
@@ -22,7 +22,7 @@ def _inputs(policy, bsz=3):
 
 @pytest.mark.parametrize("backend", EXPORTED)
 def test_exported_sequential_sample_is_the_eager_one(backend):
-    policy = small_policy(SamplerConfig(name="sequential"))
+    policy = tiny_policy(SamplerConfig(name="sequential"))
     obs, noise = _inputs(policy)
     eager = policy.predict_action(obs, noise=noise)
     out = policy.predict_action(obs, noise=noise, backend=backend)
@@ -44,7 +44,7 @@ def test_exported_sequential_sample_is_the_eager_one(backend):
 def test_picard_reaches_the_sequential_sample_of_its_backend(backend, exact):
     """Picard's fixed point on an exported network is that network's sequential sample, with a
     committed prefix too (conditioned sampling on the same backend)."""
-    policy = small_policy(SamplerConfig(name="sequential"))
+    policy = tiny_policy(SamplerConfig(name="sequential"))
     policy.set_backend(backend)
     obs, noise = _inputs(policy)
     picard = policy.make_sampler(SamplerConfig(name="picard", **exact))
@@ -57,19 +57,19 @@ def test_picard_reaches_the_sequential_sample_of_its_backend(backend, exact):
 
 @pytest.mark.parametrize("backend", EXPORTED)
 def test_export_is_cached_by_weights(backend):
-    policy = small_policy()
+    policy = tiny_policy()
     obs, noise = _inputs(policy, 1)
     policy.predict_action(obs, noise=noise, backend=backend)
     files = sorted((cache_dir() / "onnx").glob("unet-*.onnx"))
     assert files and os.environ["PARADIFFPOLICY_CACHE"] in str(files[0])  # the tests' cache, not the user's
-    again = small_policy()  # same seed, same weights: the same file
+    again = tiny_policy()  # same seed, same weights: the same file
     again.predict_action(obs, noise=noise, backend=backend)
     assert sorted((cache_dir() / "onnx").glob("unet-*.onnx")) == files
 
 
 @pytest.mark.parametrize("backend", EXPORTED)
 def test_guided_join_needs_a_differentiable_backend(backend):
-    policy = small_policy()
+    policy = tiny_policy()
     obs, noise = _inputs(policy, 1)
     guided = ActionPrefix(torch.zeros(1, 16, 2), torch.ones(1, 16), mode="guided")
     with pytest.raises(ValueError, match="backend=eager or backend=jit"):
@@ -77,7 +77,7 @@ def test_guided_join_needs_a_differentiable_backend(backend):
 
 
 def test_bad_backend_is_refused_by_name(tmp_path):
-    policy = small_policy()
+    policy = tiny_policy()
     with pytest.raises(ValueError, match=r"backend='tpu' is unknown"):
         policy.set_backend("tpu")
     with pytest.raises(ValueError, match=r"backend='onnx' is unknown"):
@@ -91,7 +91,7 @@ def test_bad_backend_is_refused_by_name(tmp_path):
 def test_a_copy_of_a_policy_rebuilds_its_exported_network(backend):
     import copy
 
-    policy = small_policy(SamplerConfig(name="sequential"))
+    policy = tiny_policy(SamplerConfig(name="sequential"))
     policy.set_backend(backend)
     obs, noise = _inputs(policy, 1)
     out = policy.predict_action(obs, noise=noise)  # the runtime is built

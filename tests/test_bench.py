@@ -269,11 +269,11 @@ def test_make_obs_sample_keeps_camera_frames(tmp_path):
 def test_compare_checkpoints_measures_the_weight_format_against_the_sampler(tmp_path):
     import torch
 
-    from conftest import tiny_lowdim_policy
+    from conftest import tiny_policy
     from paradiffpolicy import DiffusionPolicy, PolicyConfig, save_policy
     from paradiffpolicy.data.obs_sample import save_observation_sample
 
-    policy = tiny_lowdim_policy()
+    policy = tiny_policy()
     cfg = policy.config
     save_policy(policy, tmp_path / "f32")
     save_policy(policy, tmp_path / "f16", weights_dtype="float16")

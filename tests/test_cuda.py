@@ -10,7 +10,7 @@ import torch
 
 from paradiffpolicy import SamplerConfig, load_policy
 from paradiffpolicy.sampling import WarmStart
-from test_policy import small_policy
+from conftest import tiny_policy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -31,7 +31,7 @@ def _inputs(policy, bsz=3):
 
 
 def test_every_sampler_gives_the_sequential_sample_on_cuda():
-    policy = small_policy(SamplerConfig(name="sequential"))
+    policy = tiny_policy(SamplerConfig(name="sequential"))
     obs, noise = _inputs(policy)
     cpu = policy.predict_action(obs, noise=noise).actions
     policy.to("cuda")
@@ -50,7 +50,7 @@ def test_every_sampler_gives_the_sequential_sample_on_cuda():
 
 
 def test_warm_started_tick_stays_exact_on_cuda():
-    policy = small_policy(SamplerConfig(name="picard", window=8, tol=0.0)).to("cuda")
+    policy = tiny_policy(SamplerConfig(name="picard", window=8, tol=0.0)).to("cuda")
     obs, _ = _inputs(policy)
     noise = policy.draw_noise(3, torch.Generator().manual_seed(1))
     info = policy.predict_action(obs, noise=noise, return_trajectory=True)

@@ -3,9 +3,9 @@ prefix, on the real PushT environment with a tiny (untrained) policy. No test re
 
 import numpy as np
 import pytest
-import torch
 
-from paradiffpolicy import DiffusionPolicy, PolicyConfig, PolicyRunner, SamplerConfig, SchedulerConfig, save_policy
+from conftest import tiny_policy
+from paradiffpolicy import PolicyRunner, SamplerConfig, save_policy
 from paradiffpolicy.control.agent import PolicyAgent
 from paradiffpolicy.control.controller import ControllerConfig, DelaySchedule, Episode, run_fast, run_vector
 from paradiffpolicy.control.join import JoinConfig
@@ -18,13 +18,7 @@ PUSHT = TaskConfig(name="pusht", suite="gym", env_name="gym_pusht/PushT-v0", obs
 
 def pusht_policy(sampler=None):
     """Obs 5, action 2, T=16, Ta=8, To=2, 10 DDPM steps; actions in PushT's [0, 512]."""
-    cfg = PolicyConfig(obs_dim=5, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16,
-                       scheduler=SchedulerConfig(num_train_timesteps=10, num_inference_steps=10))
-    torch.manual_seed(0)
-    policy = DiffusionPolicy(cfg, sampler or SamplerConfig(window=4, tol=0.05)).eval()
-    policy.obs_normalizer.fit(torch.tensor([[0.0] * 5, [512.0] * 5]))
-    policy.action_normalizer.fit(torch.tensor([[0.0] * 2, [512.0] * 2]))
-    return policy
+    return tiny_policy(sampler or SamplerConfig(window=4, tol=0.05), steps=10, obs_range=(0.0, 512.0), action_range=(0.0, 512.0))
 
 
 def schedule(policy, hz=10, **ctl):

@@ -18,7 +18,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from paradiffpolicy import DiffusionPolicy, PolicyConfig, SamplerConfig, save_policy
+from conftest import tiny_policy
+from paradiffpolicy import SamplerConfig, save_policy
 from paradiffpolicy.control.agent import PolicyAgent
 from paradiffpolicy.control.controller import Clock, ControllerConfig, run_fast, run_realtime
 from paradiffpolicy.control.runner import PolicyRunner
@@ -30,14 +31,8 @@ PUSHT = TaskConfig(name="pusht", suite="gym", env_name="gym_pusht/PushT-v0", obs
                    max_steps=20, expert="pusht", hold="repeat", env_kwargs={"obs_type": "state"})
 
 
-def tiny_checkpoint(path, obs_dim, action_dim, obs_range, action_range, steps=10):
-    cfg = PolicyConfig(obs_dim=obs_dim, action_dim=action_dim, down_dims=[16, 32], diffusion_step_embed_dim=16)
-    cfg.scheduler.num_inference_steps = cfg.scheduler.num_train_timesteps = steps
-    torch.manual_seed(0)
-    policy = DiffusionPolicy(cfg)
-    policy.obs_normalizer.fit(torch.tensor([[obs_range[0]] * obs_dim, [obs_range[1]] * obs_dim]))
-    policy.action_normalizer.fit(torch.tensor([[action_range[0]] * action_dim, [action_range[1]] * action_dim]))
-    save_policy(policy, path)
+def tiny_checkpoint(path, obs_dim, action_dim, obs_range, action_range):
+    save_policy(tiny_policy(steps=10, obs_range=obs_range, action_range=action_range, obs_dim=obs_dim, action_dim=action_dim), path)
     return str(path)
 
 

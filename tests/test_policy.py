@@ -6,25 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from paradiffpolicy import CheckpointError, DiffusionPolicy, PolicyConfig, SamplerConfig, load_policy, save_policy
+from paradiffpolicy import CheckpointError, DiffusionPolicy, SamplerConfig, load_policy, save_policy
 from paradiffpolicy.config import from_dict
 
-SMALL = dict(obs_dim=5, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16, horizon=16)
-
-
-def small_policy(sampler=None, **kw):
-    cfg = PolicyConfig(**{**SMALL, **kw})
-    cfg.scheduler.num_inference_steps = 20
-    cfg.scheduler.num_train_timesteps = 20
-    torch.manual_seed(0)
-    policy = DiffusionPolicy(cfg, sampler or SamplerConfig(window=8, tol=0.05))
-    policy.obs_normalizer.fit(torch.randn(100, cfg.obs_dim) * 3 + 1)
-    policy.action_normalizer.fit(torch.rand(100, 2) * 4 - 2)
-    return policy.eval()
+from conftest import tiny_policy
 
 
 def test_chunk_shapes_and_slice():
-    policy = small_policy()
+    policy = tiny_policy(SamplerConfig(name="sequential"))  # DDPM's last step returns the clipped x̂0
     obs = torch.randn(3, 2, 5)
     info = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))
     actions = info.actions
@@ -36,7 +25,7 @@ def test_chunk_shapes_and_slice():
 
 
 def test_same_noise_same_chunk_for_sequential_and_picard():
-    policy = small_policy()
+    policy = tiny_policy()
     obs = np.random.default_rng(0).normal(size=(2, 2, 5)).astype(np.float64)
     noise = policy.draw_noise(2, torch.Generator().manual_seed(1))
     picard = policy.predict_action(obs, noise=noise)
@@ -54,7 +43,7 @@ def test_same_noise_same_chunk_for_sequential_and_picard():
 
 
 def test_warm_up_builds_a_lazy_backend_before_the_first_call():
-    policy = small_policy(SamplerConfig(name="picard", window=8, tol=0.05))
+    policy = tiny_policy(SamplerConfig(name="picard", window=8, tol=0.05))
     policy.set_backend("jit")
     assert not policy.denoiser.ready
     policy.warm_up(2)
@@ -69,7 +58,7 @@ def test_backend_gives_the_eager_chunk(backend):
     compile, Picard feeds one input shape, so each sampler compiles once."""
     from torch._dynamo.utils import counters
 
-    policy = small_policy()
+    policy = tiny_policy()
     keys = set(policy.state_dict())
     obs = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
     noise = policy.draw_noise(3, torch.Generator().manual_seed(1))
@@ -105,7 +94,7 @@ def test_backend_gives_the_eager_chunk(backend):
     ([[0.0] * 5] * 2, TypeError, "numpy array or torch tensor"),
 ])
 def test_bad_observations_name_the_problem(obs, err, match):
-    policy = small_policy()
+    policy = tiny_policy()
     with pytest.raises(err, match=match):
         policy.predict_action(obs)
     actions = policy.predict_action(torch.zeros(1, 2, 5)).actions  # still usable
@@ -114,7 +103,7 @@ def test_bad_observations_name_the_problem(obs, err, match):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_observation_is_refused(value):
-    policy = small_policy()
+    policy = tiny_policy()
     obs = torch.zeros(2, 2, 5)
     obs[1, 0, 3] = value
     with pytest.raises(ValueError, match=r"NaN or inf \(first at batch 1, step 0, feature 3\)"):
@@ -122,7 +111,7 @@ def test_non_finite_observation_is_refused(value):
 
 
 def test_non_finite_network_output_never_reaches_the_caller():
-    policy = small_policy()
+    policy = tiny_policy()
     with torch.no_grad():
         policy.model.final_conv[1].bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="not finite"):
@@ -135,7 +124,7 @@ def test_non_finite_network_output_never_reaches_the_caller():
 ])
 def test_bad_sampler_config(kw, match):
     with pytest.raises(ValueError, match=match):
-        small_policy(sampler=SamplerConfig(**kw))
+        tiny_policy(sampler=SamplerConfig(**kw))
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -144,7 +133,7 @@ def test_bad_sampler_config(kw, match):
 ])
 def test_bad_policy_config(kw, match):
     with pytest.raises(ValueError, match=match):
-        small_policy(**kw)
+        tiny_policy(**kw)
 
 
 def test_from_dict_rejects_unknown_and_mistyped_keys():
@@ -156,7 +145,7 @@ def test_from_dict_rejects_unknown_and_mistyped_keys():
 
 
 def test_switching_scheduler_at_inference():
-    policy = small_policy(sampler=SamplerConfig(name="sequential", scheduler="ddim", num_inference_steps=5))
+    policy = tiny_policy(sampler=SamplerConfig(name="sequential", scheduler="ddim", num_inference_steps=5))
     assert policy.num_inference_steps == 5
     info = policy.predict_action(torch.zeros(1, 2, 5))
     actions = info.actions
@@ -164,7 +153,7 @@ def test_switching_scheduler_at_inference():
 
 
 def test_compute_loss_is_finite_and_backpropagates():
-    policy = small_policy().train()
+    policy = tiny_policy().train()
     loss = policy.compute_loss(torch.randn(4, 2, 5), torch.rand(4, 16, 2), generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and policy.model.final_conv[1].weight.grad is not None
@@ -173,7 +162,7 @@ def test_compute_loss_is_finite_and_backpropagates():
 # -- checkpoints ---------------------------------------------------------------------------------
 
 def test_save_load_round_trip(tmp_path):
-    policy = small_policy()
+    policy = tiny_policy(SamplerConfig(window=8, tol=0.05))
     save_policy(policy, tmp_path / "ck", metadata={"task": "test"})
     loaded = load_policy(tmp_path / "ck", sampler=SamplerConfig(window=8, tol=0.05))
     assert loaded.metadata == {"task": "test"}
@@ -187,7 +176,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_float16_weights_halve_the_file_and_load_as_float32(tmp_path):
-    policy = small_policy()
+    policy = tiny_policy()
     save_policy(policy, tmp_path / "a")
     save_policy(policy, tmp_path / "b", weights_dtype="float16")
     size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
@@ -233,7 +222,7 @@ def test_missing_checkpoint(tmp_path):
 
 
 def test_truncated_and_corrupted_weights(tmp_path):
-    save_policy(small_policy(), tmp_path / "ck")
+    save_policy(tiny_policy(), tmp_path / "ck")
     w = tmp_path / "ck" / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2])
@@ -245,7 +234,7 @@ def test_truncated_and_corrupted_weights(tmp_path):
 
 
 def test_corrupted_config(tmp_path):
-    save_policy(small_policy(), tmp_path / "ck")
+    save_policy(tiny_policy(), tmp_path / "ck")
     c = tmp_path / "ck" / "config.json"
     doc = json.loads(c.read_text())
     c.write_text("{not json")
@@ -263,12 +252,12 @@ def test_corrupted_config(tmp_path):
 
 
 def test_weights_of_another_architecture(tmp_path):
-    save_policy(small_policy(), tmp_path / "a")
-    save_policy(small_policy(down_dims=[16, 32, 64]), tmp_path / "b")
+    save_policy(tiny_policy(), tmp_path / "a")
+    save_policy(tiny_policy(down_dims=[16, 32, 64]), tmp_path / "b")
     (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="unexpected keys"):
         load_policy(tmp_path / "a")
-    save_policy(small_policy(obs_dim=6), tmp_path / "c")
+    save_policy(tiny_policy(obs_dim=6), tmp_path / "c")
     (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "c" / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="wrong shapes"):
         load_policy(tmp_path / "a")

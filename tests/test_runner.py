@@ -5,16 +5,13 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
-from paradiffpolicy import DiffusionPolicy, PolicyConfig, PolicyRunner, SamplerConfig, SchedulerConfig
+from conftest import tiny_policy
+from paradiffpolicy import PolicyRunner, SamplerConfig
 
 
 def policy(sampler=None, steps=20):
-    cfg = PolicyConfig(obs_dim=3, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16,
-                       scheduler=SchedulerConfig(num_inference_steps=steps, num_train_timesteps=steps))
-    torch.manual_seed(0)
-    return DiffusionPolicy(cfg, sampler or SamplerConfig(window=8, tol=0.05)).eval()
+    return tiny_policy(sampler or SamplerConfig(window=8, tol=0.05), steps=steps, obs_dim=3)
 
 
 def test_step_uses_background_chunks_and_reports():

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import tiny_lowdim_policy
+from conftest import tiny_policy
 from paradiffpolicy import DiffusionPolicy, PolicyConfig, SamplerConfig, load_policy, save_policy
 from paradiffpolicy.data.obs_sample import load_observation_sample, save_observation_sample
 import paradiffpolicy.eval  # noqa: F401 - registers the eval schema with Hydra
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ck") / "tiny"
-    save_policy(tiny_lowdim_policy(), path)
+    save_policy(tiny_policy(), path)
     windows = torch.rand(48, 2, 5, generator=torch.Generator().manual_seed(1))
     save_observation_sample(path, {"observation.state": windows}, {"source": "48 random windows (test)"})
     return path
