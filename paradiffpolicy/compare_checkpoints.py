@@ -33,12 +33,12 @@ from paradiffpolicy.runtime import cpu_model, versions
 
 @dataclass
 class CompareConfig:
-    a: str = ""
+    a: str = ""  # the two checkpoint directories
     b: str = ""
+    out: str = ""  # a JSON report here too ("": printed only)
     windows: int = 32
     seed: int = 0
     threads: int = 2
-    out: str = ""
 
     def __post_init__(self) -> None:
         if not self.a or not self.b:
