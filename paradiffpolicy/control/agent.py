@@ -13,6 +13,7 @@ import torch
 
 from paradiffpolicy.control.join import JoinConfig, committed_prefix
 from paradiffpolicy.features import batch_histories, stack_history
+from paradiffpolicy.measure import max_abs_deviation
 from paradiffpolicy.policy import DiffusionPolicy, Sampler
 from paradiffpolicy.sampling import SamplerNoise, Trajectory, WarmStart
 
@@ -211,7 +212,7 @@ class PolicyAgent:
         if lead.reference is not None:  # the same conditioning and noise: the ratio compares the samplers
             ref = policy.sample_from_condition(cond, noise=noise, sampler=lead.reference, prefix=prefix)
             ratio = (time.perf_counter() - t_done) / sampling
-            devs = (out.actions_normalized - ref.actions_normalized).abs().flatten(1).max(1).values
+            devs = max_abs_deviation(out.actions_normalized, ref.actions_normalized)
         actions = out.upcoming.cpu().numpy().astype(np.float64)
         normalized = out.action_pred_normalized.cpu().numpy()
         stats = out.stats
