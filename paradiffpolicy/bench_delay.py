@@ -171,6 +171,7 @@ def cost_phase(cfg: DelayBenchConfig) -> dict:
     from paradiffpolicy.control.join import JoinConfig, committed_prefix
     from paradiffpolicy.data.obs_sample import load_observation_sample
     from paradiffpolicy.eval import compose_eval_config
+    from paradiffpolicy.measure import max_abs_deviation
 
     torch.set_num_threads(cfg.threads)
     sampler_cfg = compose_eval_config([f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides]).sampler
@@ -205,7 +206,7 @@ def cost_phase(cfg: DelayBenchConfig) -> dict:
                 ref = policy.sample_from_condition(cond, noise=noise, sampler=reference, prefix=prefix)
                 lat[method].append(dt * 1e3)
                 rounds[method].append(out.stats.rounds)
-                dev[method].append(float((out.action_pred_normalized - ref.action_pred_normalized).abs().max()))
+                dev[method].append(float(max_abs_deviation(out.action_pred_normalized, ref.action_pred_normalized).max()))
     result = {"task": cfg.task, "sampler": dataclasses.asdict(sampler_cfg), "batch": 1, "delay": cfg.cost_delay,
               "inpaint": cfg.inpaint, "trials": cfg.trials, "observations": source, "cpu": cpu_model(),
               "threads": cfg.threads, "versions": versions(),

@@ -38,7 +38,7 @@ from paradiffpolicy import DiffusionPolicy, PolicyConfig, PolicyOutput, SamplerC
 from paradiffpolicy.config import from_dict
 from paradiffpolicy.data.obs_sample import load_observation_sample
 from paradiffpolicy.features import FeatureSpec
-from paradiffpolicy.measure import interleaved, percentiles
+from paradiffpolicy.measure import interleaved, max_abs_deviation, percentiles
 from paradiffpolicy.sampling import SamplerNoise, draw_noise
 from paradiffpolicy.models.vision import VisionConfig
 from paradiffpolicy.runtime import cpu_model
@@ -257,7 +257,8 @@ def main(argv: list[str]) -> dict:
         for name in ratios:
             ratios[name].append(times["sequential"] / times[name])
             if not name.startswith("baseline-"):
-                devs[name].extend(_sample_dev(outputs[name, trial].actions_normalized, outputs["sequential", trial].actions_normalized))
+                devs[name].extend(max_abs_deviation(outputs[name, trial].actions_normalized,
+                                                    outputs["sequential", trial].actions_normalized).tolist())
         for name in same:
             same[name].append(times[same_ref[name]] / times[name])
         for name, ref in ratios_ref:
@@ -268,7 +269,7 @@ def main(argv: list[str]) -> dict:
         ref = run("sequential", cond, noise).actions_normalized
         for name in ratios:
             if not name.startswith("baseline-"):
-                devs[name].extend(_sample_dev(run(name, cond, noise).actions_normalized, ref))
+                devs[name].extend(max_abs_deviation(run(name, cond, noise).actions_normalized, ref).tolist())
 
     results = {}
     for name in names:
@@ -326,11 +327,6 @@ def main(argv: list[str]) -> dict:
         out.write_text(json.dumps(report, indent=2))
         out.with_suffix(".md").write_text(table + "\n")
     return report
-
-
-def _sample_dev(chunk: torch.Tensor, ref: torch.Tensor) -> list[float]:
-    """Largest absolute deviation per sample of (B, Ta, Da) action chunks (normalised units)."""
-    return (chunk - ref).abs().flatten(1).amax(dim=1).tolist()
 
 
 def markdown(report: dict) -> str:
