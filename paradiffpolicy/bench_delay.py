@@ -278,9 +278,9 @@ def markdown(result: dict) -> str:
              "the previous chunk executes, then the new chunk from index d (s: ticks between calls; `-sd`: s = d). Seeds from "
              f"{p0['seeds'][0]}; every point of a sampler on the same seeds. Success ± SE and the 95% Wilson "
              "interval; paired on the seeds: episodes won / lost against `naive` at the same d and against "
-             "the method's own d = 0 (fast mode, i.e. naive d = 0, where it has none), with the exact McNemar p-value. A point "
-             "of more than one run (grown by later seeds) gives its jumps' p95 as the runs' p95s weighted by count. Jumps: the L2 norm of the change between consecutive executed actions, at "
-             "chunk seams and within chunks (environment units), mean / p95.\n",
+             "the method's own d = 0 (fast mode, i.e. naive d = 0, where it has none), with the exact McNemar p-value. Jumps: the "
+             "L2 norm of the change between consecutive executed actions, at chunk seams and within chunks (environment "
+             "units), mean / p95; a point grown by later seeds gives the p95s of its runs weighted by count.\n",
              "| sampler | join | d | s | episodes | success % | 95% interval | vs naive (same d) | vs d=0 | "
              "jump at seams | jump within chunks | Picard iterations |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
