@@ -1,6 +1,8 @@
 """The simulated-delay harness, how chunks join, the seam metrics and PolicyRunner's committed
 prefix, on the real PushT environment with a tiny (untrained) policy. No test reads the wall clock."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -193,6 +195,33 @@ def test_runner_calls_every_s_ticks(execute, ticks):
     assert seen == ticks
     with pytest.raises(ValueError, match=r"execute=16 must lie in \[1, 15\]"):
         PolicyRunner(policy, hz=1, execute=16)
+
+
+def test_delays_measured_by_a_realtime_run_are_replayed(tmp_path):
+    """controller.delay_from draws each call's d from a wall-clock run's measured delays, at its rate;
+    anything but a realtime run's record, or another rate, is refused naming the key."""
+    policy = pusht_policy()
+    record = {"control": {"mode": "realtime", "target_hz": 10.0}, "inference": {"delay_ticks": {"counts": {"3": 2, "2": 1}}}}
+    path = tmp_path / "eval_info.json"
+    path.write_text(json.dumps(record))
+    assert schedule(policy, delay_from=str(path)).ticks == [2, 3, 3]
+    got = delayed(policy, [7, 8], join="soft", delay_from=str(path))
+    drawn = [d for r in got for d in r.inference.delays]
+    assert set(drawn) == {2, 3}
+    with pytest.raises(ValueError, match=r"measured at 10 Hz; this run ticks at 20 Hz"):
+        schedule(policy, hz=20, delay_from=str(path))
+    bad = tmp_path / "fast.json"
+    bad.write_text(json.dumps({**record, "control": {"mode": "fast", "target_hz": 10.0}}))
+    with pytest.raises(ValueError, match=r"controller.delay_from=.*fast.json' is a controller.mode=fast record"):
+        ControllerConfig(mode="delay", delay_from=str(bad))
+    with pytest.raises(ValueError, match=r"controller.delay_from=.*cannot read"):
+        ControllerConfig(mode="delay", delay_from=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="give one of"):
+        ControllerConfig(mode="delay", delay=2, delay_from=str(path))
+    late = tmp_path / "late.json"
+    late.write_text(json.dumps({**record, "inference": {"delay_ticks": {"counts": {"9": 1}}}}))
+    with pytest.raises(ValueError, match=r"controller.delay_from \(up to 9 ticks\) with controller.execute=8"):
+        schedule(policy, delay_from=str(late))
 
 
 def test_eval_delay_mode_writes_delays_and_jumps(tmp_path):

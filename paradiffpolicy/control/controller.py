@@ -9,8 +9,9 @@
 * ``delay``: a simulated inference delay, deterministic and machine independent (Real-Time
   Chunking's benchmark): a call starts every ``s`` ticks from that tick's observation; for its
   first ``d`` ticks the previous chunk keeps executing, then the new chunk from its index ``d``.
-  ``d`` is fixed (``delay``) or drawn per call from a latency distribution (``delay_ms``); how the
-  new chunk joins the old one is ``join`` (``control/join.py``). ``d = 0`` with ``join.method=naive``
+  ``d`` is fixed (``delay``) or drawn per call from a latency distribution (``delay_ms``) or from
+  the delays a wall-clock run measured (``delay_from``); how the new chunk joins the old one is
+  ``join`` (``control/join.py``). ``d = 0`` with ``join.method=naive``
   is ``fast`` mode, episode for episode.
 
 All share :class:`Episode`: the bookkeeping of one episode (steps, rewards, success, the failure
@@ -20,6 +21,7 @@ seams and within chunks).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import contextmanager
@@ -47,6 +49,9 @@ class ControllerConfig:
     # for a latency drawn per call from delay_ms (a measured distribution), seeded by the episode
     delay: int = 0
     delay_ms: List[float] = field(default_factory=list)
+    # delay only: or d drawn per call from the delays (ticks) measured by a controller=realtime run,
+    # the path of its eval_info.json: the simulation of what that machine saw, at its rate
+    delay_from: str = ""
     execute: int = 0  # realtime and delay: s, ticks between calls (0: the policy's n_action_steps)
     # realtime and delay: how a new chunk joins the executing one
     join: JoinConfig = field(default_factory=JoinConfig)
@@ -65,16 +70,44 @@ class ControllerConfig:
             raise ValueError(f"controller.delay={self.delay} and controller.execute={self.execute} must be >= 0")
         if any(not math.isfinite(ms) or ms < 0 for ms in self.delay_ms):
             raise ValueError(f"controller.delay_ms={list(self.delay_ms)} must be finite latencies >= 0")
-        if (self.delay or self.delay_ms) and self.mode != "delay":
-            raise ValueError("controller.delay and controller.delay_ms need controller.mode=delay")
+        if (self.delay or self.delay_ms or self.delay_from) and self.mode != "delay":
+            raise ValueError("controller.delay, controller.delay_ms and controller.delay_from need controller.mode=delay")
+        if sum(map(bool, (self.delay, self.delay_ms, self.delay_from))) > 1:
+            raise ValueError("give one of controller.delay, controller.delay_ms and controller.delay_from")
+        if self.delay_from:
+            measured_delays(self.delay_from)  # refused here, naming the key, if it is not a realtime run's record
         if self.execute and self.mode == "fast":
             raise ValueError("controller.execute needs controller.mode=realtime or delay (fast mode executes Ta)")
+
+
+def measured_delays(path: str) -> tuple[list[int], float]:
+    """The delays a ``controller=realtime`` run measured, one entry per call (ticks from a call's
+    start to the first tick its chunk could serve), and the rate it ran at: its
+    ``eval_info.json``'s ``inference.delay_ticks.counts`` and ``control.target_hz``. ``ValueError``
+    naming ``controller.delay_from`` for a file that is not such a record."""
+    key = f"controller.delay_from={path!r}"
+    try:
+        info = json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{key}: cannot read it as an eval_info.json ({e})") from None
+    mode = (info.get("control") or {}).get("mode") if isinstance(info, dict) else None
+    if mode != "realtime":
+        raise ValueError(f"{key} is a controller.mode={mode} record; expected the eval_info.json of a controller=realtime run")
+    counts = ((info.get("inference") or {}).get("delay_ticks") or {}).get("counts") or {}
+    try:
+        ticks = [int(d) for d, n in sorted(counts.items(), key=lambda kv: int(kv[0])) for _ in range(int(n))]
+    except (TypeError, ValueError):
+        ticks = []
+    if not ticks or min(ticks) < 0:
+        raise ValueError(f"{key} records no per-call delays (inference.delay_ticks.counts: {counts})")
+    return ticks, float(info["control"]["target_hz"])
 
 
 class DelaySchedule:
     """When calls start and how long they take in ``delay`` mode: a call every ``execute`` ticks,
     each taking ``delay`` ticks or, with ``delay_ms``, ``ceil(ms * hz / 1000)`` ticks for a latency
-    drawn per call from ``delay_ms`` by an RNG seeded per episode.
+    drawn per call from ``delay_ms``, or with ``delay_from`` a delay drawn per call from those a
+    wall-clock run measured at the same rate; draws by an RNG seeded per episode.
 
     Raises ``ValueError`` naming the keys unless ``d <= s`` and ``d + s`` fit in the chunk (the
     previous chunk must still hold the actions of the next call's first ``d`` ticks)."""
@@ -83,12 +116,17 @@ class DelaySchedule:
         self.execute = cfg.execute or n_action_steps
         self.join = cfg.join
         self.ticks = [math.ceil(ms * hz / 1000 - 1e-9) for ms in cfg.delay_ms] or [cfg.delay]
+        if cfg.delay_from:
+            self.ticks, measured_hz = measured_delays(cfg.delay_from)
+            if not math.isclose(measured_hz, hz):
+                raise ValueError(f"controller.delay_from={cfg.delay_from!r} was measured at {measured_hz:g} Hz; this run "
+                                 f"ticks at {hz:g} Hz (delays in ticks do not carry over)")
         worst = max(self.ticks)
         if self.execute > chunk_length:
             raise ValueError(f"controller.execute={self.execute} exceeds the {chunk_length} actions a chunk holds")
         if worst > self.execute or worst + self.execute > chunk_length:
             what = f"controller.delay_ms (up to {max(cfg.delay_ms)} ms = {worst} ticks at {hz} Hz)" if cfg.delay_ms \
-                else f"controller.delay={worst}"
+                else f"controller.delay_from (up to {worst} ticks)" if cfg.delay_from else f"controller.delay={worst}"
             raise ValueError(f"{what} with controller.execute={self.execute}: need d <= s and d + s <= {chunk_length} "
                              f"(the actions a chunk holds from its observation on)")
 
