@@ -35,7 +35,7 @@ import numpy as np
 from paradiffpolicy.config import from_argv
 from paradiffpolicy.control.join import JOIN_METHODS
 from paradiffpolicy.runtime import cpu_model, versions
-from paradiffpolicy.success_stats import finish_success_plot, paired, success_cell, success_summary, write_report
+from paradiffpolicy.success_stats import finish_success_plot, paired, sign_test, success_cell, success_summary, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,8 +254,25 @@ def report_phase(cfg: DelayBenchConfig) -> dict:
                 "reference": f"{ref['method']} d={ref['delay']}", "episodes": n,
                 **paired(p["success_per_seed"][:n], ref["success_per_seed"][:n])}
     result = {"task": cfg.task, "mode": "controller=delay: simulated delay, deterministic given the seeds (no wall clock)",
-              "points": sorted(points, key=lambda p: (p["sampler"], JOIN_METHODS.index(p["method"].split("-")[0]), p["method"], p["delay"]))}
+              "points": sorted(points, key=lambda p: (p["sampler"], JOIN_METHODS.index(p["method"].split("-")[0]), p["method"], p["delay"])),
+              "pooled_vs_naive": pooled_vs_naive(points)}
     return write_report(Path(cfg.out) / f"delay-{cfg.task}", result, markdown, plot)
+
+
+def pooled_vs_naive(points: list[dict]) -> list[dict]:
+    """Per sampler and method, its episodes against naive's at every d > 0 where both ran (on their
+    shared seeds), pooled: one paired comparison over all delays, with its exact McNemar p-value."""
+    out = []
+    for sampler, method in dict.fromkeys((p["sampler"], p["method"]) for p in points):
+        pairs = [p["vs_naive"] for p in points if (p["sampler"], p["method"]) == (sampler, method) and p["delay"] > 0
+                 and p["vs_naive"] is not None]
+        if method.startswith("naive") or not pairs:
+            continue
+        won, lost = sum(r["won"] for r in pairs), sum(r["lost"] for r in pairs)
+        out.append({"sampler": sampler, "method": method, "delays": [p["delay"] for p in points if (p["sampler"], p["method"]) ==
+                                                                    (sampler, method) and p["delay"] > 0 and p["vs_naive"]],
+                    "episodes": sum(r["episodes"] for r in pairs), "won": won, "lost": lost, "p_value": sign_test(won, lost)})
+    return out
 
 
 def _point(info: dict, sampler_label: str, method: str, delay: int, source: str) -> dict:
@@ -293,6 +310,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {p['sampler']} | {p['method']} | {p['delay']} | {p['execute'] or 'Ta'} | {p['n_episodes']} | {success_cell(p)} | "
                      f"{lo:.0f}-{hi:.0f} | {vs(p['vs_naive'])} | {vs(p['vs_d0'])} | {seam} | {inner} | "
                      f"{p['iterations_mean']:.1f} |")
+    if result.get("pooled_vs_naive"):
+        lines += ["", "Pooled over delays, each method against `naive` on the same seeds:", "",
+                  "| sampler | join | delays | episodes | won / lost | p |", "|---|---|---|---|---|---|"]
+        for r in result["pooled_vs_naive"]:
+            lines.append(f"| {r['sampler']} | {r['method']} | {', '.join(map(str, r['delays']))} | {r['episodes']} | "
+                         f"+{r['won']} / −{r['lost']} | {r['p_value']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

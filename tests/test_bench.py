@@ -150,8 +150,11 @@ def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
             assert p["vs_naive"]["won"] - p["vs_naive"]["lost"] == sum(p["success_per_seed"]) - sum(ref["success_per_seed"])
         assert (p["vs_d0"] is None) == (d == 0) and (d == 0 or p["vs_d0"]["reference"] == f"{method} d=0")
         assert p["jumps"]["seam"]["n"] > 0 and p["jumps"]["inner"]["n"] > 0
+    (pooled,) = report["pooled_vs_naive"]  # soft against naive over every d > 0 (here only d = 3)
+    assert (pooled["method"], pooled["delays"], pooled["episodes"]) == ("soft", [3], 3)
+    assert (pooled["won"], pooled["lost"]) == (points[("soft", 3)]["vs_naive"]["won"], points[("soft", 3)]["vs_naive"]["lost"])
     assert json.loads((tmp_path / "out" / "delay-pusht_keypoints.json").read_text())["points"] == report["points"]
-    assert (tmp_path / "out" / "delay-pusht_keypoints.md").read_text().count("| picard |") == 4
+    assert (tmp_path / "out" / "delay-pusht_keypoints.md").read_text().count("| picard |") == 4 + 1  # points, pooled row
     # a complete point grows by the missing seeds only; the report pools its parts
     grow = [c for c in common if not c.startswith(("methods=", "delays=", "n_episodes="))]
     bench_delay.main(["phase=success", "methods=[soft]", "delays=[3]", "n_episodes=5", *grow])
