@@ -210,9 +210,7 @@ def report_phase(cfg: FrontierConfig) -> dict:
         }
     ref = rows.get("ddpm100")
     for r in rows.values():  # paired on the seeds: episodes this sampler wins / loses against sequential DDPM-100
-        r["vs_ddpm100"] = None if ref is None else {
-            "won": sum(a and not b for a, b in zip(r["success_per_seed"], ref["success_per_seed"])),
-            "lost": sum(b and not a for a, b in zip(r["success_per_seed"], ref["success_per_seed"]))}
+        r["vs_ddpm100"] = None if ref is None else paired(r["success_per_seed"], ref["success_per_seed"])
     result = {"task": cfg.task, "seeds": seeds and [seeds[0], seeds[-1]], "episodes_per_setting": cfg.n_episodes,
               "success_machine": "episodes are deterministic given the seeds (fast mode, no wall clock)",
               "latency": None if latency is None else {k: latency.get(k) for k in ("backends", "batch", "trials", "observations",
@@ -323,7 +321,7 @@ def markdown(result: dict) -> str:
              f"setting shown, {lat['trials']} trials interleaved, {lat['cpu']}, {lat['threads']} threads, "
              f"observations: {lat['observations'].get('source', '?')}.\n" if lat else "Latency not measured yet.\n")
     head += ("\nSuccess: ± its standard error sqrt(p(1-p)/n), and the 95% Wilson interval. \"vs DDPM-100\": episodes "
-             "(same seeds) this sampler succeeds in and sequential DDPM-100 fails / the reverse.\n")
+             "(same seeds) this sampler succeeds in and sequential DDPM-100 fails / the reverse, with the exact McNemar p-value.\n")
     lines = [head, "| sampler | success % (± SE) | 95% interval | vs DDPM-100 won / lost | avg max reward | latency p50 ms | p95 ms | "
              "backend | network rounds |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["settings"].values():
@@ -331,8 +329,9 @@ def markdown(result: dict) -> str:
         l95 = "" if r["latency_ms"] is None else f"{r['latency_ms']['p95']:.0f}"
         rounds = "" if r["rounds"] is None else f"{r['rounds']:.1f}"
         lo, hi = r["pc_success_ci95"]
-        paired = "" if r["vs_ddpm100"] is None else f"+{r['vs_ddpm100']['won']} / −{r['vs_ddpm100']['lost']}"
-        lines.append(f"| {r['label']} | {success_cell(r)} | {lo:.0f}-{hi:.0f} | {paired} | "
+        vs = r["vs_ddpm100"]
+        vs = "" if vs is None else f"+{vs['won']} / −{vs['lost']}" + (f" (p {vs['p_value']:.2f})" if "p_value" in vs else "")
+        lines.append(f"| {r['label']} | {success_cell(r)} | {lo:.0f}-{hi:.0f} | {vs} | "
                      f"{r['avg_max_reward']:.3f} | {l50} | {l95} | {r.get('backend') or ''} | {rounds} |")
     return "\n".join(lines) + "\n"
 
