@@ -16,7 +16,8 @@ both: success with its standard error sqrt(p(1-p)/n), mean max reward, latency p
 ``summary`` puts the reports of ``tasks`` side by side (``frontier-summary.md``). ``pooled`` joins
 the success runs of disjoint seed sets (each written by ``success`` with its own ``seed`` and
 ``runs``) and compares every pair of settings episode by episode on all of them, with the exact
-McNemar test: a difference is stated only where p < ``alpha`` (``frontier-pooled-<task>``).
+McNemar test, Holm-adjusted over the pairs: a difference is stated only where the adjusted p <
+``alpha`` (``frontier-pooled-<task>``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from paradiffpolicy.eval import run_complete
 from paradiffpolicy.measure import interleaved, percentiles, provenance
 from paradiffpolicy.presets import sampler_preset
 from paradiffpolicy.runtime import cpu_model
-from paradiffpolicy.success_stats import (finish_success_plot, paired, success_cell, success_summary, wilson_interval,
+from paradiffpolicy.success_stats import (finish_success_plot, holm, paired, success_cell, success_summary, wilson_interval,
                                           write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,13 +282,10 @@ def pooled_phase(cfg: FrontierConfig) -> dict:
                           "backend": infos[names[0]].get("backend"), "cpu": infos[names[0]].get("cpu"),
                           "pc_success": {n: infos[n]["overall"]["pc_success"] for n in names}})
     rows = {n: {"label": LABELS[n], **success_summary(per_seed[n]), "success_per_seed": per_seed[n]} for n in names}
-    pairs = []
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            test = paired(per_seed[a], per_seed[b])
-            better = a if test["won"] > test["lost"] else b
-            pairs.append({"a": a, "b": b, **test, "verdict": f"{LABELS[better]} better" if test["p_value"] < cfg.alpha
-                          else "no measurable difference"})
+    pairs = [{"a": a, "b": b, **paired(per_seed[a], per_seed[b])} for i, a in enumerate(names) for b in names[i + 1:]]
+    for pair, p_holm in zip(pairs, holm([p["p_value"] for p in pairs])):  # every pair of the task is one family
+        better = pair["a"] if pair["won"] > pair["lost"] else pair["b"]
+        pair.update(p_holm=p_holm, verdict=f"{LABELS[better]} better" if p_holm < cfg.alpha else "no measurable difference")
     result = {"task": cfg.task, "alpha": cfg.alpha, "seed_sets": seed_sets, "episodes_per_setting": len(seen),
               "settings": rows, "pairs": pairs}
     return write_report(Path(cfg.out) / f"frontier-pooled-{cfg.task}", result, pooled_markdown, None)
@@ -299,17 +297,18 @@ def pooled_markdown(result: dict) -> str:
              f"{result['episodes_per_setting']} episodes per setting: " + "; ".join(
                  f"seeds {s['seeds'][0]}..{s['seeds'][1]} ({s['n_episodes']}, backend {s['backend'] or 'eager'}, {s['cpu']})"
                  for s in sets) + ". Fast mode, every setting on the same episodes. Pairs: episodes the first setting "
-             "wins / loses against the second, and the exact McNemar p-value on them; a difference is stated only where "
-             f"p < {result['alpha']}.\n",
+             "wins / loses against the second, the exact McNemar p-value on them and that p adjusted over all the pairs "
+             f"(Holm); a difference is stated only where the adjusted p < {result['alpha']}.\n",
              "| sampler | pooled success % (± SE) | 95% interval | " + " | ".join(f"seeds {s['seeds'][0]}.." for s in sets) + " |",
              "|---|---|---|" + "---|" * len(sets)]
     for n, r in result["settings"].items():
         lo, hi = r["pc_success_ci95"]
         lines.append(f"| {r['label']} | {success_cell(r)} | {lo:.0f}-{hi:.0f} | "
                      + " | ".join(f"{s['pc_success'][n]:.0f}" for s in sets) + " |")
-    lines += ["", "| pair | won / lost | p | verdict |", "|---|---|---|---|"]
+    lines += ["", "| pair | won / lost | p | p (Holm) | verdict |", "|---|---|---|---|---|"]
     for p in result["pairs"]:
-        lines.append(f"| {LABELS[p['a']]} vs {LABELS[p['b']]} | +{p['won']} / −{p['lost']} | {p['p_value']:.3f} | {p['verdict']} |")
+        lines.append(f"| {LABELS[p['a']]} vs {LABELS[p['b']]} | +{p['won']} / −{p['lost']} | {p['p_value']:.3f} | "
+                     f"{p['p_holm']:.3f} | {p['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -54,6 +54,19 @@ def sign_test(won: int, lost: int) -> float:
     return float(min(1.0, 2 * tail))
 
 
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values tested together (Holm 1979): with m tests, the i-th
+    smallest is multiplied by m - i + 1 (i from 1) and the results made monotone, so a difference
+    stated where the adjusted p < α holds at family-wise error α, whichever of the tests are true."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [1.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def success_cell(row: dict) -> str:
     """"70 ± 5"; at 0 or n successes, where the standard error is 0, the 95% Wilson bound instead."""
     lo, hi = row["pc_success_ci95"]

@@ -124,6 +124,15 @@ def test_paired_counts_and_exact_mcnemar_p():
         paired(these, ref[:4])
 
 
+def test_holm_adjusts_for_the_number_of_pairs():
+    """Holm (1979): sorted p 0.005, 0.01, 0.03, 0.04 of 4 tests → 0.02, 0.03, 0.06, 0.06 (kept monotone),
+    returned in the input order."""
+    from paradiffpolicy.success_stats import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5]) == [0.5] and holm([0.6, 0.7]) == [1.0, 1.0]
+
+
 @pytest.mark.slow
 def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
     """python -m paradiffpolicy.bench_delay on the shipped PushT keypoints policy, short episodes:
@@ -216,8 +225,9 @@ def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
     (pair,) = pooled["pairs"]
     a, b = pooled["settings"]["ddpm100"]["success_per_seed"], pooled["settings"]["ddim8"]["success_per_seed"]
     assert len(a) == 6 and pair["won"] - pair["lost"] == sum(a) - sum(b)
+    assert pair["p_holm"] == pair["p_value"]  # one pair: nothing to adjust
     assert (pair["verdict"] == "no measurable difference") == (pair["p_value"] >= 0.05)
-    assert "| pair | won / lost | p | verdict |" in (tmp_path / "out" / "frontier-pooled-pusht.md").read_text()
+    assert "| pair | won / lost | p | p (Holm) | verdict |" in (tmp_path / "out" / "frontier-pooled-pusht.md").read_text()
     with pytest.raises(SystemExit, match="disjoint"):
         mod.main(["phase=pooled", f"pooled_runs=[{tmp_path / 'runs'},{tmp_path / 'runs'}]", *common])
 
