@@ -25,6 +25,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List
 
@@ -87,7 +88,7 @@ def measured_delays(path: str) -> tuple[list[int], float]:
     naming ``controller.delay_from`` for a file that is not such a record."""
     key = f"controller.delay_from={path!r}"
     try:
-        info = json.loads(open(path).read())
+        info = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{key}: cannot read it as an eval_info.json ({e})") from None
     mode = (info.get("control") or {}).get("mode") if isinstance(info, dict) else None
