@@ -4,6 +4,7 @@
     python -m paradiffpolicy.bench_delay task=pusht_keypoints delays=[1,3,6] n_episodes=50
     python -m paradiffpolicy.bench_delay phase=cost task=pusht_keypoints            # per-call cost of each join, run alone
     python -m paradiffpolicy.bench_delay phase=report task=pusht_keypoints          # JSON + Markdown + plot
+    python -m paradiffpolicy.bench_delay phase=summary tasks=[lift,stack]           # the tasks' reports side by side
 
 ``success`` runs ``paradiffpolicy.eval controller=delay`` once per (join method, delay d) on the
 same ``n_episodes`` seeds, into ``<runs>/<task>/<sampler label>/<method>/d<d>/``, skipping points
@@ -16,7 +17,10 @@ call per join method on the observations shipped with the checkpoint (each call 
 sampled for the same observation, shifted by Ta, at d = ``cost_delay``), methods interleaved in an
 order that rotates per trial, with the Picard iterations and the deviation from the sequential
 sampler under the same condition; run it with nothing else on the machine
-(``<out>/delay-cost-<task>.json``).
+(``<out>/delay-cost-<task>.json``). ``summary`` puts the reports of ``tasks`` side by side and
+compares every two joins over all of them at once: episodes won / lost on the shared seeds of every
+(task, d > 0) where both ran, pooled, with the exact McNemar p-value, Holm-adjusted over the pairs
+(``delay-summary.{json,md}``).
 """
 
 from __future__ import annotations
@@ -35,15 +39,17 @@ import numpy as np
 from paradiffpolicy.config import from_argv
 from paradiffpolicy.control.join import JOIN_METHODS
 from paradiffpolicy.runtime import cpu_model, versions
-from paradiffpolicy.success_stats import finish_success_plot, paired, sign_test, success_cell, success_summary, write_report
+from paradiffpolicy.success_stats import (finish_success_plot, holm, paired, sign_test, success_cell, success_summary,
+                                          write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class DelayBenchConfig:
-    phase: str = "success"  # success | report
+    phase: str = "success"  # success | report | cost | summary
     task: str = "pusht_keypoints"
+    tasks: List[str] = field(default_factory=lambda: ["lift", "stack", "pusht_keypoints", "pusht_image"])  # summary only
     sampler: str = "picard"  # a preset of conf/sampler
     sampler_overrides: List[str] = field(default_factory=list)  # e.g. [sampler.num_inference_steps=8]
     label: str = ""  # the runs' folder for this sampler (default: the preset's name)
@@ -67,8 +73,8 @@ class DelayBenchConfig:
     warmup: int = 2  # cost only
 
     def __post_init__(self) -> None:
-        if self.phase not in ("success", "report", "cost"):
-            raise ValueError(f"phase={self.phase!r} must be success, report or cost")
+        if self.phase not in ("success", "report", "cost", "summary"):
+            raise ValueError(f"phase={self.phase!r} must be success, report, cost or summary")
         unknown = [m for m in self.methods if m not in JOIN_METHODS]
         if unknown:
             raise ValueError(f"methods {unknown} are unknown; expected some of {list(JOIN_METHODS)}")
@@ -254,7 +260,7 @@ def report_phase(cfg: DelayBenchConfig) -> dict:
                 "reference": f"{ref['method']} d={ref['delay']}", "episodes": n,
                 **paired(p["success_per_seed"][:n], ref["success_per_seed"][:n])}
     result = {"task": cfg.task, "mode": "controller=delay: simulated delay, deterministic given the seeds (no wall clock)",
-              "points": sorted(points, key=lambda p: (p["sampler"], JOIN_METHODS.index(p["method"].split("-")[0]), p["method"], p["delay"])),
+              "points": sorted(points, key=lambda p: (p["sampler"], _join_order(p["method"]), p["method"], p["delay"])),
               "pooled_vs_naive": pooled_vs_naive(points)}
     return write_report(Path(cfg.out) / f"delay-{cfg.task}", result, markdown, plot)
 
@@ -319,6 +325,64 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_phase(cfg: DelayBenchConfig) -> dict:
+    """The ``report`` JSONs of ``tasks`` for the sampler ``label`` (or preset): success per join and
+    d on each task, and every two joins compared over all tasks and delays d > 0 at once."""
+    out = Path(cfg.out)
+    missing = [t for t in cfg.tasks if not (out / f"delay-{t}.json").is_file()]
+    if missing:
+        raise SystemExit(f"no report for {missing} in {out}; run phase=report task=<task> first")
+    points = {t: {(p["method"], p["delay"]): p for p in json.loads((out / f"delay-{t}.json").read_text())["points"]
+                  if p["sampler"] == cfg.sampler_label} for t in cfg.tasks}
+    keys = sorted({k for ps in points.values() for k in ps}, key=lambda k: (_join_order(k[0]), k[0], k[1]))
+    rows = [{"method": m, "delay": d, "tasks": {t: None if (m, d) not in points[t] else
+                                                {"pc_success": points[t][m, d]["pc_success"], "n_episodes": points[t][m, d]["n_episodes"]}
+                                                for t in cfg.tasks}} for m, d in keys]
+    methods = [m for m in JOIN_METHODS if any(k[0] == m for k in keys)]  # the plain joins, at s = Ta
+    pairs = []
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            won = lost = episodes = 0
+            where = []
+            for t, ps in points.items():
+                for (m, d), p in ps.items():
+                    if m == a and d > 0 and (b, d) in ps:
+                        q = ps[b, d]
+                        n = min(p["n_episodes"], q["n_episodes"])
+                        test = paired(p["success_per_seed"][:n], q["success_per_seed"][:n])
+                        won, lost, episodes = won + test["won"], lost + test["lost"], episodes + n
+                        where.append(f"{t} d={d}")
+            if where:
+                pairs.append({"a": a, "b": b, "points": where, "episodes": episodes, "won": won, "lost": lost,
+                              "p_value": sign_test(won, lost)})
+    for pair, p_holm in zip(pairs, holm([p["p_value"] for p in pairs])):
+        pair["p_holm"] = p_holm
+    result = {"sampler": cfg.sampler_label, "tasks": list(cfg.tasks), "rows": rows, "pairs": pairs}
+    return write_report(out / "delay-summary", result, summary_markdown, None)
+
+
+def _join_order(method: str) -> int:
+    return JOIN_METHODS.index(method.split("-")[0])
+
+
+def summary_markdown(result: dict) -> str:
+    tasks = result["tasks"]
+    lines = [f"# Success against simulated delay, all tasks: {result['sampler']}\n",
+             "Success % (episodes) per join and delay d (ticks), a call every Ta ticks unless the join says "
+             "otherwise; per task `delay-<task>.md` has intervals and paired counts. Below, every two joins over "
+             "all (task, d > 0) points where both ran, on their shared seeds: episodes the first wins / loses, the "
+             "exact McNemar p-value and that p adjusted over the pairs (Holm).\n",
+             "| join | d | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for r in result["rows"]:
+        cells = ["" if c is None else f"{c['pc_success']:.0f} ({c['n_episodes']})" for c in (r["tasks"][t] for t in tasks)]
+        lines.append(f"| {r['method']} | {r['delay']} | " + " | ".join(cells) + " |")
+    lines += ["", "| pair | points | episodes | won / lost | p | p (Holm) |", "|---|---|---|---|---|---|"]
+    for p in result["pairs"]:
+        lines.append(f"| {p['a']} vs {p['b']} | {len(p['points'])} | {p['episodes']} | +{p['won']} / −{p['lost']} | "
+                     f"{p['p_value']:.3f} | {p['p_holm']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -339,7 +403,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str]):
     cfg = from_argv(DelayBenchConfig, argv)
     print(json.dumps({"cpu": cpu_model(), "versions": versions()}), flush=True)
-    return {"success": success_phase, "report": report_phase, "cost": cost_phase}[cfg.phase](cfg)
+    return {"success": success_phase, "report": report_phase, "cost": cost_phase, "summary": summary_phase}[cfg.phase](cfg)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,13 @@ def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
     assert (pooled["won"], pooled["lost"]) == (points[("soft", 3)]["vs_naive"]["won"], points[("soft", 3)]["vs_naive"]["lost"])
     assert json.loads((tmp_path / "out" / "delay-pusht_keypoints.json").read_text())["points"] == report["points"]
     assert (tmp_path / "out" / "delay-pusht_keypoints.md").read_text().count("| picard |") == 4 + 1  # points, pooled row
+    summary = bench_delay.main(["phase=summary", "tasks=[pusht_keypoints]", *common])
+    (pair,) = summary["pairs"]  # naive vs soft over d = 3, the one delay > 0
+    assert (pair["a"], pair["b"], pair["points"], pair["episodes"]) == ("naive", "soft", ["pusht_keypoints d=3"], 3)
+    assert (pair["lost"], pair["won"]) == (pooled["won"], pooled["lost"]) and pair["p_holm"] == pair["p_value"]
+    assert [(r["method"], r["delay"]) for r in summary["rows"]] == [("naive", 0), ("naive", 3), ("soft", 0), ("soft", 3)]
+    with pytest.raises(SystemExit, match="no report for"):
+        bench_delay.main(["phase=summary", "tasks=[pusht_keypoints,stack]", *common])
     # a complete point grows by the missing seeds only; the report pools its parts
     grow = [c for c in common if not c.startswith(("methods=", "delays=", "n_episodes="))]
     bench_delay.main(["phase=success", "methods=[soft]", "delays=[3]", "n_episodes=5", *grow])
