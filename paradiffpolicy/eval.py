@@ -226,6 +226,9 @@ class Evaluator:
                 bar.update(1)
                 f.write(json.dumps(res.to_json()) + "\n")
                 f.flush()
+                if not cfg.progress:  # a line per episode where no bar is drawn (batch jobs, logs)
+                    log.info("%s %s: episode %d/%d, seed %d, %s", desc, cfg.task.name, len(results), cfg.n_episodes, res.seed,
+                             "success" if res.success else "failure")
                 if res.frames:
                     self._save_video(res)
                 bar.set_postfix(success=f"{sum(r.success for r in results)}/{len(results)}")

@@ -359,6 +359,8 @@ class Trainer:
                             row["aux_loss"] = aux_loss.item()
                         logf.write(json.dumps(row) + "\n")
                         logf.flush()
+                        if not cfg.progress:  # a line per logged step where no bar is drawn
+                            log.info("step %d/%d, loss %.4f", self.step, cfg.steps, row["loss"])
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                         self._save_state()
         except KeyboardInterrupt:

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -333,19 +332,21 @@ def test_interrupted_eval_keeps_finished_episodes(tmp_path, pusht_ckpt):
     # far more episodes than can finish before the signal, even if this test is slow to poll
     cmd = [sys.executable, "-m", "paradiffpolicy.eval", "task=pusht", f"checkpoint={pusht_ckpt}", "n_episodes=100000",
            "task.max_steps=40", f"output_dir={tmp_path}", "progress=false"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     episodes = tmp_path / "episodes.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and (not episodes.exists() or len(episodes.read_text().splitlines()) < 2):
-        time.sleep(0.2)
+    logged = []
+    for line in proc.stdout:  # eval logs a line per finished episode: interrupt it after the second
+        logged += [line] if "eval pusht: episode" in line else []
+        if len(logged) == 2:
+            break
     # SIGTERM (what a scheduler or `kill` sends; Ctrl-C takes the same path): a process started in
     # the background may inherit an ignored SIGINT, so the test does not rely on it
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     finished = [json.loads(x) for x in episodes.read_text().splitlines()]
     info = json.loads((tmp_path / "eval_info.json").read_text())
-    assert len(finished) >= 2, out.decode()[-2000:]
+    assert len(logged) == 2 and len(finished) >= 2, out[-2000:]
     assert info["interrupted"] is True and info["overall"]["n_episodes"] == len(finished) < 100000
 
 
