@@ -242,7 +242,7 @@ def report_phase(cfg: DelayBenchConfig) -> dict:
             points.append(_point(merged_point(parts), sampler_label, method, int(dname[1:]), str(info_path.parent)))
     if not points:
         raise SystemExit(f"no complete point under {base}; run phase=success first")
-    if cfg.fast_run and not any(p["method"] == "naive" and p["delay"] == 0 for p in points):
+    if cfg.fast_run and not any((p["sampler"], p["method"], p["delay"]) == (cfg.sampler_label, "naive", 0) for p in points):
         info = json.loads(Path(cfg.fast_run).read_text())
         if info["controller"]["mode"] != "fast":
             raise SystemExit(f"fast_run={cfg.fast_run} is a controller.mode={info['controller']['mode']} run, not fast")
