@@ -22,7 +22,7 @@ success or more (``benchmarks/README.md``).
 
 The ``d`` actions the current chunk executes during a call are committed, and ``join``
 (``control/join.py``) makes the new chunk agree with them inside every denoising step
-(``"hard"``), and softly with the rest of the current chunk (``"soft"``, the default, or ``"guided"``);
+(``"hard"``, the default), and also softly with the rest of the current chunk (``"soft"``, ``"guided"``);
 ``"naive"`` conditions nothing, ``"blend"`` mixes old and new actions where both exist.
 ``budget_s`` caps each Picard call: past it the sampler returns its current estimate (counted in
 ``budget_hits``). Everything is reported by :meth:`stats`.
