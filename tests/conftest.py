@@ -11,6 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Back to 1 torch thread after each test: an Evaluator sets the process's count (eval's
+    ``threads``, 2 by default), and idle OpenMP workers of a 2-thread team spinning beside a later
+    test's background inference thread made that test 15x slower on 2 cores."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _export_cache(tmp_path_factory):
     """Exported networks (backend=onnxruntime/openvino) go to a temporary cache, not the user's."""
