@@ -73,10 +73,10 @@ def tiny_policy(sampler=None, *, steps: int = 20, obs_range=(0.0, 1.0), action_r
     """The suite's one small policy: an untrained low-dim U-Net (obs 5, action 2, horizon 16 unless
     ``config`` says otherwise; weights from seed 0), ``steps`` DDPM steps, normalisers fitted to
     ``obs_range`` / ``action_range``; ``sampler``: its SamplerConfig (None: the default)."""
-    from paradiffpolicy import DiffusionPolicy, PolicyConfig
+    from paradiffpolicy import DiffusionPolicy, PolicyConfig, SchedulerConfig
 
-    cfg = PolicyConfig(**{"obs_dim": 5, "action_dim": 2, "down_dims": [16, 32], "diffusion_step_embed_dim": 16, **config})
-    cfg.scheduler.num_train_timesteps = cfg.scheduler.num_inference_steps = steps
+    cfg = PolicyConfig(**{"obs_dim": 5, "action_dim": 2, "down_dims": [16, 32], "diffusion_step_embed_dim": 16,
+                          "scheduler": SchedulerConfig(num_train_timesteps=steps, num_inference_steps=steps), **config})
     torch.manual_seed(0)
     policy = DiffusionPolicy(cfg, sampler)
     policy.obs_normalizer.fit(torch.tensor([[obs_range[0]] * cfg.obs_dim, [obs_range[1]] * cfg.obs_dim]))

@@ -31,10 +31,10 @@ CONDITIONED = ("hard", "soft", "guided")
 
 @dataclass
 class JoinConfig:
-    """``method``: one of ``JOIN_METHODS`` (default ``hard``: in simulated delays it kept the most
-    success of the conditioned joins, ``benchmarks/results/delay-summary.md``); ``inpaint``: how ``hard``/``soft`` enter each step
-    (``x0``, ``noised`` or ``clean``; see ``sampling/prefix.py``); ``max_guidance``: β of
-    ``guided``; ``blend``: the new chunk's share under ``blend``."""
+    """``method``: one of ``JOIN_METHODS`` (default ``hard``: over the simulated delays it kept more
+    success than ``soft``, ``benchmarks/results/delay-summary.md``); ``inpaint``: how ``hard`` /
+    ``soft`` enter each step (``x0``, ``noised`` or ``clean``; see ``sampling/prefix.py``);
+    ``max_guidance``: β of ``guided``; ``blend``: the new chunk's share under ``blend``."""
 
     method: str = "hard"
     inpaint: str = "x0"
