@@ -20,7 +20,7 @@ sampler under the same condition; run it with nothing else on the machine
 (``<out>/delay-cost-<task>.json``). ``summary`` puts the reports of ``tasks`` side by side and
 compares every two joins over all of them at once: episodes won / lost on the shared seeds of every
 (task, d > 0) where both ran, pooled, with the exact McNemar p-value, Holm-adjusted over the pairs
-(``delay-summary.{json,md}``).
+(``delay-summary.{json,md}``; ``delay-summary-<label>`` for another sampler than ``picard``).
 """
 
 from __future__ import annotations
@@ -358,7 +358,8 @@ def summary_phase(cfg: DelayBenchConfig) -> dict:
     for pair, p_holm in zip(pairs, holm([p["p_value"] for p in pairs])):
         pair["p_holm"] = p_holm
     result = {"sampler": cfg.sampler_label, "tasks": list(cfg.tasks), "rows": rows, "pairs": pairs}
-    return write_report(out / "delay-summary", result, summary_markdown, None)
+    suffix = "" if cfg.sampler_label == "picard" else f"-{cfg.sampler_label}"  # the preset the README quotes: no suffix
+    return write_report(out / f"delay-summary{suffix}", result, summary_markdown, None)
 
 
 def _join_order(method: str) -> int:

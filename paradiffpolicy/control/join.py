@@ -31,12 +31,14 @@ CONDITIONED = ("hard", "soft", "guided")
 
 @dataclass
 class JoinConfig:
-    """``method``: one of ``JOIN_METHODS`` (default ``hard``: over the simulated delays it kept more
-    success than ``soft``, ``benchmarks/results/delay-summary.md``); ``inpaint``: how ``hard`` /
-    ``soft`` enter each step (``x0``, ``noised`` or ``clean``; see ``sampling/prefix.py``);
-    ``max_guidance``: β of ``guided``; ``blend``: the new chunk's share under ``blend``."""
+    """``method``: one of ``JOIN_METHODS``. The default is ``naive``: in the simulated delays no join
+    kept measurably more success than naive with Picard / DDPM-100 (``hard`` the most, measurably
+    more than ``soft``), and with DDIM-8 ``hard`` kept measurably less
+    (``benchmarks/results/delay-summary*.md``). ``inpaint``: how ``hard`` / ``soft`` enter each step
+    (``x0``, ``noised`` or ``clean``; see ``sampling/prefix.py``); ``max_guidance``: β of
+    ``guided``; ``blend``: the new chunk's share under ``blend``."""
 
-    method: str = "hard"
+    method: str = "naive"
     inpaint: str = "x0"
     max_guidance: float = 5.0
     blend: float = 0.7

@@ -20,10 +20,10 @@ actions to cover the call. Calling more often than every ``Ta`` ticks re-plans f
 observations but executes each plan for fewer ticks; on PushT at d = 4 that costs a third of the
 success or more (``benchmarks/README.md``).
 
-The ``d`` actions the current chunk executes during a call are committed, and ``join``
-(``control/join.py``) makes the new chunk agree with them inside every denoising step
-(``"hard"``, the default), and also softly with the rest of the current chunk (``"soft"``, ``"guided"``);
-``"naive"`` conditions nothing, ``"blend"`` mixes old and new actions where both exist.
+The ``d`` actions the current chunk executes during a call are committed; ``join``
+(``control/join.py``) can make the new chunk agree with them inside every denoising step
+(``"hard"``), and also softly with the rest of the current chunk (``"soft"``, ``"guided"``);
+``"naive"``, the default, conditions nothing, ``"blend"`` mixes old and new actions where both exist.
 ``budget_s`` caps each Picard call: past it the sampler returns its current estimate (counted in
 ``budget_hits``). Everything is reported by :meth:`stats`.
 
