@@ -27,6 +27,7 @@ from typing import List
 import numpy as np
 import torch
 
+from paradiffpolicy.config import require_list
 from paradiffpolicy.sampling import SamplerNoise
 from paradiffpolicy.measure import interleaved, max_abs_deviation, network_costs, percentiles, provenance, ratios
 
@@ -49,10 +50,8 @@ class BackendBenchConfig:
 
         for b in self.backends:
             check_backend(b, key="backends")
-        if not self.threads or min(self.threads) < 1:
-            raise ValueError(f"threads={list(self.threads)} must be a non-empty list of integers >= 1")
-        if not self.batches or min(self.batches) < 1:
-            raise ValueError(f"batches={list(self.batches)} must be a non-empty list of integers >= 1")
+        require_list(self, "threads", 1)
+        require_list(self, "batches", 1)
         if self.trials < 3:
             raise ValueError(f"trials={self.trials} must be >= 3 (percentiles)")
 

@@ -25,7 +25,7 @@ from typing import List
 import numpy as np
 import torch
 
-from paradiffpolicy.config import UPDATES, SamplerConfig
+from paradiffpolicy.config import UPDATES, SamplerConfig, require_list
 from paradiffpolicy.measure import max_abs_deviation, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +51,8 @@ class IterationBenchConfig:
         bad = [u for u in self.updates if u not in UPDATES]
         if bad or not self.updates:
             raise ValueError(f"updates={list(self.updates)}: expected a non-empty list of {UPDATES}")
-        if not self.windows or min(self.windows) < 1:
-            raise ValueError(f"windows={list(self.windows)} must be a non-empty list of integers >= 1")
-        if not self.tols or min(self.tols) < 0:
-            raise ValueError(f"tols={list(self.tols)} must be a non-empty list of numbers >= 0")
+        require_list(self, "windows", 1)
+        require_list(self, "tols", 0, "numbers")
         if self.n_windows < 1:
             raise ValueError(f"n_windows={self.n_windows} must be >= 1")
 

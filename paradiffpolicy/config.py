@@ -156,6 +156,14 @@ class SamplerConfig:
             raise ValueError(f"sampler.num_inference_steps={self.num_inference_steps!r} must be an integer >= 1 or null")
 
 
+def require_list(cfg: Any, key: str, minimum: float, what: str = "integers") -> None:
+    """``ValueError`` naming ``key`` unless ``cfg.<key>`` is a non-empty list whose least value is
+    at least ``minimum`` (the commands' lists of windows, batch sizes, tolerances, threads)."""
+    values = getattr(cfg, key)
+    if not values or min(values) < minimum:
+        raise ValueError(f"{key}={list(values)} must be a non-empty list of {what} >= {minimum}")
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 

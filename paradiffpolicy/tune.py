@@ -43,7 +43,7 @@ from tqdm import tqdm
 from paradiffpolicy.checkpoint import load_policy
 from paradiffpolicy.backends import BACKENDS, EXPORTED, available_backends, check_backend
 from paradiffpolicy.measure import interleaved, max_abs_deviation, network_costs, provenance, ratios
-from paradiffpolicy.config import INITS, UPDATES, SamplerConfig
+from paradiffpolicy.config import INITS, UPDATES, SamplerConfig, require_list
 from paradiffpolicy.data.obs_sample import load_observation_sample
 from paradiffpolicy.presets import sampler_preset, save_tuned
 from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, run_dir, versions
@@ -95,8 +95,7 @@ class TuneConfig:
         if not 0 < self.margin <= 1:
             raise ValueError(f"margin={self.margin} must be in (0, 1]")
         for key in ("windows", "batch_sizes"):
-            if not getattr(self, key) or min(getattr(self, key)) < 1:
-                raise ValueError(f"{key}={list(getattr(self, key))} must be a non-empty list of integers >= 1")
+            require_list(self, key, 1)
         if any(not t > 0 for t in self.tols):
             raise ValueError(f"tols={list(self.tols)} must be > 0 (tol=0 is the exact, slowest setting)")
         bad = [i for i in self.inits if i not in INITS] + [b for b in self.backends if b not in BACKENDS]
