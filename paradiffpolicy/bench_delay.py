@@ -39,8 +39,8 @@ import numpy as np
 from paradiffpolicy.config import from_argv
 from paradiffpolicy.control.join import JOIN_METHODS
 from paradiffpolicy.runtime import cpu_model, versions
-from paradiffpolicy.success_stats import (finish_success_plot, holm, paired, sign_test, success_cell, success_summary,
-                                          write_report)
+from paradiffpolicy.success_stats import (finish_success_plot, holm, new_success_plot, paired, sign_test, success_cell,
+                                          success_summary, write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -385,12 +385,7 @@ def summary_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = new_success_plot()
     curves: dict[tuple[str, str], list[dict]] = {}
     for p in result["points"]:
         curves.setdefault((p["sampler"], p["method"]), []).append(p)

@@ -40,8 +40,8 @@ from paradiffpolicy.eval import run_complete
 from paradiffpolicy.measure import interleaved, percentiles, provenance
 from paradiffpolicy.presets import sampler_preset
 from paradiffpolicy.runtime import cpu_model
-from paradiffpolicy.success_stats import (finish_success_plot, holm, paired, success_cell, success_summary, wilson_interval,
-                                          write_report)
+from paradiffpolicy.success_stats import (finish_success_plot, holm, new_success_plot, paired, success_cell,
+                                          success_summary, wilson_interval, write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,13 +336,9 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig, ax = new_success_plot()
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, r in result["settings"].items():
         if r["latency_ms"] is None:
             continue

@@ -256,10 +256,11 @@ def summary_table(info: dict) -> str:
                     f"sampling p50 {i['sampling_ms']['p50']:.1f} ms (p95 {i['sampling_ms']['p95']:.1f})")
     jumps = c.get("jumps")
     if jumps and jumps["seam"]["n"]:
-        delay = i.get("delay_ticks", {})
+        delay, arrival = i.get("delay_ticks", {}), i.get("arrival_ticks", {})
         rows.append(f"\nchunk seams: action jump mean {jumps['seam']['mean']:.3g} (p95 {jumps['seam']['p95']:.3g}) vs within "
                     f"chunks {jumps['inner']['mean']:.3g} (p95 {jumps['inner']['p95']:.3g}); join "
-                    f"{info['controller']['join']['method']}, delay per call {delay.get('mean', 0.0):.2f} ticks (max {delay.get('max', 0)})")
+                    f"{info['controller']['join']['method']}, delay given per call {delay.get('mean', 0.0):.2f} ticks "
+                    f"(max {delay.get('max', 0)}), chunks used after {arrival.get('mean', 0.0):.2f} ticks (max {arrival.get('max', 0)})")
     if "compare" in info:
         cmp = info["compare"]
         seq = "n/a" if cmp["pc_success_sequential"] is None else f"{cmp['pc_success_sequential']:.1f}%"

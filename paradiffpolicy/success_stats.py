@@ -90,6 +90,16 @@ def write_report(stem: Path, result: dict, markdown: Callable[[dict], str], plot
     return result
 
 
+def new_success_plot():
+    """A figure and axes for a success-rate plot, drawn headless (Agg); ``finish_success_plot`` labels and saves it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.5, 4.5))
+
+
 def finish_success_plot(fig, ax, path: Path, xlabel: str, title: str) -> None:
     """Label a success-rate plot (y: success % ± standard error), save it to ``path`` and close it."""
     import matplotlib.pyplot as plt

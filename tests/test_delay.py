@@ -76,13 +76,13 @@ def test_bad_delay_and_execution_horizon_are_refused_naming_the_keys():
         ControllerConfig(mode="delay", delay_ms=[float("nan")])
     with pytest.raises(ValueError, match="controller.join.method"):
         JoinConfig(method="teleport")
-    assert schedule(policy, delay=7).ticks == [7] and schedule(policy, delay=3, execute=12).execute == 12
+    assert schedule(policy, delay=7).calls == [(7, 7)] and schedule(policy, delay=3, execute=12).execute == 12
 
 
 def test_latency_distribution_gives_per_call_delays_seeded_by_episode():
     policy = pusht_policy()
     ms = [40.0, 100.0, 180.0, 250.0]  # at 10 Hz: 1, 1, 2, 3 ticks
-    assert schedule(policy, delay_ms=ms).ticks == [1, 1, 2, 3]
+    assert schedule(policy, delay_ms=ms).calls == [(1, 1), (1, 1), (2, 2), (3, 3)]
     a = delayed(policy, [7, 8], join="soft", delay_ms=ms)
     b = delayed(policy, [7, 8], join="soft", delay_ms=ms, n_envs=2)
     same_episodes(a, b)
@@ -164,7 +164,7 @@ def test_runner_commits_what_executes_while_it_infers():
     with PolicyRunner(policy, hz=1, hold="repeat", join=JoinConfig(method="hard")) as runner:
         runner.reset(np.full(5, 100.0), seed=0)
         current = runner.agent.previous
-        switches = []
+        switches, used = [], []
         for tick in range(30):
             runner.step(np.full(5, 100.0 + tick))
             switches.append(runner.switched)
@@ -175,7 +175,10 @@ def test_runner_commits_what_executes_while_it_infers():
                 assert d >= 1 and runner.agent.log.delays[-1] == d
                 np.testing.assert_allclose(new.actions[:d], current.actions[new.obs_tick - current.obs_tick:][:d], atol=1e-3)
                 current = new
+                used.append(new)
         assert runner.stats()["deadline_misses"] == 0
+        # each chunk arrived in time and served from the tick after its observation: measured arrival 1
+        assert runner.agent.log.arrivals == [(c.delay, 1) for c in used] and len(used) == 3
     assert sum(switches) == runner.stats()["calls"] - 1  # one switch per background chunk
 
 
@@ -198,16 +201,23 @@ def test_runner_calls_every_s_ticks(execute, ticks):
 
 
 def test_delays_measured_by_a_realtime_run_are_replayed(tmp_path):
-    """controller.delay_from draws each call's d from a wall-clock run's measured delays, at its rate;
-    anything but a realtime run's record, or another rate, is refused naming the key."""
+    """controller.delay_from draws each call from a wall-clock run's measurements, at its rate: the d
+    the runner gave it (its estimate) conditions the call, the measured arrival says from which tick
+    its chunk executes. Anything but a realtime run's record with arrivals, or another rate, is
+    refused naming the key."""
     policy = pusht_policy()
-    record = {"control": {"mode": "realtime", "target_hz": 10.0}, "inference": {"delay_ticks": {"counts": {"3": 2, "2": 1}}}}
+    arrivals = {"by_delay": {"3": {"2": 2, "3": 1}, "2": {"2": 1}}}
+    record = {"control": {"mode": "realtime", "target_hz": 10.0}, "inference": {"arrival_ticks": arrivals}}
     path = tmp_path / "eval_info.json"
     path.write_text(json.dumps(record))
-    assert schedule(policy, delay_from=str(path)).ticks == [2, 3, 3]
+    assert schedule(policy, delay_from=str(path)).calls == [(2, 2), (3, 2), (3, 2), (3, 3)]
     got = delayed(policy, [7, 8], join="soft", delay_from=str(path))
-    drawn = [d for r in got for d in r.inference.delays]
-    assert set(drawn) == {2, 3}
+    drawn = [call for r in got for call in r.inference.arrivals]
+    assert set(drawn) == {(2, 2), (3, 2), (3, 3)} and [d for d, _ in drawn] == [d for r in got for d in r.inference.delays]
+    old = tmp_path / "estimates.json"  # a record from before arrivals were measured
+    old.write_text(json.dumps({**record, "inference": {"delay_ticks": {"counts": {"3": 2}}}}))
+    with pytest.raises(ValueError, match=r"estimates.json' records no measured arrivals"):
+        ControllerConfig(mode="delay", delay_from=str(old))
     with pytest.raises(ValueError, match=r"measured at 10 Hz; this run ticks at 20 Hz"):
         schedule(policy, hz=20, delay_from=str(path))
     bad = tmp_path / "fast.json"
@@ -219,7 +229,7 @@ def test_delays_measured_by_a_realtime_run_are_replayed(tmp_path):
     with pytest.raises(ValueError, match="give one of"):
         ControllerConfig(mode="delay", delay=2, delay_from=str(path))
     late = tmp_path / "late.json"
-    late.write_text(json.dumps({**record, "inference": {"delay_ticks": {"counts": {"9": 1}}}}))
+    late.write_text(json.dumps({**record, "inference": {"arrival_ticks": {"by_delay": {"3": {"9": 1}}}}}))
     with pytest.raises(ValueError, match=r"controller.delay_from \(up to 9 ticks\) with controller.execute=8"):
         schedule(policy, delay_from=str(late))
 

@@ -60,6 +60,12 @@ class WarmState:
     trajectory: Trajectory  # (1, N+1, T, Da)
 
 
+def tick_counts(ticks: list[int]) -> dict:
+    """Mean, max and counts (by value, keys as strings) of per-call tick counts."""
+    return {"mean": float(np.mean(ticks)) if ticks else 0.0, "max": int(max(ticks, default=0)),
+            "counts": {str(d): int(c) for d, c in zip(*np.unique(np.asarray(ticks, dtype=int), return_counts=True))}}
+
+
 @dataclass
 class InferenceLog:
     """Per-call statistics of an agent over one episode."""
@@ -72,6 +78,9 @@ class InferenceLog:
     reference_dev: list = field(default_factory=list)  # per call: max |chunk - reference chunk| (normalised)
     reference_ratio: list = field(default_factory=list)  # per call: reference / this call's sampling time
     delays: list = field(default_factory=list)  # per call that joined a previous chunk: its delay d in ticks
+    # per chunk put to use after a delay: (the d its call was given, the ticks from its observation
+    # to its first executed action); on the wall clock the second is measured, in simulation the same d
+    arrivals: list = field(default_factory=list)
     budget_hits: int = 0
 
     @property
@@ -87,9 +96,10 @@ class InferenceLog:
             "nfe_mean": float(np.mean(self.nfe)) if self.nfe else 0.0,
             "unconverged_calls": int(len(self.converged) - sum(self.converged)),
             "budget_hits": self.budget_hits,
-            "delay_ticks": {"mean": float(np.mean(self.delays)) if self.delays else 0.0,
-                            "max": int(max(self.delays, default=0)),
-                            "counts": {str(d): int(c) for d, c in zip(*np.unique(self.delays, return_counts=True))}},
+            "delay_ticks": tick_counts(self.delays),
+            "arrival_ticks": {**tick_counts([a for _, a in self.arrivals]),
+                              "by_delay": {str(d): tick_counts([a for g, a in self.arrivals if g == d])["counts"]
+                                           for d in sorted({g for g, _ in self.arrivals})}},
         }
         out["latency_ms"]["max"] = float(lat.max())
         out["latency_ms"]["mean"] = float(lat.mean())
@@ -112,8 +122,13 @@ class InferenceLog:
             self.reference_dev.append(stats.reference_dev)
             self.reference_ratio.append(stats.reference_ratio)
 
+    def record_arrival(self, delay: int, ticks: int) -> None:
+        """A chunk whose call was given ``delay`` is put to use ``ticks`` after its observation."""
+        self.arrivals.append((int(delay), int(ticks)))
+
     def extend(self, other: "InferenceLog") -> None:
-        for name in ("latency_ms", "encoder_ms", "rounds", "nfe", "converged", "reference_dev", "reference_ratio", "delays"):
+        for name in ("latency_ms", "encoder_ms", "rounds", "nfe", "converged", "reference_dev", "reference_ratio", "delays",
+                     "arrivals"):
             getattr(self, name).extend(getattr(other, name))
         self.budget_hits += other.budget_hits
 

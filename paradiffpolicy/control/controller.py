@@ -50,8 +50,8 @@ class ControllerConfig:
     # for a latency drawn per call from delay_ms (a measured distribution), seeded by the episode
     delay: int = 0
     delay_ms: List[float] = field(default_factory=list)
-    # delay only: or d drawn per call from the delays (ticks) measured by a controller=realtime run,
-    # the path of its eval_info.json: the simulation of what that machine saw, at its rate
+    # delay only: or each call drawn from those a controller=realtime run measured (the d it was
+    # given, the ticks until its chunk was used), the path of its eval_info.json: what that machine saw
     delay_from: str = ""
     execute: int = 0  # realtime and delay: s, ticks between calls (0: the policy's n_action_steps)
     # realtime and delay: how a new chunk joins the executing one
@@ -81,11 +81,12 @@ class ControllerConfig:
             raise ValueError("controller.execute needs controller.mode=realtime or delay (fast mode executes Ta)")
 
 
-def measured_delays(path: str) -> tuple[list[int], float]:
-    """The delays a ``controller=realtime`` run measured, one entry per call (ticks from a call's
-    start to the first tick its chunk could serve), and the rate it ran at: its
-    ``eval_info.json``'s ``inference.delay_ticks.counts`` and ``control.target_hz``. ``ValueError``
-    naming ``controller.delay_from`` for a file that is not such a record."""
+def measured_delays(path: str) -> tuple[list[tuple[int, int]], float]:
+    """What a ``controller=realtime`` run measured, one entry per chunk put to use: (the delay its
+    call was given, i.e. the runner's estimate, the ticks from its observation to its first executed
+    action), and the rate it ran at: its ``eval_info.json``'s ``inference.arrival_ticks.by_delay``
+    and ``control.target_hz``. ``ValueError`` naming ``controller.delay_from`` for a file that is
+    not such a record (records made before arrivals were measured hold only the estimates)."""
     key = f"controller.delay_from={path!r}"
     try:
         info = json.loads(Path(path).read_text())
@@ -94,21 +95,24 @@ def measured_delays(path: str) -> tuple[list[int], float]:
     mode = (info.get("control") or {}).get("mode") if isinstance(info, dict) else None
     if mode != "realtime":
         raise ValueError(f"{key} is a controller.mode={mode} record; expected the eval_info.json of a controller=realtime run")
-    counts = ((info.get("inference") or {}).get("delay_ticks") or {}).get("counts") or {}
+    by_delay = ((info.get("inference") or {}).get("arrival_ticks") or {}).get("by_delay") or {}
     try:
-        ticks = [int(d) for d, n in sorted(counts.items(), key=lambda kv: int(kv[0])) for _ in range(int(n))]
-    except (TypeError, ValueError):
-        ticks = []
-    if not ticks or min(ticks) < 0:
-        raise ValueError(f"{key} records no per-call delays (inference.delay_ticks.counts: {counts})")
-    return ticks, float(info["control"]["target_hz"])
+        calls = [(int(d), int(a)) for d, counts in by_delay.items() for a, n in counts.items() for _ in range(int(n))]
+    except (TypeError, ValueError, AttributeError):
+        calls = []
+    if not calls or min(min(c) for c in calls) < 0:
+        raise ValueError(f"{key} records no measured arrivals (inference.arrival_ticks.by_delay: {by_delay}); "
+                         "records of realtime runs older than the arrival measurement hold only estimated delays")
+    return sorted(calls), float(info["control"]["target_hz"])
 
 
 class DelaySchedule:
     """When calls start and how long they take in ``delay`` mode: a call every ``execute`` ticks,
     each taking ``delay`` ticks or, with ``delay_ms``, ``ceil(ms * hz / 1000)`` ticks for a latency
-    drawn per call from ``delay_ms``, or with ``delay_from`` a delay drawn per call from those a
-    wall-clock run measured at the same rate; draws by an RNG seeded per episode.
+    drawn per call from ``delay_ms``, or with ``delay_from`` a call drawn from those a wall-clock
+    run measured at the same rate; draws by an RNG seeded per episode. ``calls`` holds what is
+    drawn: (the d the call is given, the ticks until its chunk is used); they differ only where a
+    wall-clock runner's estimate did.
 
     Raises ``ValueError`` naming the keys unless ``d <= s`` and ``d + s`` fit in the chunk (the
     previous chunk must still hold the actions of the next call's first ``d`` ticks)."""
@@ -116,13 +120,14 @@ class DelaySchedule:
     def __init__(self, cfg: ControllerConfig, n_action_steps: int, chunk_length: int, hz: float):
         self.execute = cfg.execute or n_action_steps
         self.join = cfg.join
-        self.ticks = [math.ceil(ms * hz / 1000 - 1e-9) for ms in cfg.delay_ms] or [cfg.delay]
+        ticks = [math.ceil(ms * hz / 1000 - 1e-9) for ms in cfg.delay_ms] or [cfg.delay]
+        self.calls = [(d, d) for d in ticks]
         if cfg.delay_from:
-            self.ticks, measured_hz = measured_delays(cfg.delay_from)
+            self.calls, measured_hz = measured_delays(cfg.delay_from)
             if not math.isclose(measured_hz, hz):
                 raise ValueError(f"controller.delay_from={cfg.delay_from!r} was measured at {measured_hz:g} Hz; this run "
                                  f"ticks at {hz:g} Hz (delays in ticks do not carry over)")
-        worst = max(self.ticks)
+        worst = max(max(c) for c in self.calls)
         if self.execute > chunk_length:
             raise ValueError(f"controller.execute={self.execute} exceeds the {chunk_length} actions a chunk holds")
         if worst > self.execute or worst + self.execute > chunk_length:
@@ -139,8 +144,9 @@ class DelaySchedule:
     def rng(self, seed: int) -> np.random.Generator:
         return np.random.default_rng([seed, 0xD1A7])
 
-    def draw(self, rng: np.random.Generator) -> int:
-        return self.ticks[0] if len(self.ticks) == 1 else int(self.ticks[rng.integers(len(self.ticks))])
+    def draw(self, rng: np.random.Generator) -> tuple[int, int]:
+        """One call's (d it is given, ticks until its chunk is used)."""
+        return self.calls[0] if len(self.calls) == 1 else self.calls[int(rng.integers(len(self.calls)))]
 
 
 @dataclass
@@ -329,13 +335,16 @@ def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int
         if not active:
             break
         # a call that joins a previous chunk takes d ticks; an episode's first call is waited for
-        delays = [None if schedule is None or slots[i].current is None else schedule.draw(slots[i].rng) for i in active]
+        calls = [None if schedule is None or slots[i].current is None else schedule.draw(slots[i].rng) for i in active]
         chunks = PolicyAgent.infer_together([agents[i] for i in active], [slots[i].ep.result.length for i in active],
-                                            delays=delays)
-        for i, chunk, d in zip(active, chunks, delays):
+                                            delays=[None if c is None else c[0] for c in calls])
+        for i, chunk, call in zip(active, chunks, calls):
             slot = slots[i]
+            if call is not None:
+                agents[i].log.record_arrival(*call)
             with slot.ep.guard():
-                _execute(slot, agents[i], chunk, d or 0, execute, None if schedule is None else schedule.blend)
+                _execute(slot, agents[i], chunk, 0 if call is None else call[1], execute,
+                         None if schedule is None else schedule.blend)
             slot.current = chunk
             if slot.ep.done:
                 finished.append(slot.ep.finish(agents[i].log))

@@ -164,6 +164,8 @@ class PolicyRunner:
             new, self._pending = self._pending.result(), None  # re-raises inference errors
             self._previous, self._chunk = self._chunk, new
             self._latency_ms.append(new.stats.latency_ms)
+            if new.delay is not None:
+                self.agent.log.record_arrival(new.delay, self.tick - new.obs_tick)
         delay = self.expected_delay()
         if self._pending is None and self.tick >= self._chunk.obs_tick + self.interval(delay):
             if self._pool is None:
