@@ -57,7 +57,9 @@ def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
                             "trials=2", "warmup=1", "window=8", "tol=0.5", "inits=[copy]", "threads=1",
                             f"out={tmp_path / 'bench.json'}"])
     assert set(report["variants"]) == {"picard-copy"}
-    assert report["variants"]["picard-copy"]["max_abs_dev"] > 0
+    loose = report["variants"]["picard-copy"]
+    # τ = 0.5 stops before N = 20 rounds and leaves the sequential sample (float rounding alone: ~1e-6)
+    assert loose["iterations"]["max"] < 20 and loose["abs_dev"]["over_1e-2"] > 0 and loose["max_abs_dev"] > 1e-2
 
 
 def test_bench_uses_the_shipped_observations_and_says_so(tmp_path, capsys):
@@ -304,7 +306,8 @@ def test_compare_checkpoints_measures_the_weight_format_against_the_sampler(tmp_
     report = compare([f"a={tmp_path / 'f16'}", f"b={tmp_path / 'f32'}", "threads=1", f"out={out}"])
     assert report["windows"] == 4 and (report["a_weights_dtype"], report["b_weights_dtype"]) == ("float16", "float32")
     assert 0 < report["a_vs_b"]["max"] < 1e-2  # float16 rounding moves the sample, a little
-    assert report["picard_p16_tol0.1_vs_sequential_on_b"]["max"] > 0
+    # on this untrained network Picard at τ = 0.1 moves the sample far more than float16 weights do
+    assert report["picard_p16_tol0.1_vs_sequential_on_b"]["max"] > 10 * report["a_vs_b"]["max"]
     assert json.loads(out.read_text())["a_vs_b"] == report["a_vs_b"]
     assert compare([f"a={tmp_path / 'f16'}", f"b={tmp_path / 'f16'}", "threads=1"])["a_vs_b"]["max"] == 0
     save_policy(DiffusionPolicy(PolicyConfig(**{**cfg.__dict__, "down_dims": [16, 16]})), tmp_path / "other")
