@@ -214,6 +214,13 @@ def test_delays_measured_by_a_realtime_run_are_replayed(tmp_path):
     got = delayed(policy, [7, 8], join="soft", delay_from=str(path))
     drawn = [call for r in got for call in r.inference.arrivals]
     assert set(drawn) == {(2, 2), (3, 2), (3, 3)} and [d for d, _ in drawn] == [d for r in got for d in r.inference.delays]
+    def replay(name, by_delay):
+        one = tmp_path / name
+        one.write_text(json.dumps({**record, "inference": {"arrival_ticks": {"by_delay": by_delay}}}))
+        return delayed(policy, [7], delay_from=str(one))[0]
+    on_time, early = replay("on_time.json", {"3": {"3": 1}}), replay("early.json", {"3": {"2": 1}})
+    assert on_time.inference.delays == early.inference.delays  # both calls given d = 3...
+    assert on_time.seam_jumps != early.seam_jumps  # ...but the early chunks execute from index 2, a tick sooner
     old = tmp_path / "estimates.json"  # a record from before arrivals were measured
     old.write_text(json.dumps({**record, "inference": {"delay_ticks": {"counts": {"3": 2}}}}))
     with pytest.raises(ValueError, match=r"estimates.json' records no measured arrivals"):
