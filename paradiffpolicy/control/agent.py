@@ -60,10 +60,14 @@ class WarmState:
     trajectory: Trajectory  # (1, N+1, T, Da)
 
 
+def value_counts(values: list[int]) -> dict[str, int]:
+    """How often each value occurs, in ascending order, keys as strings (JSON)."""
+    return {str(v): int(n) for v, n in zip(*np.unique(np.asarray(values, dtype=int), return_counts=True))}
+
+
 def tick_counts(ticks: list[int]) -> dict:
-    """Mean, max and counts (by value, keys as strings) of per-call tick counts."""
-    return {"mean": float(np.mean(ticks)) if ticks else 0.0, "max": int(max(ticks, default=0)),
-            "counts": {str(d): int(c) for d, c in zip(*np.unique(np.asarray(ticks, dtype=int), return_counts=True))}}
+    """Mean, max and counts of per-call tick counts."""
+    return {"mean": float(np.mean(ticks)) if ticks else 0.0, "max": int(max(ticks, default=0)), "counts": value_counts(ticks)}
 
 
 @dataclass
@@ -98,7 +102,7 @@ class InferenceLog:
             "budget_hits": self.budget_hits,
             "delay_ticks": tick_counts(self.delays),
             "arrival_ticks": {**tick_counts([a for _, a in self.arrivals]),
-                              "by_delay": {str(d): tick_counts([a for g, a in self.arrivals if g == d])["counts"]
+                              "by_delay": {str(d): value_counts([a for g, a in self.arrivals if g == d])
                                            for d in sorted({g for g, _ in self.arrivals})}},
         }
         out["latency_ms"]["max"] = float(lat.max())

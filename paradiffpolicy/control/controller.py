@@ -120,13 +120,14 @@ class DelaySchedule:
     def __init__(self, cfg: ControllerConfig, n_action_steps: int, chunk_length: int, hz: float):
         self.execute = cfg.execute or n_action_steps
         self.join = cfg.join
-        ticks = [math.ceil(ms * hz / 1000 - 1e-9) for ms in cfg.delay_ms] or [cfg.delay]
-        self.calls = [(d, d) for d in ticks]
         if cfg.delay_from:
             self.calls, measured_hz = measured_delays(cfg.delay_from)
             if not math.isclose(measured_hz, hz):
                 raise ValueError(f"controller.delay_from={cfg.delay_from!r} was measured at {measured_hz:g} Hz; this run "
                                  f"ticks at {hz:g} Hz (delays in ticks do not carry over)")
+        else:
+            ticks = [math.ceil(ms * hz / 1000 - 1e-9) for ms in cfg.delay_ms] or [cfg.delay]
+            self.calls = [(d, d) for d in ticks]
         worst = max(max(c) for c in self.calls)
         if self.execute > chunk_length:
             raise ValueError(f"controller.execute={self.execute} exceeds the {chunk_length} actions a chunk holds")
