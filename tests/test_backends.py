@@ -12,7 +12,10 @@ from paradiffpolicy.backends import available_backends, cache_dir
 from paradiffpolicy.sampling.prefix import ActionPrefix
 from conftest import tiny_policy
 
-EXPORTED = [pytest.param(b, marks=needs_backend(b)) for b in ("onnxruntime", "openvino")]
+# OpenVINO compiles each exported network for ~1-2 s: its cases are in the slow tier (with the
+# other compilation tests); ONNX Runtime checks the same exported path in the fast tier.
+EXPORTED = [pytest.param("onnxruntime", marks=needs_backend("onnxruntime")),
+            pytest.param("openvino", marks=[needs_backend("openvino"), pytest.mark.slow])]
 
 
 def _inputs(policy, bsz=3):

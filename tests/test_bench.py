@@ -39,6 +39,7 @@ def test_bench_reports_deviation_and_speedups_for_every_variant(tmp_path):
     assert all(r["abs_dev"]["samples"] == 2 + 64 for r in variants.values())
 
 
+@pytest.mark.slow
 def test_bench_sweeps_tolerances_and_counts_deviating_samples(tmp_path):
     report = importlib.import_module("paradiffpolicy.bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
                             "trials=1", "warmup=0", "window=8", "tols=[0.0,2.0]", "dev_samples=16", "threads=1",
@@ -52,6 +53,7 @@ def test_bench_sweeps_tolerances_and_counts_deviating_samples(tmp_path):
     assert loose["abs_dev"]["p50"] <= loose["abs_dev"]["p95"] <= loose["max_abs_dev"]
 
 
+@pytest.mark.slow
 def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
     report = importlib.import_module("paradiffpolicy.bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
                             "trials=2", "warmup=1", "window=8", "tol=0.5", "inits=[copy]", "threads=1",
@@ -62,6 +64,7 @@ def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
     assert loose["iterations"]["max"] < 20 and loose["abs_dev"]["over_1e-2"] > 0 and loose["max_abs_dev"] > 1e-2
 
 
+@pytest.mark.slow
 def test_bench_uses_the_shipped_observations_and_says_so(tmp_path, capsys):
     """A fresh clone has no training data: the bench reads the observation windows shipped with the
     checkpoint (and refuses obs=dataset rather than fall back silently)."""
@@ -79,6 +82,7 @@ def test_bench_rejects_unknown_keys():
         importlib.import_module("paradiffpolicy.bench_sampler").main(["windw=8"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", [str(ROOT / "tests" / "fixtures" / "interop" / "dp_lowdim_tiny" / "latest.ckpt"),
                                         str(ROOT / "tests" / "fixtures" / "interop" / "lerobot_lowdim_tiny")])
 def test_bench_takes_foreign_checkpoints(tmp_path, checkpoint):
@@ -88,6 +92,7 @@ def test_bench_takes_foreign_checkpoints(tmp_path, checkpoint):
     assert report["observations"].startswith("uniform")
 
 
+@pytest.mark.slow
 def test_bench_times_the_image_encoder_apart(tmp_path):
     out = tmp_path / "img.json"
     report = importlib.import_module("paradiffpolicy.bench_sampler").main(["checkpoint=random", "image_shape=[3,32,32]", "crop_shape=[28,28]", "obs_dim=2", "action_dim=2",

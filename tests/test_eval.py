@@ -350,6 +350,7 @@ def test_interrupted_eval_keeps_finished_episodes(tmp_path, pusht_ckpt):
     assert info["interrupted"] is True and info["overall"]["n_episodes"] == len(finished) < 100000
 
 
+@pytest.mark.slow
 def test_vector_envs_give_the_single_env_episodes(tmp_path, pusht_ckpt):
     """Batching environments changes throughput, not episodes: same seeds, same noise streams,
     rows that converge independently → the same rewards and lengths as one env at a time."""

@@ -47,8 +47,11 @@ def observations(name, ref):
     return {k[4:]: v for k, v in ref.items() if k.startswith("obs.") and not k.endswith("uint8_hwc")}
 
 
-def fixture_params():
-    return [pytest.param(n, marks=needs_image) if n == "lerobot_image_small" else n for n in FIXTURES]
+def fixture_params(*, rollout=False):
+    """The fixtures as test parameters; ``rollout``: the test runs the image policy's whole
+    100-step sample (seconds through its ResNet), which puts that case in the slow tier (cameras)."""
+    image = [needs_image, pytest.mark.slow] if rollout else [needs_image]
+    return [pytest.param(n, marks=image) if n == "lerobot_image_small" else n for n in FIXTURES]
 
 
 def run(name, sampler, obs=None, z_key="noise.z", backend=None):
@@ -60,7 +63,7 @@ def run(name, sampler, obs=None, z_key="noise.z", backend=None):
     return policy, ref, actions, info
 
 
-@pytest.mark.parametrize("name", fixture_params())
+@pytest.mark.parametrize("name", fixture_params(rollout=True))
 def test_sequential_reproduces_upstream(name):
     policy, ref, actions, info = run(name, SamplerConfig(name="sequential"))
     assert (info.action_pred_normalized - ref["sample"]).abs().max() < TOL
@@ -102,7 +105,7 @@ def test_picard_exact_settings_reproduce_upstream(name, sampler, backend):
     assert (info.action_pred_normalized - ref["sample"]).abs().max() < TOL
 
 
-@pytest.mark.parametrize("name", [n for n in fixture_params() if "lerobot" in str(n)])
+@pytest.mark.parametrize("name", [n for n in fixture_params(rollout=True) if "lerobot" in str(n)])
 def test_select_action_history_padding_matches_lerobot(name):
     """LeRobot's first select_action fills its queue with To copies of the one observation."""
     ref = reference(name)
