@@ -137,7 +137,8 @@ class Evaluator:
         check_env_matches_policy(self.env, self.policy, cfg.task.name, cfg.checkpoint)
         pc = self.policy.config
         self.schedule = None if cfg.controller.mode != "delay" else DelaySchedule(
-            cfg.controller, pc.n_action_steps, pc.horizon - pc.executed_start, cfg.controller.hz or cfg.task.control_hz)
+            cfg.controller, pc.n_action_steps, pc.horizon - pc.executed_start, cfg.controller.hz or cfg.task.control_hz,
+            cfg.task.hold)
 
     def run_all(self) -> dict:
         cfg = self.cfg

@@ -235,10 +235,15 @@ def test_delays_measured_by_a_realtime_run_are_replayed(tmp_path):
         ControllerConfig(mode="delay", delay_from=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="give one of"):
         ControllerConfig(mode="delay", delay=2, delay_from=str(path))
+    # a measured arrival later than s (= Ta = 8) is replayed as the clock ran it, not refused: every
+    # call here arrives 9 ticks after its observation, and a chunk holds 15 actions from it
     late = tmp_path / "late.json"
     late.write_text(json.dumps({**record, "inference": {"arrival_ticks": {"by_delay": {"3": {"9": 1}}}}}))
-    with pytest.raises(ValueError, match=r"controller.delay_from \(up to 9 ticks\) with controller.execute=8"):
-        schedule(policy, delay_from=str(late))
+    held = delayed(policy, [7], delay_from=str(late))[0]
+    # ticks 0-7: the first chunk; a call at 8 arrives at 17: ticks 8-14 finish the first chunk, 15-16
+    # hold (2 misses); the next call starts at 17: 17-22 from the second chunk (index 9-14), 23 holds
+    assert (held.length, held.deadline_misses) == (24, 3)
+    assert [c for c in held.inference.arrivals] == [(3, 9), (3, 9)]
 
 
 def test_eval_delay_mode_writes_delays_and_jumps(tmp_path):

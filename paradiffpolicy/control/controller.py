@@ -33,7 +33,7 @@ import numpy as np
 
 from paradiffpolicy.control.agent import Chunk, InferenceLog, PolicyAgent
 from paradiffpolicy.control.join import JoinConfig
-from paradiffpolicy.control.runner import PolicyRunner
+from paradiffpolicy.control.runner import PolicyRunner, hold_action
 from paradiffpolicy.envs.base import PolicyEnv
 
 MODES = ("fast", "realtime", "delay")
@@ -114,12 +114,17 @@ class DelaySchedule:
     drawn: (the d the call is given, the ticks until its chunk is used); they differ only where a
     wall-clock runner's estimate did.
 
-    Raises ``ValueError`` naming the keys unless ``d <= s`` and ``d + s`` fit in the chunk (the
-    previous chunk must still hold the actions of the next call's first ``d`` ticks)."""
+    A given ``delay`` or ``delay_ms`` must satisfy ``d <= s`` with ``d + s`` within the chunk (the
+    previous chunk must still hold the actions of the next call's first ``d`` ticks), else
+    ``ValueError`` naming the keys. Measured arrivals (``delay_from``) are replayed as the clock ran
+    them, late ones included: a call that arrives after ``s`` ticks starts the next call when it
+    arrives, and a tick past the executing chunk's actions sends the ``hold`` action and counts a
+    deadline miss, as :class:`~paradiffpolicy.control.runner.PolicyRunner` does."""
 
-    def __init__(self, cfg: ControllerConfig, n_action_steps: int, chunk_length: int, hz: float):
+    def __init__(self, cfg: ControllerConfig, n_action_steps: int, chunk_length: int, hz: float, hold: str = "zero_motion"):
         self.execute = cfg.execute or n_action_steps
         self.join = cfg.join
+        self.hold = hold
         if cfg.delay_from:
             self.calls, measured_hz = measured_delays(cfg.delay_from)
             if not math.isclose(measured_hz, hz):
@@ -131,9 +136,9 @@ class DelaySchedule:
         worst = max(max(c) for c in self.calls)
         if self.execute > chunk_length:
             raise ValueError(f"controller.execute={self.execute} exceeds the {chunk_length} actions a chunk holds")
-        if worst > self.execute or worst + self.execute > chunk_length:
+        if not cfg.delay_from and (worst > self.execute or worst + self.execute > chunk_length):
             what = f"controller.delay_ms (up to {max(cfg.delay_ms)} ms = {worst} ticks at {hz} Hz)" if cfg.delay_ms \
-                else f"controller.delay_from (up to {worst} ticks)" if cfg.delay_from else f"controller.delay={worst}"
+                else f"controller.delay={worst}"
             raise ValueError(f"{what} with controller.execute={self.execute}: need d <= s and d + s <= {chunk_length} "
                              f"(the actions a chunk holds from its observation on)")
 
@@ -344,8 +349,7 @@ def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int
             if call is not None:
                 agents[i].log.record_arrival(*call)
             with slot.ep.guard():
-                _execute(slot, agents[i], chunk, 0 if call is None else call[1], execute,
-                         None if schedule is None else schedule.blend)
+                _execute(slot, agents[i], chunk, 0 if call is None else call[1], execute, schedule)
             slot.current = chunk
             if slot.ep.done:
                 finished.append(slot.ep.finish(agents[i].log))
@@ -359,23 +363,31 @@ class _Slot:
     ep: Episode
     rng: np.random.Generator | None
     current: Chunk | None = None
-    source: Chunk | None = None  # the chunk the last executed action came from
+    source: Chunk | None = None  # the chunk the last executed action came from (None: a hold)
+    last: np.ndarray | None = None  # the last executed action
 
 
-def _execute(slot: _Slot, agent: PolicyAgent, new: Chunk, delay: int, execute: int, blend: float | None) -> None:
+def _execute(slot: _Slot, agent: PolicyAgent, new: Chunk, delay: int, execute: int, schedule: DelaySchedule | None) -> None:
     """One cycle from the new chunk's observation tick: ``delay`` actions of the executing chunk,
-    then the new chunk's from index ``delay`` (with ``blend``: mixed with the old chunk's action
-    for the same tick where it has one), ``execute`` actions in all."""
+    then the new chunk's from index ``delay`` (``join.method=blend``: mixed with the old chunk's
+    action for the same tick where it has one), ``max(execute, delay)`` actions in all. A tick past
+    the executing chunk's actions (a replayed late arrival) sends the schedule's hold action and
+    counts a deadline miss."""
     old, ep = slot.current, slot.ep
-    for j in range(execute):
+    blend = None if schedule is None else schedule.blend
+    for j in range(max(execute, delay)):
         k = new.obs_tick + j - (old.obs_tick if old is not None else 0)
-        if j < delay:
+        if j < delay and k < len(old.actions):
             action, source = old.actions[k], old
+        elif j < delay:
+            action, source = hold_action(slot.last, schedule.hold), None
+            ep.result.deadline_misses += 1
         else:
             action, source = new.actions[j], new
             if blend is not None and old is not None and k < len(old.actions):
                 action = (1 - blend) * old.actions[k] + blend * action
-        seam, slot.source = slot.source is not None and source is not slot.source, source
+        seam = source is not None and slot.source is not None and source is not slot.source
+        slot.source, slot.last = source, action
         if ep.step(action, seam=seam):
             return
         agent.observe(ep.obs)
