@@ -243,7 +243,7 @@ def test_delays_measured_by_a_realtime_run_are_replayed(tmp_path):
     # ticks 0-7: the first chunk; a call at 8 arrives at 17: ticks 8-14 finish the first chunk, 15-16
     # hold (2 misses); the next call starts at 17: 17-22 from the second chunk (index 9-14), 23 holds
     assert (held.length, held.deadline_misses) == (24, 3)
-    assert [c for c in held.inference.arrivals] == [(3, 9), (3, 9)]
+    assert held.inference.arrivals == [(3, 9), (3, 9)]
 
 
 def test_eval_delay_mode_writes_delays_and_jumps(tmp_path):
