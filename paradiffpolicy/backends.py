@@ -8,6 +8,10 @@
                  Runtime's CPU provider (``pip install -e ".[onnxruntime]"``).
 ``openvino``     the same ONNX graphs compiled by OpenVINO for the CPU, float32
                  (``pip install -e ".[openvino]"``).
+``openvino-bf16`` OpenVINO computing in bfloat16 (inputs and outputs stay float32), only on
+                 CPUs with bfloat16 instructions (AVX512-BF16 or AMX). A measured option, not a
+                 default: cheaper calls, but each output moves by ~1e-2 (3 significant digits),
+                 so samples are no longer float32's (``benchmarks/results/backend-cost-*.md``).
 
 On a small CPU a batch-1 U-Net call in PyTorch spends most of its time outside the arithmetic; the
 exported runtimes do not (``benchmarks/results/backend-cost-*.md``). ONNX Runtime's CPU kernels
@@ -16,7 +20,8 @@ windows cheap. Exported graphs take the batch size as a dynamic axis (Picard's s
 vectorised eval), hold a copy of the weights taken at export, and are cached on disk keyed by the
 weights, the input shapes, the runtime and its version (``PARADIFFPOLICY_CACHE``, default
 ``~/.cache/paradiffpolicy``). Outputs agree with eager to a few 1e-6 per call (float sums in
-another order), so a sampler's fixed point is that backend's own sequential sample.
+another order), so a sampler's fixed point is that backend's own sequential sample (for
+``openvino-bf16``, where the rounding can depend on the batch, at ``window=1``).
 
 Exported networks are not differentiable: a join that needs gradients through the network
 (``join.method=guided``) needs ``eager`` or ``jit``.
@@ -29,6 +34,7 @@ import importlib
 import importlib.metadata
 import os
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -36,9 +42,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-BACKENDS = ("eager", "jit", "compile", "onnxruntime", "openvino")
-EXPORTED = ("onnxruntime", "openvino")
+BACKENDS = ("eager", "jit", "compile", "onnxruntime", "openvino", "openvino-bf16")
+EXPORTED = ("onnxruntime", "openvino", "openvino-bf16")
+FLOAT32 = ("eager", "jit", "compile", "onnxruntime", "openvino")  # the backends that keep float32's numbers
 ONNX_OPSET = 17
+# the package that runs each exported backend (and names its extra)
+RUNTIME = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}
 
 
 def check_backend(backend: str, key: str = "backend") -> str:
@@ -47,12 +56,23 @@ def check_backend(backend: str, key: str = "backend") -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{key}={backend!r} is unknown; expected one of {BACKENDS}")
     if backend in EXPORTED:
-        for module in ("onnx", backend):
+        for module in ("onnx", RUNTIME[backend]):
             try:
                 importlib.import_module(module)
             except ImportError:
-                raise ValueError(f"{key}={backend!r} needs the {module!r} package: pip install -e \".[{backend}]\"") from None
+                raise ValueError(f"{key}={backend!r} needs the {module!r} package: pip install -e \".[{RUNTIME[backend]}]\"") from None
+    if backend == "openvino-bf16" and "BF16" not in openvino_capabilities():
+        raise ValueError(f"{key}={backend!r} needs a CPU with bfloat16 instructions (AVX512-BF16 or AMX); OpenVINO finds "
+                         f"{list(openvino_capabilities())} on this one: use {key}='openvino'")
     return backend
+
+
+@lru_cache(maxsize=None)
+def openvino_capabilities() -> tuple[str, ...]:
+    """What OpenVINO's CPU plugin can compute on this processor (e.g. ``FP32``, ``BF16``)."""
+    import openvino as ov
+
+    return tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 def available_backends() -> list[str]:
@@ -68,7 +88,7 @@ def available_backends() -> list[str]:
 
 def runtime_version(backend: str) -> str:
     """The version of the package that runs ``backend`` (torch for the PyTorch backends)."""
-    return importlib.metadata.version({"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(backend, "torch"))
+    return importlib.metadata.version(RUNTIME.get(backend, "torch"))
 
 
 def cache_dir() -> Path:
@@ -104,7 +124,8 @@ def export_onnx(module: nn.Module, example: tuple[Tensor, ...], names: list[str]
 
 def load_runtime(path: Path, backend: str, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     """A function ``feeds -> output`` running the ONNX graph at ``path`` on ``backend``'s CPU
-    runtime with ``threads`` intra-op threads, float32 throughout."""
+    runtime with ``threads`` intra-op threads; float32 in and out, computed in float32 except on
+    ``openvino-bf16``."""
     if backend == "onnxruntime":
         import onnxruntime as ort
 
@@ -113,13 +134,14 @@ def load_runtime(path: Path, backend: str, threads: int) -> Callable[[dict[str, 
         opts.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return lambda feeds: session.run(None, feeds)[0]
-    if backend == "openvino":
+    if backend in ("openvino", "openvino-bf16"):
         import openvino as ov
 
         core = ov.Core()
-        # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise lower the precision
+        # f32 explicitly for `openvino`: on CPUs with bf16 units OpenVINO would otherwise lower the precision
+        precision = "bf16" if backend == "openvino-bf16" else "f32"
         compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
         request = compiled.create_infer_request()
         return lambda feeds: request.infer(feeds)[0].copy()  # the request reuses its output buffer
     raise ValueError(f"backend={backend!r} is not an exported runtime; expected one of {EXPORTED}")

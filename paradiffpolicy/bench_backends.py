@@ -150,10 +150,12 @@ def run(cfg: BackendBenchConfig) -> dict:
 
 
 def markdown(r: dict) -> str:
+    from paradiffpolicy.backends import EXPORTED
+
     prov = r["provenance"]
     lines = [f"# What a call costs per backend: `{r['task']}`", "",
              f"{prov['cpu']}; torch {prov['versions']['torch']}, "
-             + ", ".join(f"{b} {v}" for b, v in prov["backends"].items() if b in ("onnxruntime", "openvino"))
+             + ", ".join(f"{b} {v}" for b, v in prov["backends"].items() if b in EXPORTED)
              + f"; git {prov['git']}. Interleaved across backends, median (p5-p95) ms; "
              f"policy calls: {r['trials']} trials at batch 1 on the shipped observation windows, encoder included. "
              "Written by `python -m paradiffpolicy.bench_backends`.", ""]

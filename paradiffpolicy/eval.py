@@ -56,7 +56,7 @@ class EvalConfig:
     compare: bool = False
     video: bool = False
     device: str = "cpu"
-    # how the networks run (paradiffpolicy.backends): eager, jit, compile, onnxruntime, openvino;
+    # how the networks run (paradiffpolicy.backends): eager, jit, compile, onnxruntime, openvino, openvino-bf16;
     # null: eager, or the backend a tuned preset (sampler=tuned) was timed on
     backend: Optional[str] = None
     threads: int = 2

@@ -156,8 +156,8 @@ class DiffusionPolicy(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Choose how the policy's networks run when a call names no other backend: eager, jit,
-        compile, onnxruntime or openvino (:mod:`paradiffpolicy.backends`). The network is built on
-        first use (:meth:`warm_up` builds it ahead)."""
+        compile, onnxruntime, openvino or openvino-bf16 (:mod:`paradiffpolicy.backends`). The
+        network is built on first use (:meth:`warm_up` builds it ahead)."""
         self.backend = check_backend(backend)
         if hasattr(self, "sampler"):
             self.sampler = self.make_sampler(self.sampler_config)

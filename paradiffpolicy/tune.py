@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from paradiffpolicy.checkpoint import load_policy
-from paradiffpolicy.backends import BACKENDS, EXPORTED, available_backends, check_backend
+from paradiffpolicy.backends import BACKENDS, FLOAT32, available_backends, check_backend
 from paradiffpolicy.measure import interleaved, max_abs_deviation, network_costs, provenance, ratios
 from paradiffpolicy.config import INITS, UPDATES, SamplerConfig, require_list
 from paradiffpolicy.data.obs_sample import load_observation_sample
@@ -72,7 +72,7 @@ class TuneConfig:
     inits: List[str] = field(default_factory=lambda: ["rollout", "copy"])
     andersons: List[int] = field(default_factory=lambda: [0])
     updates: List[str] = field(default_factory=lambda: ["picard", "frozen_x0"])  # Picard's window update
-    # network backends searched; []: jit and every installed exported runtime on a CPU, eager and
+    # network backends searched; []: jit and every installed float32 exported runtime on a CPU, eager and
     # jit on a GPU (paradiffpolicy.backends)
     backends: List[str] = field(default_factory=list)
     batch_sizes: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
@@ -107,7 +107,8 @@ class TuneConfig:
             check_backend(b, key="backends")
         if not self.backends:
             on_cpu = resolve_device(self.device).type == "cpu"
-            self.backends = [b for b in available_backends() if b in (("jit", *EXPORTED) if on_cpu else ("eager", "jit"))]
+            cpu = [b for b in FLOAT32 if b not in ("eager", "compile")]  # bf16 changes the sample: only when asked for
+            self.backends = [b for b in available_backends() if b in (cpu if on_cpu else ("eager", "jit"))]
         for key in ("tune_samples", "verify_top", "trials", "threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")

@@ -101,3 +101,30 @@ def test_a_copy_of_a_policy_rebuilds_its_exported_network(backend):
     twin = copy.deepcopy(policy)  # e.g. the trainer's EMA copy; runtimes themselves are not copied
     assert twin.network() is not policy.network()
     assert torch.equal(twin.predict_action(obs, noise=noise).actions, out.actions)
+
+
+@needs_backend("openvino")
+@pytest.mark.slow
+def test_bf16_backend_is_the_float32_network_rounded():
+    """``openvino-bf16``: refused by name on a CPU without bfloat16 instructions; elsewhere its
+    sequential sample is float32's to bfloat16's precision (not bit for bit: it does compute in
+    bf16). Picard's fixed point is that sample only up to the same rounding: an input that differs
+    from the sequential one in its last float32 bits can round to another bf16 value."""
+    from paradiffpolicy.backends import openvino_capabilities
+
+    policy = tiny_policy(SamplerConfig(name="sequential"))
+    if "BF16" not in openvino_capabilities():
+        with pytest.raises(ValueError, match=r"backend='openvino-bf16' needs a CPU with bfloat16 instructions"):
+            policy.set_backend("openvino-bf16")
+        pytest.skip("this CPU has no bfloat16 instructions (the backend is refused, as checked)")
+    assert "openvino-bf16" in available_backends()
+    obs, noise = _inputs(policy)
+    f32 = policy.predict_action(obs, noise=noise, backend="openvino").action_pred_normalized
+    policy.set_backend("openvino-bf16")
+    bf16 = policy.predict_action(obs, noise=noise).action_pred_normalized
+    dev = (bf16 - f32).abs().max()
+    assert 1e-5 < dev < 5e-2, dev
+    for exact in (dict(window=1, tol=0.1), dict(window=8, tol=0.0)):
+        picard = policy.make_sampler(SamplerConfig(name="picard", **exact))
+        out = policy.predict_action(obs, noise=noise, sampler=picard).action_pred_normalized
+        assert (out - bf16).abs().max() < dev  # nearer its backend's sequential sample than float32's is
