@@ -11,7 +11,7 @@
 ``openvino-bf16`` OpenVINO computing in bfloat16 (inputs and outputs stay float32), only on
                  CPUs with bfloat16 instructions (AVX512-BF16 or AMX). A measured option, not a
                  default: cheaper calls, but each output moves by ~1e-2 (3 significant digits),
-                 so samples are no longer float32's (``benchmarks/results/backend-cost-*.md``).
+                 so samples are no longer float32's (``benchmarks/results/cpu-2core-xeon/``).
 
 On a small CPU a batch-1 U-Net call in PyTorch spends most of its time outside the arithmetic; the
 exported runtimes do not (``benchmarks/results/backend-cost-*.md``). ONNX Runtime's CPU kernels
@@ -20,8 +20,9 @@ windows cheap. Exported graphs take the batch size as a dynamic axis (Picard's s
 vectorised eval), hold a copy of the weights taken at export, and are cached on disk keyed by the
 weights, the input shapes, the runtime and its version (``PARADIFFPOLICY_CACHE``, default
 ``~/.cache/paradiffpolicy``). Outputs agree with eager to a few 1e-6 per call (float sums in
-another order), so a sampler's fixed point is that backend's own sequential sample (for
-``openvino-bf16``, where the rounding can depend on the batch, at ``window=1``).
+another order), so a sampler's fixed point is that backend's own sequential sample. On
+``openvino-bf16`` only to bf16's rounding: an input that differs in its last float32 bits can
+round to another bf16 value (a few 1e-3 on a sample, ``tests/test_backends.py``).
 
 Exported networks are not differentiable: a join that needs gradients through the network
 (``join.method=guided``) needs ``eager`` or ``jit``.
