@@ -235,6 +235,16 @@ def test_delays_measured_by_a_realtime_run_are_replayed(tmp_path):
         ControllerConfig(mode="delay", delay_from=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="give one of"):
         ControllerConfig(mode="delay", delay=2, delay_from=str(path))
+    # an episode the record played replays its own calls in order; the others draw from all of them
+    played = {**record, "per_episode": [{"seed": 7, "inference": {"arrivals": [[2, 3], [3, 1]]}}]}
+    (tmp_path / "played.json").write_text(json.dumps(played))
+    own, other = delayed(policy, [7, 8], delay_from=str(tmp_path / "played.json"))
+    assert own.inference.arrivals == [(2, 3), (3, 1)]
+    assert other.inference.arrivals == [call for r in got if r.seed == 8 for call in r.inference.arrivals]
+    played["per_episode"][0]["inference"]["arrivals"] = [[2]]
+    (tmp_path / "played.json").write_text(json.dumps(played))
+    with pytest.raises(ValueError, match=r"per_episode\[0\] has no seed or its inference.arrivals \[\[2\]\]"):
+        ControllerConfig(mode="delay", delay_from=str(tmp_path / "played.json"))
     # a measured arrival later than s (= Ta = 8) is replayed as the clock ran it, not refused: every
     # call here arrives 9 ticks after its observation, and a chunk holds 15 actions from it
     late = tmp_path / "late.json"

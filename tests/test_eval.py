@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from conftest import tiny_policy
 from paradiffpolicy import SamplerConfig, save_policy
 from paradiffpolicy.control.agent import PolicyAgent
-from paradiffpolicy.control.controller import Clock, ControllerConfig, run_fast, run_realtime
+from paradiffpolicy.control.controller import Clock, ControllerConfig, measured_delays, run_fast, run_realtime
 from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs import TaskConfig, make_env
 from paradiffpolicy.eval import EvalConfig, Evaluator
@@ -103,6 +103,10 @@ def test_realtime_with_inference_process(tmp_path, pusht_ckpt):
     check_info(info, 2)
     assert info["inference"]["calls"] >= 4 and info["control"]["mode"] == "realtime"
     assert not [p for p in multiprocessing.active_children() if p.name == "policy-inference"]
+    # each episode keeps its calls' (d given, ticks until used) in order: what controller.delay_from replays
+    per_episode = sorted(tuple(c) for e in info["per_episode"] for c in e["inference"]["arrivals"])
+    measured = measured_delays(str(tmp_path / "eval_info.json"))
+    assert per_episode and per_episode == measured.calls and set(measured.by_seed) == {e["seed"] for e in info["per_episode"]}
 
 
 class FakeClock(Clock):

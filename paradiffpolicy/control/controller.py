@@ -9,8 +9,8 @@
 * ``delay``: a simulated inference delay, deterministic and machine independent (Real-Time
   Chunking's benchmark): a call starts every ``s`` ticks from that tick's observation; for its
   first ``d`` ticks the previous chunk keeps executing, then the new chunk from its index ``d``.
-  ``d`` is fixed (``delay``) or drawn per call from a latency distribution (``delay_ms``) or from
-  the delays a wall-clock run measured (``delay_from``); how the new chunk joins the old one is
+  ``d`` is fixed (``delay``), drawn per call from a latency distribution (``delay_ms``), or replayed
+  from the delays a wall-clock run measured (``delay_from``); how the new chunk joins the old one is
   ``join`` (``control/join.py``). ``d = 0`` with ``join.method=naive``
   is ``fast`` mode, episode for episode.
 
@@ -50,8 +50,9 @@ class ControllerConfig:
     # for a latency drawn per call from delay_ms (a measured distribution), seeded by the episode
     delay: int = 0
     delay_ms: List[float] = field(default_factory=list)
-    # delay only: or each call drawn from those a controller=realtime run measured (the d it was
-    # given, the ticks until its chunk was used), the path of its eval_info.json: what that machine saw
+    # delay only: or the calls a controller=realtime run measured (the d each was given, the ticks
+    # until its chunk was used), the path of its eval_info.json: what that machine saw; an episode
+    # it played replays its own calls in order, the others draw from all of them
     delay_from: str = ""
     execute: int = 0  # realtime and delay: s, ticks between calls (0: the policy's n_action_steps)
     # realtime and delay: how a new chunk joins the executing one
@@ -81,12 +82,23 @@ class ControllerConfig:
             raise ValueError("controller.execute needs controller.mode=realtime or delay (fast mode executes Ta)")
 
 
-def measured_delays(path: str) -> tuple[list[tuple[int, int]], float]:
+@dataclass
+class MeasuredDelays:
+    """What a ``controller=realtime`` run measured (see :func:`measured_delays`)."""
+
+    calls: list[tuple[int, int]]  # every chunk put to use: (the d its call was given, ticks until used)
+    hz: float  # the rate the run ticked at
+    by_seed: dict[int, list[tuple[int, int]]]  # each episode's calls in order, where the record has them
+
+
+def measured_delays(path: str) -> MeasuredDelays:
     """What a ``controller=realtime`` run measured, one entry per chunk put to use: (the delay its
     call was given, i.e. the runner's estimate, the ticks from its observation to its first executed
     action), and the rate it ran at: its ``eval_info.json``'s ``inference.arrival_ticks.by_delay``
-    and ``control.target_hz``. ``ValueError`` naming ``controller.delay_from`` for a file that is
-    not such a record (records made before arrivals were measured hold only the estimates)."""
+    and ``control.target_hz``; and, in records that have them, each episode's calls in the order
+    they ran (``per_episode[i].inference.arrivals``). ``ValueError`` naming ``controller.delay_from``
+    for a file that is not such a record (records made before arrivals were measured hold only the
+    estimates)."""
     key = f"controller.delay_from={path!r}"
     try:
         info = json.loads(Path(path).read_text())
@@ -103,16 +115,26 @@ def measured_delays(path: str) -> tuple[list[tuple[int, int]], float]:
     if not calls or min(min(c) for c in calls) < 0:
         raise ValueError(f"{key} records no measured arrivals (inference.arrival_ticks.by_delay: {by_delay}); "
                          "records of realtime runs older than the arrival measurement hold only estimated delays")
-    return sorted(calls), float(info["control"]["target_hz"])
+    by_seed = {}
+    for i, ep in enumerate(info.get("per_episode") or []):
+        sequence = (ep.get("inference") or {}).get("arrivals") if isinstance(ep, dict) else None
+        if sequence:
+            try:
+                by_seed[int(ep["seed"])] = [(int(d), int(a)) for d, a in sequence]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{key}: per_episode[{i}] has no seed or its inference.arrivals {sequence!r} is not a "
+                                 "list of [d, ticks] pairs") from None
+    return MeasuredDelays(sorted(calls), float(info["control"]["target_hz"]), by_seed)
 
 
 class DelaySchedule:
     """When calls start and how long they take in ``delay`` mode: a call every ``execute`` ticks,
     each taking ``delay`` ticks or, with ``delay_ms``, ``ceil(ms * hz / 1000)`` ticks for a latency
-    drawn per call from ``delay_ms``, or with ``delay_from`` a call drawn from those a wall-clock
-    run measured at the same rate; draws by an RNG seeded per episode. ``calls`` holds what is
-    drawn: (the d the call is given, the ticks until its chunk is used); they differ only where a
-    wall-clock runner's estimate did.
+    drawn per call from ``delay_ms``, or with ``delay_from`` the calls a wall-clock run measured at
+    the same rate: an episode whose seed that run played gets its calls in the order they ran, then
+    (and every other episode) draws from all of them; draws by an RNG seeded per episode. ``calls``
+    holds what is drawn: (the d the call is given, the ticks until its chunk is used); they differ
+    only where a wall-clock runner's estimate did.
 
     A given ``delay`` or ``delay_ms`` must satisfy ``d <= s`` with ``d + s`` within the chunk (the
     previous chunk must still hold the actions of the next call's first ``d`` ticks), else
@@ -125,11 +147,13 @@ class DelaySchedule:
         self.execute = cfg.execute or n_action_steps
         self.join = cfg.join
         self.hold = hold
+        self.by_seed: dict[int, list[tuple[int, int]]] = {}
         if cfg.delay_from:
-            self.calls, measured_hz = measured_delays(cfg.delay_from)
-            if not math.isclose(measured_hz, hz):
-                raise ValueError(f"controller.delay_from={cfg.delay_from!r} was measured at {measured_hz:g} Hz; this run "
+            measured = measured_delays(cfg.delay_from)
+            if not math.isclose(measured.hz, hz):
+                raise ValueError(f"controller.delay_from={cfg.delay_from!r} was measured at {measured.hz:g} Hz; this run "
                                  f"ticks at {hz:g} Hz (delays in ticks do not carry over)")
+            self.calls, self.by_seed = measured.calls, measured.by_seed
         else:
             ticks = [math.ceil(ms * hz / 1000 - 1e-9) for ms in cfg.delay_ms] or [cfg.delay]
             self.calls = [(d, d) for d in ticks]
@@ -147,12 +171,19 @@ class DelaySchedule:
         """The new chunk's share in executed actions under ``join.method=blend``, else None."""
         return self.join.blend if self.join.method == "blend" else None
 
-    def rng(self, seed: int) -> np.random.Generator:
-        return np.random.default_rng([seed, 0xD1A7])
+    def episode(self, seed: int) -> Callable[[], tuple[int, int]]:
+        """The calls of the episode with ``seed``, one (d it is given, ticks until its chunk is used)
+        per call to the returned function: the measured run's own calls for this seed in the order
+        they ran, where its record has them, then draws by an RNG seeded by the episode."""
+        rng = np.random.default_rng([seed, 0xD1A7])
+        recorded = iter(self.by_seed.get(seed, ()))
 
-    def draw(self, rng: np.random.Generator) -> tuple[int, int]:
-        """One call's (d it is given, ticks until its chunk is used)."""
-        return self.calls[0] if len(self.calls) == 1 else self.calls[int(rng.integers(len(self.calls)))]
+        def next_call() -> tuple[int, int]:
+            call = next(recorded, None)
+            if call is not None:
+                return call
+            return self.calls[0] if len(self.calls) == 1 else self.calls[int(rng.integers(len(self.calls)))]
+        return next_call
 
 
 @dataclass
@@ -179,7 +210,8 @@ class EpisodeResult:
             **({} if self.max_coverage is None else {"max_coverage": self.max_coverage}),
             "length": self.length, "failure_reason": self.failure_reason, "deadline_misses": self.deadline_misses,
             "late_ticks": self.late_ticks, "wall_s": round(self.wall_s, 3), "achieved_hz": round(self.achieved_hz, 2),
-            "inference": self.inference.summary(),
+            # the calls' (d given, ticks until used) in order: what controller.delay_from replays for this seed
+            "inference": {**self.inference.summary(), "arrivals": [list(c) for c in self.inference.arrivals]},
             "jumps": jump_summary(self.seam_jumps, self.inner_jumps),
         }
 
@@ -327,7 +359,7 @@ def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int
             with ep.guard():
                 agents[i].reset(ep.start(), ep.result.seed)
             if not ep.done:
-                slots[i] = _Slot(ep, None if schedule is None else schedule.rng(ep.result.seed))
+                slots[i] = _Slot(ep, None if schedule is None else schedule.episode(ep.result.seed))
                 return
             finished.append(ep.finish(agents[i].log))
         slots[i] = None
@@ -341,7 +373,7 @@ def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int
         if not active:
             break
         # a call that joins a previous chunk takes d ticks; an episode's first call is waited for
-        calls = [None if schedule is None or slots[i].current is None else schedule.draw(slots[i].rng) for i in active]
+        calls = [None if schedule is None or slots[i].current is None else slots[i].next_call() for i in active]
         chunks = PolicyAgent.infer_together([agents[i] for i in active], [slots[i].ep.result.length for i in active],
                                             delays=[None if c is None else c[0] for c in calls])
         for i, chunk, call in zip(active, chunks, calls):
@@ -358,10 +390,10 @@ def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int
 
 @dataclass
 class _Slot:
-    """One environment of :func:`run_vector`: its episode, delay RNG and the executing chunk."""
+    """One environment of :func:`run_vector`: its episode, its calls' delays and the executing chunk."""
 
     ep: Episode
-    rng: np.random.Generator | None
+    next_call: Callable[[], tuple[int, int]] | None  # delay mode: the next call's (d given, ticks until used)
     current: Chunk | None = None
     source: Chunk | None = None  # the chunk the last executed action came from (None: a hold)
     last: np.ndarray | None = None  # the last executed action
