@@ -268,3 +268,25 @@ def test_eval_delay_mode_writes_delays_and_jumps(tmp_path):
     bad = EvalConfig(task=PUSHT, checkpoint=str(ckpt), controller=ControllerConfig(mode="delay", delay=8, execute=8))
     with pytest.raises(ValueError, match="controller.delay=8 with controller.execute=8"):
         Evaluator(bad, tmp_path / "bad")
+
+
+@pytest.mark.slow
+def test_replaying_a_realtime_run_reproduces_it_episode_for_episode(tmp_path):
+    """Whatever the clock did, ``controller.delay_from`` on the same seeds replays each episode's
+    calls in order, so the simulated episodes are the wall-clock ones: the runner and the simulated
+    delay execute the same actions. (Nothing here depends on how long the calls took.)"""
+    import dataclasses
+
+    ckpt = tmp_path / "ck"
+    save_policy(pusht_policy(), ckpt)
+    common = dict(task=dataclasses.replace(PUSHT, max_steps=40), checkpoint=str(ckpt), n_episodes=2, threads=1, progress=False)
+    clock = Evaluator(EvalConfig(**common, output_dir=str(tmp_path), controller=ControllerConfig(mode="realtime", hz=50)),
+                      tmp_path / "realtime").run_all()
+    assert all(e["inference"]["arrivals"] for e in clock["per_episode"])  # chunks arrived during the episodes
+    replay = Evaluator(EvalConfig(**common, output_dir=str(tmp_path), controller=ControllerConfig(
+        mode="delay", hz=50, delay_from=str(tmp_path / "realtime" / "eval_info.json"))), tmp_path / "replay").run_all()
+    for wall, sim in zip(clock["per_episode"], replay["per_episode"]):
+        assert (sim["seed"], sim["length"], sim["success"]) == (wall["seed"], wall["length"], wall["success"])
+        assert sim["sum_reward"] == pytest.approx(wall["sum_reward"], rel=1e-6)
+        # the simulation draws a call the clock never finished when the episode ends while it runs
+        assert sim["inference"]["arrivals"][:len(wall["inference"]["arrivals"])] == wall["inference"]["arrivals"]

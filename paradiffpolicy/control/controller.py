@@ -54,7 +54,9 @@ class ControllerConfig:
     # until its chunk was used), the path of its eval_info.json: what that machine saw; an episode
     # it played replays its own calls in order, the others draw from all of them
     delay_from: str = ""
-    execute: int = 0  # realtime and delay: s, ticks between calls (0: the policy's n_action_steps)
+    # realtime and delay: s, ticks between calls (0: the policy's n_action_steps, shrunk where d + s
+    # would exceed a chunk; PolicyRunner.interval)
+    execute: int = 0
     # realtime and delay: how a new chunk joins the executing one
     join: JoinConfig = field(default_factory=JoinConfig)
 
@@ -145,6 +147,8 @@ class DelaySchedule:
 
     def __init__(self, cfg: ControllerConfig, n_action_steps: int, chunk_length: int, hz: float, hold: str = "zero_motion"):
         self.execute = cfg.execute or n_action_steps
+        self.execute_given = bool(cfg.execute)
+        self.chunk_length = chunk_length
         self.join = cfg.join
         self.hold = hold
         self.by_seed: dict[int, list[tuple[int, int]]] = {}
@@ -171,19 +175,45 @@ class DelaySchedule:
         """The new chunk's share in executed actions under ``join.method=blend``, else None."""
         return self.join.blend if self.join.method == "blend" else None
 
-    def episode(self, seed: int) -> Callable[[], tuple[int, int]]:
-        """The calls of the episode with ``seed``, one (d it is given, ticks until its chunk is used)
-        per call to the returned function: the measured run's own calls for this seed in the order
-        they ran, where its record has them, then draws by an RNG seeded by the episode."""
+    def interval(self, given: int) -> int:
+        """``s``, the ticks from a chunk's observation to the next call, when that call is given
+        ``d = given``: ``controller.execute``, or by default PolicyRunner's rule, ``Ta`` shrunk to
+        the chunk's length minus ``d`` where ``Ta`` would not leave the old chunk enough actions
+        (only replayed estimates can be that large: a given ``delay`` must fit)."""
+        return self.execute if self.execute_given else max(1, min(self.execute, self.chunk_length - given))
+
+    def episode(self, seed: int) -> "EpisodeCalls":
+        """The calls of the episode with ``seed``: the measured run's own calls for this seed in the
+        order they ran, where its record has them, then draws by an RNG seeded by the episode."""
         rng = np.random.default_rng([seed, 0xD1A7])
         recorded = iter(self.by_seed.get(seed, ()))
 
-        def next_call() -> tuple[int, int]:
+        def draw() -> tuple[int, int]:
             call = next(recorded, None)
             if call is not None:
                 return call
             return self.calls[0] if len(self.calls) == 1 else self.calls[int(rng.integers(len(self.calls)))]
-        return next_call
+        return EpisodeCalls(draw)
+
+
+class EpisodeCalls:
+    """One episode's calls in ``delay`` mode, each (d it is given, ticks until its chunk is used),
+    in order; :meth:`peek` sees the next one before its turn (how long the current chunk runs
+    depends on the next call's d, as in PolicyRunner)."""
+
+    def __init__(self, draw: Callable[[], tuple[int, int]]):
+        self._draw = draw
+        self._next: tuple[int, int] | None = None
+
+    def peek(self) -> tuple[int, int]:
+        if self._next is None:
+            self._next = self._draw()
+        return self._next
+
+    def pop(self) -> tuple[int, int]:
+        call = self.peek()
+        self._next = None
+        return call
 
 
 @dataclass
@@ -373,15 +403,16 @@ def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int
         if not active:
             break
         # a call that joins a previous chunk takes d ticks; an episode's first call is waited for
-        calls = [None if schedule is None or slots[i].current is None else slots[i].next_call() for i in active]
+        calls = [None if schedule is None or slots[i].current is None else slots[i].calls.pop() for i in active]
         chunks = PolicyAgent.infer_together([agents[i] for i in active], [slots[i].ep.result.length for i in active],
                                             delays=[None if c is None else c[0] for c in calls])
         for i, chunk, call in zip(active, chunks, calls):
             slot = slots[i]
             if call is not None:
                 agents[i].log.record_arrival(*call)
+            s = execute if schedule is None else schedule.interval(slot.calls.peek()[0])
             with slot.ep.guard():
-                _execute(slot, agents[i], chunk, 0 if call is None else call[1], execute, schedule)
+                _execute(slot, agents[i], chunk, 0 if call is None else call[1], s, schedule)
             slot.current = chunk
             if slot.ep.done:
                 finished.append(slot.ep.finish(agents[i].log))
@@ -393,7 +424,7 @@ class _Slot:
     """One environment of :func:`run_vector`: its episode, its calls' delays and the executing chunk."""
 
     ep: Episode
-    next_call: Callable[[], tuple[int, int]] | None  # delay mode: the next call's (d given, ticks until used)
+    calls: EpisodeCalls | None  # delay mode: the episode's calls (d given, ticks until used)
     current: Chunk | None = None
     source: Chunk | None = None  # the chunk the last executed action came from (None: a hold)
     last: np.ndarray | None = None  # the last executed action
