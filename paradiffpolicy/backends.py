@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 BACKENDS = ("eager", "jit", "compile", "onnxruntime", "openvino", "openvino-bf16")
 EXPORTED = ("onnxruntime", "openvino", "openvino-bf16")
-FLOAT32 = ("eager", "jit", "compile", "onnxruntime", "openvino")  # the backends that keep float32's numbers
+FLOAT32 = tuple(b for b in BACKENDS if b != "openvino-bf16")  # the backends that keep float32's numbers
 ONNX_OPSET = 17
 # the package that runs each exported backend (and names its extra)
 RUNTIME = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}
@@ -135,7 +135,7 @@ def load_runtime(path: Path, backend: str, threads: int) -> Callable[[dict[str, 
         opts.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return lambda feeds: session.run(None, feeds)[0]
-    if backend in ("openvino", "openvino-bf16"):
+    if RUNTIME.get(backend) == "openvino":
         import openvino as ov
 
         core = ov.Core()

@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from paradiffpolicy.checkpoint import load_policy
-from paradiffpolicy.backends import BACKENDS, FLOAT32, available_backends, check_backend
+from paradiffpolicy.backends import BACKENDS, EXPORTED, FLOAT32, available_backends, check_backend
 from paradiffpolicy.measure import interleaved, max_abs_deviation, network_costs, provenance, ratios
 from paradiffpolicy.config import INITS, UPDATES, SamplerConfig, require_list
 from paradiffpolicy.data.obs_sample import load_observation_sample
@@ -107,7 +107,7 @@ class TuneConfig:
             check_backend(b, key="backends")
         if not self.backends:
             on_cpu = resolve_device(self.device).type == "cpu"
-            cpu = [b for b in FLOAT32 if b not in ("eager", "compile")]  # bf16 changes the sample: only when asked for
+            cpu = ("jit", *(b for b in EXPORTED if b in FLOAT32))  # bf16 changes the sample: only when asked for
             self.backends = [b for b in available_backends() if b in (cpu if on_cpu else ("eager", "jit"))]
         for key in ("tune_samples", "verify_top", "trials", "threads"):
             if getattr(self, key) < 1:

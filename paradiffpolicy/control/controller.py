@@ -33,7 +33,7 @@ import numpy as np
 
 from paradiffpolicy.control.agent import Chunk, InferenceLog, PolicyAgent
 from paradiffpolicy.control.join import JoinConfig
-from paradiffpolicy.control.runner import PolicyRunner, hold_action
+from paradiffpolicy.control.runner import PolicyRunner, default_interval, hold_action
 from paradiffpolicy.envs.base import PolicyEnv
 
 MODES = ("fast", "realtime", "delay")
@@ -180,34 +180,30 @@ class DelaySchedule:
         ``d = given``: ``controller.execute``, or by default PolicyRunner's rule, ``Ta`` shrunk to
         the chunk's length minus ``d`` where ``Ta`` would not leave the old chunk enough actions
         (only replayed estimates can be that large: a given ``delay`` must fit)."""
-        return self.execute if self.execute_given else max(1, min(self.execute, self.chunk_length - given))
+        return self.execute if self.execute_given else default_interval(self.execute, self.chunk_length, given)
 
     def episode(self, seed: int) -> "EpisodeCalls":
         """The calls of the episode with ``seed``: the measured run's own calls for this seed in the
         order they ran, where its record has them, then draws by an RNG seeded by the episode."""
-        rng = np.random.default_rng([seed, 0xD1A7])
-        recorded = iter(self.by_seed.get(seed, ()))
-
-        def draw() -> tuple[int, int]:
-            call = next(recorded, None)
-            if call is not None:
-                return call
-            return self.calls[0] if len(self.calls) == 1 else self.calls[int(rng.integers(len(self.calls)))]
-        return EpisodeCalls(draw)
+        return EpisodeCalls(self.by_seed.get(seed, []), self.calls, np.random.default_rng([seed, 0xD1A7]))
 
 
 class EpisodeCalls:
-    """One episode's calls in ``delay`` mode, each (d it is given, ticks until its chunk is used),
-    in order; :meth:`peek` sees the next one before its turn (how long the current chunk runs
-    depends on the next call's d, as in PolicyRunner)."""
+    """One episode's calls in ``delay`` mode, each (d it is given, ticks until its chunk is used):
+    ``recorded`` in order, then draws from ``pool`` by ``rng``. :meth:`peek` sees the next one
+    before its turn (how long the current chunk runs depends on the next call's d, as in
+    PolicyRunner)."""
 
-    def __init__(self, draw: Callable[[], tuple[int, int]]):
-        self._draw = draw
+    def __init__(self, recorded: list[tuple[int, int]], pool: list[tuple[int, int]], rng: np.random.Generator):
+        self._recorded = iter(recorded)
+        self._pool = pool
+        self._rng = rng
         self._next: tuple[int, int] | None = None
 
     def peek(self) -> tuple[int, int]:
         if self._next is None:
-            self._next = self._draw()
+            self._next = next(self._recorded, None) or (
+                self._pool[0] if len(self._pool) == 1 else self._pool[int(self._rng.integers(len(self._pool)))])
         return self._next
 
     def pop(self) -> tuple[int, int]:
@@ -381,7 +377,7 @@ def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int
     queue = list(seeds)
     slots: list[_Slot | None] = [None] * len(envs)
     finished: list[EpisodeResult] = []
-    execute = schedule.execute if schedule is not None else agents[0].policy.config.n_action_steps
+    ta = agents[0].policy.config.n_action_steps  # fast mode's s; delay mode asks the schedule per call
 
     def start(i: int) -> None:
         while queue:
@@ -410,7 +406,7 @@ def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int
             slot = slots[i]
             if call is not None:
                 agents[i].log.record_arrival(*call)
-            s = execute if schedule is None else schedule.interval(slot.calls.peek()[0])
+            s = ta if schedule is None else schedule.interval(slot.calls.peek()[0])
             with slot.ep.guard():
                 _execute(slot, agents[i], chunk, 0 if call is None else call[1], s, schedule)
             slot.current = chunk

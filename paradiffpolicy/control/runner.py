@@ -60,6 +60,13 @@ def hold_action(last: np.ndarray, kind: str) -> np.ndarray:
     return held
 
 
+def default_interval(n_action_steps: int, chunk_length: int, delay: int) -> int:
+    """``s`` when none is given, for calls expected to take ``delay`` ticks: ``Ta``, shrunk to the
+    chunk's length minus ``delay`` where ``Ta`` would not leave the old chunk enough actions to
+    cover the call (the simulated ``controller=delay`` replays the same rule)."""
+    return max(1, min(n_action_steps, chunk_length - delay))
+
+
 class PolicyRunner:
     """Args:
         policy: the policy.
@@ -177,7 +184,7 @@ class PolicyRunner:
         """``s``: ticks from a chunk's observation to the next call, for calls of ``delay`` ticks."""
         if self.execute is not None:
             return self.execute
-        return max(1, min(self.agent.policy.config.n_action_steps, len(self._chunk.actions) - delay))
+        return default_interval(self.agent.policy.config.n_action_steps, len(self._chunk.actions), delay)
 
     def expected_delay(self) -> int:
         """Ticks a background call is expected to take: ``ceil(p95 latency / period)`` of this
