@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from paradiffpolicy.models.jit import prefix_inputs
+
 BACKENDS = ("eager", "jit", "compile", "onnxruntime", "openvino", "openvino-bf16")
 EXPORTED = ("onnxruntime", "openvino", "openvino-bf16")
 FLOAT32 = tuple(b for b in BACKENDS if b != "openvino-bf16")  # the backends that keep float32's numbers
@@ -155,20 +157,25 @@ class ExportedDenoiser:
     differentiable = False
 
     def __init__(self, model: nn.Module, backend: str, horizon: int, action_dim: int, cond_dim: int, threads: int):
-        example = (torch.zeros(1, horizon, action_dim), torch.zeros(1, dtype=torch.int64), torch.zeros(1, cond_dim))
+        self.prefix_input = bool(getattr(model, "prefix_input", False))
+        sample = torch.zeros(1, horizon, action_dim)
+        example = (sample, torch.zeros(1, dtype=torch.int64), torch.zeros(1, cond_dim), *prefix_inputs(self.prefix_input, sample, None))
+        self.names = ["sample", "timestep", "global_cond", "prefix"][: len(example)]
         self.backend = backend
         self.threads = threads
-        self._run = load_runtime(export_onnx(model, example, ["sample", "timestep", "global_cond"], "unet"), backend, threads)
+        self._run = load_runtime(export_onnx(model, example, self.names, "unet"), backend, threads)
 
-    def __call__(self, sample: Tensor, timestep: Tensor, global_cond: Tensor | None = None) -> Tensor:
+    def __call__(self, sample: Tensor, timestep: Tensor, global_cond: Tensor | None = None,
+                 prefix: Tensor | None = None) -> Tensor:
         if global_cond is None:
             raise ValueError(f"the {self.backend} backend needs a global condition (observations); use backend=eager without one")
         if sample.device.type != "cpu":
             raise ValueError(f"backend={self.backend} runs on the CPU; the policy is on {sample.device}")
         m = sample.shape[0]
-        out = self._run({"sample": _array(sample), "timestep": _array(timestep.expand(m), np.int64),
-                         "global_cond": _array(global_cond)})
-        return torch.from_numpy(out)
+        feeds = {"sample": _array(sample), "timestep": _array(timestep.expand(m), np.int64), "global_cond": _array(global_cond)}
+        for name, x in zip(self.names[3:], prefix_inputs(self.prefix_input, sample, prefix)):
+            feeds[name] = _array(x)
+        return torch.from_numpy(self._run(feeds))
 
 
 class ExportedEncoder:

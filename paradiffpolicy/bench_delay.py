@@ -5,6 +5,8 @@
     python -m paradiffpolicy.bench_delay phase=cost task=pusht_keypoints            # per-call cost of each join, run alone
     python -m paradiffpolicy.bench_delay phase=report task=pusht_keypoints          # JSON + Markdown + plot
     python -m paradiffpolicy.bench_delay phase=summary tasks=[lift,stack]           # the tasks' reports side by side
+    python -m paradiffpolicy.bench_delay task=pusht_keypoints checkpoint=<trained with the prefix> \
+        label=picard-trained methods=[trained,naive] baseline=picard             # another policy, paired against picard's
 
 ``success`` runs ``paradiffpolicy.eval controller=delay`` once per (join method, delay d) on the
 same ``n_episodes`` seeds, into ``<runs>/<task>/<sampler label>/<method>/d<d>/``, skipping points
@@ -21,6 +23,10 @@ sampler under the same condition; run it with nothing else on the machine
 compares every two joins over all of them at once: episodes won / lost on the shared seeds of every
 (task, d > 0) where both ran, pooled, with the exact McNemar p-value, Holm-adjusted over the pairs
 (``delay-summary.{json,md}``; ``delay-summary-<label>`` for another sampler than ``picard``).
+
+``checkpoint`` evaluates another policy of the task (e.g. one trained with the committed prefix,
+``join.method=trained``) under its own ``label``; its report points are also paired, seed for
+seed, against the ``naive`` and ``hard`` points of the ``baseline`` label at the same d.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class DelayBenchConfig:
     sampler: str = "picard"  # a preset of conf/sampler
     sampler_overrides: List[str] = field(default_factory=list)  # e.g. [sampler.num_inference_steps=8]
     label: str = ""  # the runs' folder for this sampler (default: the preset's name)
+    checkpoint: str = ""  # another policy of the task (default: the task's own checkpoint)
+    baseline: str = ""  # report only: pair this label's points against the naive and hard points of that label
     methods: List[str] = field(default_factory=lambda: ["naive", "soft"])
     inpaint: str = "x0"
     delays: List[int] = field(default_factory=lambda: [0, 2, 4])
@@ -123,7 +131,8 @@ def success_phase(cfg: DelayBenchConfig) -> None:
 
 def point_overrides(cfg: DelayBenchConfig, method: str, delay: int, seed: int, n_episodes: int) -> list[str]:
     """The ``paradiffpolicy.eval`` overrides of one point's episodes."""
-    return [f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"backend={cfg.backend}",
+    return [f"task={cfg.task}", *([f"checkpoint={cfg.checkpoint}"] if cfg.checkpoint else []),
+            f"sampler={cfg.sampler}", *cfg.sampler_overrides, f"backend={cfg.backend}",
             "controller=delay", f"controller.delay={delay}", f"controller.execute={cfg.execute_for(delay)}",
             f"controller.join.method={method}", f"controller.join.inpaint={cfg.inpaint}", f"n_episodes={n_episodes}",
             f"n_envs={cfg.n_envs}", f"seed={seed}", f"threads={cfg.threads}",
@@ -254,14 +263,19 @@ def report_phase(cfg: DelayBenchConfig) -> dict:
         schedule = re.search(r"-s(d|\d+)$", p["method"])  # naive on the same schedule, else at Ta
         naive = by_key.get((p["sampler"], "naive" + (schedule.group(0) if schedule else ""), p["delay"])) \
             or by_key.get((p["sampler"], "naive", p["delay"]))
-        for ref_name, ref in (("vs_naive", naive), ("vs_d0", d0)):
+        refs = [("vs_naive", naive), ("vs_d0", d0)]
+        if cfg.baseline and p["sampler"] == cfg.sampler_label:
+            refs += [(f"vs_baseline_{m}", by_key.get((cfg.baseline, m, p["delay"]))) for m in ("naive", "hard")]
+        for ref_name, ref in refs:
             n = None if ref is None else min(p["n_episodes"], ref["n_episodes"])
             p[ref_name] = None if ref is None or ref is p else {
-                "reference": f"{ref['method']} d={ref['delay']}", "episodes": n,
+                "reference": f"{ref['sampler']} {ref['method']} d={ref['delay']}", "episodes": n,
                 **paired(p["success_per_seed"][:n], ref["success_per_seed"][:n])}
     result = {"task": cfg.task, "mode": "controller=delay: simulated delay, deterministic given the seeds (no wall clock)",
               "points": sorted(points, key=lambda p: (p["sampler"], _join_order(p["method"]), p["method"], p["delay"])),
               "pooled_vs_naive": pooled_vs_naive(points)}
+    if cfg.baseline:
+        result["baseline"] = {"label": cfg.baseline, "policy": cfg.sampler_label}
     return write_report(Path(cfg.out) / f"delay-{cfg.task}", result, markdown, plot)
 
 
@@ -307,15 +321,23 @@ def markdown(result: dict) -> str:
              "| sampler | join | d | s | episodes | success % | 95% interval | vs naive (same d) | vs d=0 | "
              "jump at seams | jump within chunks | Picard iterations |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    vs = lambda r: "" if r is None else f"+{r['won']} / −{r['lost']} (p {r['p_value']:.2f})"  # noqa: E731
     for p in result["points"]:
         lo, hi = p["pc_success_ci95"]
-        vs = lambda r: "" if r is None else f"+{r['won']} / −{r['lost']} (p {r['p_value']:.2f})"  # noqa: E731
         j = p["jumps"]
         seam, inner = ("n/a", "n/a") if j is None or not j["seam"]["n"] else (f"{j['seam']['mean']:.3g} / {j['seam']['p95']:.3g}",
                                                        f"{j['inner']['mean']:.3g} / {j['inner']['p95']:.3g}")
         lines.append(f"| {p['sampler']} | {p['method']} | {p['delay']} | {p['execute'] or 'Ta'} | {p['n_episodes']} | {success_cell(p)} | "
                      f"{lo:.0f}-{hi:.0f} | {vs(p['vs_naive'])} | {vs(p['vs_d0'])} | {seam} | {inner} | "
                      f"{p['iterations_mean']:.1f} |")
+    if result.get("baseline"):
+        b = result["baseline"]
+        lines += ["", f"`{b['policy']}` against `{b['label']}` (another policy) on the same seeds and d: won / lost (p).", "",
+                  f"| join | d | episodes | success % | vs {b['label']} naive | vs {b['label']} hard |", "|---|---|---|---|---|---|"]
+        for p in result["points"]:
+            if p["sampler"] == b["policy"]:
+                lines.append(f"| {p['method']} | {p['delay']} | {p['n_episodes']} | {success_cell(p)} | "
+                             f"{vs(p.get('vs_baseline_naive'))} | {vs(p.get('vs_baseline_hard'))} |")
     if result.get("pooled_vs_naive"):
         lines += ["", "Pooled over delays, each method against `naive` on the same seeds:", "",
                   "| sampler | join | delays | episodes | won / lost | p |", "|---|---|---|---|---|---|"]

@@ -53,6 +53,9 @@ class PolicyConfig:
     action_normalization: str = "affine"
     vision: VisionConfig = field(default_factory=VisionConfig)
     action_start: Optional[int] = None
+    # the U-Net also reads the committed action prefix (training-time action conditioning;
+    # models/unet1d.py); such a policy is trained with train's ``prefix.max_delay`` > 0
+    prefix_input: bool = False
 
     def features(self) -> list[FeatureSpec]:
         """The declared features, or the one flat feature of an ``obs_dim`` policy."""

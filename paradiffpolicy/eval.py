@@ -14,6 +14,7 @@ with ``video=true``, ``videos/<seed>.mp4``. Episode ``i`` uses seed ``seed + i``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -136,8 +137,13 @@ class Evaluator:
         self.extra_envs = [make_env(cfg.task) for _ in range(cfg.n_envs - 1)]
         check_env_matches_policy(self.env, self.policy, cfg.task.name, cfg.checkpoint)
         pc = self.policy.config
+        # the controller with its join resolved for this policy (auto: trained or naive)
+        self.controller = dataclasses.replace(cfg.controller, join=cfg.controller.join.for_policy(pc))
+        if cfg.controller.mode != "fast" and cfg.controller.join.method == "auto":
+            log.info("join %s: %s", self.controller.join.method, "the policy was trained with the committed prefix"
+                     if pc.prefix_input else "the policy was not trained with the committed prefix")
         self.schedule = None if cfg.controller.mode != "delay" else DelaySchedule(
-            cfg.controller, pc.n_action_steps, pc.horizon - pc.executed_start, cfg.controller.hz or cfg.task.control_hz,
+            self.controller, pc.n_action_steps, pc.horizon - pc.executed_start, cfg.controller.hz or cfg.task.control_hz,
             cfg.task.hold)
 
     def run_all(self) -> dict:
@@ -146,7 +152,7 @@ class Evaluator:
         info: dict = {"task": cfg.task.name, "checkpoint": cfg.checkpoint, "n_envs": cfg.n_envs,
                       "sampler": {**to_dict(sampler), **self.policy.sampler.settings(), "num_inference_steps": self.policy.num_inference_steps,
                                   **({"preset": "tuned"} if cfg.sampler.name == "tuned" else {})},
-                      "controller": to_dict(cfg.controller), "seeds": [cfg.seed + i for i in range(cfg.n_episodes)],
+                      "controller": to_dict(self.controller), "seeds": [cfg.seed + i for i in range(cfg.n_episodes)],
                       "versions": versions(), "device": cfg.device, "backend": self.policy.backend,
                       "cpu": cpu_model(), "threads": cfg.threads, "interrupted": False,
                       "provenance": provenance(cfg.threads, cfg.device, [self.policy.backend])}
@@ -202,7 +208,7 @@ class Evaluator:
     def _run(self, sampler, reference, warm_start: bool, seeds: list[int], stack: contextlib.ExitStack):
         """The episodes of one sampler setting, as each finishes."""
         cfg = self.cfg
-        ctl = cfg.controller
+        ctl = self.controller
         hz = ctl.hz or cfg.task.control_hz
         if ctl.mode == "realtime":
             runner = stack.enter_context(PolicyRunner(

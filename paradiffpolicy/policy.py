@@ -8,6 +8,7 @@ inputs, runs the encoder once per call and delegates sampling of the U-Net to a 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Union
@@ -22,7 +23,7 @@ from paradiffpolicy.features import coerce_observation
 from paradiffpolicy.models.compiled import CompiledDenoiser
 from paradiffpolicy.models.jit import TracedDenoiser
 from paradiffpolicy.models.obs_encoder import ObservationEncoder
-from paradiffpolicy.models.unet1d import ConditionalUnet1D, UnetConfig
+from paradiffpolicy.models.unet1d import ConditionalUnet1D, UnetConfig, prefix_channels
 from paradiffpolicy.normalizer import Normalizer
 from paradiffpolicy.sampling import PicardSampler, SampleStats, SamplerNoise, SequentialSampler, Trajectory, WarmStart
 from paradiffpolicy.sampling import draw_noise, make_sampler
@@ -90,6 +91,21 @@ def upgrade_legacy_keys(state: dict) -> dict:
     return out
 
 
+def with_prefix_input(policy: "DiffusionPolicy") -> "DiffusionPolicy":
+    """A new policy whose U-Net also reads the committed action prefix, with ``policy``'s weights and
+    a zero-initialised prefix convolution: it computes exactly ``policy``'s function until it is
+    fine-tuned (``train prefix.max_delay=...``). ``policy`` itself is unchanged."""
+    if policy.config.prefix_input:
+        raise ValueError("this policy already reads the committed prefix (prefix_input=true)")
+    config = dataclasses.replace(policy.config, prefix_input=True)
+    out = DiffusionPolicy(config, policy.sampler_config, policy.backend).to(policy.device)
+    missing, unexpected = out.load_state_dict(policy.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("model.prefix_conv.") for k in missing):
+        raise ValueError(f"with_prefix_input: unexpected state keys {unexpected}, missing {missing}")
+    out.metadata = dict(policy.metadata)
+    return out
+
+
 class DiffusionPolicy(nn.Module):
     """Diffusion Policy with observations as global conditioning.
 
@@ -113,6 +129,7 @@ class DiffusionPolicy(nn.Module):
             n_groups=config.n_groups,
             diffusion_step_embed_dim=config.diffusion_step_embed_dim,
             cond_predict_scale=config.cond_predict_scale,
+            prefix_input=config.prefix_input,
         ))
         self.action_normalizer = Normalizer(config.action_normalization, config.action_dim)
         # where the weights came from (training run, dataset, foreign source); filled by load_policy
@@ -340,9 +357,15 @@ class DiffusionPolicy(nn.Module):
         and ``action`` (B, T, Da). The image encoder trains with it (random crops in train mode)."""
         return self.denoising_loss(self.encode_observation(obs), action, generator)
 
-    def denoising_loss(self, cond: Tensor, action: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def denoising_loss(self, cond: Tensor, action: Tensor, generator: torch.Generator | None = None,
+                       committed: Tensor | None = None) -> Tensor:
         """:meth:`compute_loss` from the encoded observation ``cond`` (B, To·D), for a trainer that
-        also uses the encoding (an auxiliary target)."""
+        also uses the encoding (an auxiliary target).
+
+        ``committed`` (B,) int, only for a ``prefix_input`` policy: row ``i``'s first
+        ``committed[i]`` actions are given to the network clean, as committed actions are at
+        inference (:func:`~paradiffpolicy.models.unet1d.prefix_channels`), and the loss is the mean
+        over the other positions only (training-time action conditioning; 0: nothing committed)."""
         sch = self.config.scheduler
         bsz = cond.shape[0]
         x0 = self.action_normalizer.normalize(action)
@@ -350,6 +373,12 @@ class DiffusionPolicy(nn.Module):
         t = torch.randint(0, sch.num_train_timesteps, (bsz,), generator=generator, device=x0.device)
         a = self.alphas_cumprod[t].view(bsz, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        pred = self.model(noisy, t, global_cond=cond)
         target = eps if sch.prediction_type == "epsilon" else x0
-        return torch.nn.functional.mse_loss(pred, target)
+        if committed is None:
+            return torch.nn.functional.mse_loss(self.model(noisy, t, global_cond=cond), target)
+        if not self.config.prefix_input:
+            raise ValueError("committed= trains the prefix input; this policy has none (policy.prefix_input=false)")
+        mask = (torch.arange(x0.shape[1], device=x0.device)[None] < committed.to(x0.device)[:, None]).float()
+        pred = self.model(noisy, t, global_cond=cond, prefix=prefix_channels(x0, mask))
+        free = (1.0 - mask).unsqueeze(-1).expand_as(x0)
+        return (((pred - target) ** 2) * free).sum() / free.sum().clamp(min=1.0)

@@ -29,7 +29,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from paradiffpolicy.checkpoint import load_policy, save_policy
@@ -39,10 +39,55 @@ from paradiffpolicy.data.sequence import SequenceSampler
 from paradiffpolicy.envs import TaskConfig
 from paradiffpolicy.features import FeatureSpec
 from paradiffpolicy.normalizer import Normalizer
-from paradiffpolicy.policy import DiffusionPolicy
+from paradiffpolicy.policy import DiffusionPolicy, with_prefix_input
 from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, seed_everything, sigterm_as_keyboard_interrupt, versions
 
 log = logging.getLogger(__name__)
+
+
+PREFIX_DISTRIBUTIONS = ("uniform", "exp")
+
+
+@dataclass
+class PrefixTrainingConfig:
+    """Training-time action conditioning (Black, Ren, Equi & Levine 2025, arXiv 2512.05964): per
+    training window a delay ``d`` in 0..``max_delay`` is drawn (``uniform``, or ``exp``: P(d) ∝
+    exp(-d / ``exp_scale``)), and the positions a real call with that delay would have committed
+    (those before the executed chunk's start, plus ``d``) are given to the network clean and left
+    out of the loss; with probability ``p_none`` nothing is committed, so the policy still works
+    unconditioned (``join.method=naive``). ``max_delay=0`` turns it off."""
+
+    max_delay: int = 0
+    distribution: str = "uniform"
+    exp_scale: float = 3.0
+    p_none: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.max_delay < 0:
+            raise ValueError(f"prefix.max_delay={self.max_delay} must be >= 0 (0: off)")
+        if self.distribution not in PREFIX_DISTRIBUTIONS:
+            raise ValueError(f"prefix.distribution={self.distribution!r} is unknown; expected one of {PREFIX_DISTRIBUTIONS}")
+        if not self.exp_scale > 0:
+            raise ValueError(f"prefix.exp_scale={self.exp_scale} must be > 0")
+        if not 0 <= self.p_none <= 1:
+            raise ValueError(f"prefix.p_none={self.p_none} must lie in [0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_delay > 0
+
+    def delay_probabilities(self) -> np.ndarray:
+        """P(d) for d = 0..max_delay."""
+        d = np.arange(self.max_delay + 1, dtype=np.float64)
+        p = np.ones_like(d) if self.distribution == "uniform" else np.exp(-d / self.exp_scale)
+        return p / p.sum()
+
+    def draw_committed(self, rng: np.random.Generator, n: int, start: int) -> np.ndarray:
+        """How many leading positions of each of ``n`` windows are committed: ``start + d``, or 0
+        (nothing) with probability ``p_none``."""
+        d = rng.choice(self.max_delay + 1, size=n, p=self.delay_probabilities())
+        none = rng.random(n) < self.p_none
+        return np.where(none, 0, start + d).astype(np.int64)
 
 
 @dataclass
@@ -73,6 +118,7 @@ class TrainConfig:
     # sees it), e.g. ``privileged.state`` from python -m paradiffpolicy.add_privileged_state
     aux_state: Optional[str] = None
     aux_weight: float = 1.0
+    prefix: PrefixTrainingConfig = field(default_factory=PrefixTrainingConfig)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -189,7 +235,11 @@ class Trainer:
             raise ValueError(f"dataset {cfg.dataset} has no episodes")
         self.n_episodes, self.n_steps = buf.n_episodes, buf.n_steps
         self.action = torch.from_numpy(np.asarray(buf["action"], dtype=np.float32))
-        self.obs, pcfg = dataset_observations(buf, dataclasses.replace(cfg.policy, action_dim=self.action.shape[1]))
+        self.obs, pcfg = dataset_observations(buf, dataclasses.replace(
+            cfg.policy, action_dim=self.action.shape[1], prefix_input=cfg.policy.prefix_input or cfg.prefix.enabled))
+        if cfg.prefix.enabled and pcfg.executed_start + cfg.prefix.max_delay >= pcfg.horizon:
+            raise ValueError(f"prefix.max_delay={cfg.prefix.max_delay} must leave a position to predict: "
+                             f"executed start {pcfg.executed_start} + max_delay < horizon {pcfg.horizon}")
         self.policy = DiffusionPolicy(pcfg)
         for spec, norm in zip(self.policy.features, self.policy.obs_encoder.normalizers):
             if norm.mode == "affine":
@@ -257,8 +307,9 @@ class Trainer:
 
     def _load_state(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
-        saved = {**state["config"], "policy": policy_with_defaults(state["config"].get("policy", {}))}
-        for key in ("dataset", "batch_size", "seed", "policy", "init_from", "aux_state"):
+        saved = {**state["config"], "policy": policy_with_defaults(state["config"].get("policy", {})),
+                 "prefix": state["config"].get("prefix", to_dict(PrefixTrainingConfig()))}
+        for key in ("dataset", "batch_size", "seed", "policy", "init_from", "aux_state", "prefix"):
             now = OmegaConf.to_container(OmegaConf.structured(self.cfg))[key]
             if saved.get(key) != now:
                 raise ValueError(f"cannot resume {path}: {key} was {saved.get(key)!r}, now {now!r}; use another output_dir or resume=false")
@@ -284,20 +335,27 @@ class Trainer:
         """Model and EMA weights, normalisers included, from ``path``: a run's state directory (float32
         weights and EMA) or an exported checkpoint (its EMA weights for both). The source's normalisers
         replace the ones fit on this dataset, so the weights see inputs scaled as in their training."""
+        adds_prefix = False  # the source lacks the prefix input this run trains: it starts at zero
         if (path / "state.json").exists():
             saved = policy_with_defaults(json.loads((path / "state.json").read_text())["config"]["policy"])
             now = OmegaConf.to_container(OmegaConf.structured(self.cfg))["policy"]
-            if saved != now:
+            adds_prefix = self.policy.config.prefix_input and not saved["prefix_input"]
+            if {**saved, "prefix_input": now["prefix_input"]} != now:
                 raise ValueError(f"init_from={path}: its policy config {saved} differs from this run's {now}")
             model, ema = load_file(str(path / "model.safetensors")), load_file(str(path / "ema.safetensors"))
+            if adds_prefix:
+                zero = {k: v for k, v in self.policy.state_dict().items() if k.startswith("model.prefix_conv.")}
+                model, ema = {**model, **zero}, {**ema, **zero}
         else:
             source = load_policy(path)
+            if self.policy.config.prefix_input and not source.config.prefix_input:
+                source, adds_prefix = with_prefix_input(source), True
             if source.config != self.policy.config:
                 raise ValueError(f"init_from={path}: its policy config {source.config} differs from this run's {self.policy.config}")
             model = ema = {k: v.float() if v.is_floating_point() else v for k, v in source.state_dict().items()}
         self.policy.load_state_dict(model)
         self.ema.load_state_dict(ema)
-        log.info("initialised from %s", path)
+        log.info("initialised from %s%s", path, " (prefix input added, zero-initialised)" if adds_prefix else "")
 
     def _truncate_log(self) -> None:
         """Drop log lines written after the saved step (the run died before its next checkpoint); those
@@ -327,6 +385,14 @@ class Trainer:
         aux = None if self.aux_state is None else self.aux_state[obs_pos].to(self.device)
         return obs, self.action[pos].to(self.device), aux
 
+    def committed(self) -> Tensor | None:
+        """Committed positions per window of the next batch (training-time action conditioning), or
+        None when it is off."""
+        if not self.cfg.prefix.enabled:
+            return None
+        n = self.cfg.prefix.draw_committed(self.rng, self.cfg.batch_size, self.policy.config.executed_start)
+        return torch.from_numpy(n).to(self.device)
+
     def train(self) -> DiffusionPolicy:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
@@ -340,7 +406,8 @@ class Trainer:
                         g["lr"] = cfg.lr * lr_factor(self.step, cfg.warmup_steps, cfg.steps)
                     obs, action, aux = self.batch()
                     cond = self.policy.encode_observation(obs)
-                    loss = self.policy.denoising_loss(cond, action, generator=self.gen if self.device.type == "cpu" else None)
+                    loss = self.policy.denoising_loss(cond, action, generator=self.gen if self.device.type == "cpu" else None,
+                                                      committed=self.committed())
                     aux_loss = None if aux is None else self.aux_head.loss(cond, aux)
                     self.opt.zero_grad(set_to_none=True)
                     (loss if aux_loss is None else loss + cfg.aux_weight * aux_loss).backward()
@@ -380,6 +447,7 @@ class Trainer:
             "dataset": {"path": self.cfg.dataset, "episodes": self.n_episodes, "steps": self.n_steps},
             "train": {"steps": self.step, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "lr": self.cfg.lr,
                       "init_from": self.cfg.init_from, "init_from_train": source_training(self.cfg.init_from), "aux_state": self.cfg.aux_state, "aux_weight": self.cfg.aux_weight,
+                      "prefix": to_dict(self.cfg.prefix) if self.cfg.prefix.enabled else None,
                       "train_time_s": round(self.elapsed, 1), "device": str(self.device), "threads": torch.get_num_threads(),
                       "machine": f"{platform.machine()} {os.cpu_count()} cpus", "cpu": cpu_model()},
             "command": "python -m paradiffpolicy.train " + " ".join(sys.argv[1:]),

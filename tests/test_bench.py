@@ -3,6 +3,7 @@ each sequential reference in the same run."""
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -164,7 +165,7 @@ def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
         if method != "naive":  # paired on the seeds: the difference in successes is won minus lost
             ref = points[("naive", d)]
             assert p["vs_naive"]["won"] - p["vs_naive"]["lost"] == sum(p["success_per_seed"]) - sum(ref["success_per_seed"])
-        assert (p["vs_d0"] is None) == (d == 0) and (d == 0 or p["vs_d0"]["reference"] == f"{method} d=0")
+        assert (p["vs_d0"] is None) == (d == 0) and (d == 0 or p["vs_d0"]["reference"] == f"picard {method} d=0")
         assert p["jumps"]["seam"]["n"] > 0 and p["jumps"]["inner"]["n"] > 0
     (pooled,) = report["pooled_vs_naive"]  # soft against naive over every d > 0 (here only d = 3)
     assert (pooled["method"], pooled["delays"], pooled["episodes"]) == ("soft", [3], 3)
@@ -178,6 +179,23 @@ def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
     assert [(r["method"], r["delay"]) for r in summary["rows"]] == [("naive", 0), ("naive", 3), ("soft", 0), ("soft", 3)]
     with pytest.raises(SystemExit, match="no report for"):
         bench_delay.main(["phase=summary", "tasks=[pusht_keypoints,stack]", *common])
+    # another policy of the task (here converted to read the committed prefix) under its own label,
+    # paired seed for seed against the baseline label's naive points at the same d
+    from paradiffpolicy import load_policy, save_policy
+    from paradiffpolicy.policy import with_prefix_input
+    save_policy(with_prefix_input(load_policy(ROOT / "checkpoints" / "pusht_keypoints")), tmp_path / "conditioned")
+    other = [c for c in common if not c.startswith(("methods=", "delays="))]
+    trained = [f"checkpoint={tmp_path / 'conditioned'}", "label=picard-trained", "methods=[trained]", "delays=[3]", "baseline=picard"]
+    bench_delay.main(["phase=success", *trained, *other])
+    run = json.loads((tmp_path / "runs" / "pusht_keypoints" / "picard-trained" / "trained" / "d3" / "eval_info.json").read_text())
+    assert run["checkpoint"] == str(tmp_path / "conditioned") and run["controller"]["join"]["method"] == "trained"
+    both = bench_delay.main(["phase=report", *trained, *other])
+    (p,) = [p for p in both["points"] if p["sampler"] == "picard-trained"]
+    naive3 = points[("naive", 3)]
+    assert p["vs_baseline_naive"]["reference"] == "picard naive d=3" and p["vs_baseline_hard"] is None
+    assert p["vs_baseline_naive"]["won"] - p["vs_baseline_naive"]["lost"] == sum(p["success_per_seed"]) - sum(naive3["success_per_seed"])
+    assert "`picard-trained` against `picard`" in (tmp_path / "out" / "delay-pusht_keypoints.md").read_text()
+    shutil.rmtree(tmp_path / "runs" / "pusht_keypoints" / "picard-trained")
     # a complete point grows by the missing seeds only; the report pools its parts
     grow = [c for c in common if not c.startswith(("methods=", "delays=", "n_episodes="))]
     bench_delay.main(["phase=success", "methods=[soft]", "delays=[3]", "n_episodes=5", *grow])

@@ -149,7 +149,8 @@ class PolicyAgent:
             ticks elapsed (changes the iteration count, not the sample).
         budget_s: cap on each call's seconds (Picard returns its current estimate past it).
         join: how a call given a ``delay`` joins the previous chunk (see ``control/join.py``);
-            default :class:`JoinConfig`'s. Calls without a delay are never conditioned.
+            default :class:`JoinConfig`'s (``auto``: ``trained`` for a policy trained with the committed
+            prefix, else ``naive``). Calls without a delay are never conditioned.
     """
 
     def __init__(self, policy: DiffusionPolicy, sampler: Sampler | None = None, reference: Sampler | None = None,
@@ -161,7 +162,7 @@ class PolicyAgent:
         self.reference = reference
         self.warm_start = warm_start
         self.budget_s = budget_s
-        self.join = join or JoinConfig()
+        self.join = (join or JoinConfig()).for_policy(policy.config)
         self.previous: Chunk | None = None  # the last chunk of this episode
         self.warm: WarmState | None = None
         self.history: deque = deque(maxlen=policy.config.n_obs_steps)  # per step: an array, or a dict of arrays

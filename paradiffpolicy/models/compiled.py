@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from paradiffpolicy.models.jit import prefix_inputs
+
 
 class CompiledDenoiser:
     """``Denoiser`` (see ``sampling.base``) backed by ``torch.compile(model)``, compiled lazily per
@@ -23,18 +25,21 @@ class CompiledDenoiser:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.prefix_input = bool(getattr(model, "prefix_input", False))
         self._compiled = None
         self._cuda = False
 
-    def __call__(self, sample: Tensor, timestep: Tensor, global_cond: Tensor | None = None) -> Tensor:
+    def __call__(self, sample: Tensor, timestep: Tensor, global_cond: Tensor | None = None,
+                 prefix: Tensor | None = None) -> Tensor:
         if self._compiled is None or self._cuda != sample.is_cuda:  # CUDA graphs only where they exist
             self._cuda = sample.is_cuda
             mode = "reduce-overhead" if self._cuda else "default"
             self._compiled = torch.compile(self.model, mode=mode, dynamic=False)
         timestep = timestep.expand(sample.shape[0])  # one shape whether a step is shared or per row
+        extra = prefix_inputs(self.prefix_input, sample, prefix)  # one graph with and without a prefix
         if not self._cuda:
-            return self._compiled(sample, timestep, global_cond=global_cond)
+            return self._compiled(sample, timestep, global_cond, *extra)
         # a replayed graph writes into the same output buffer every time: mark the step and copy
         # the result out so a caller may keep it across calls
         torch.compiler.cudagraph_mark_step_begin()
-        return self._compiled(sample, timestep, global_cond=global_cond).clone()
+        return self._compiled(sample, timestep, global_cond, *extra).clone()

@@ -20,6 +20,18 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from paradiffpolicy.models.unet1d import zero_prefix
+
+
+def prefix_inputs(takes_prefix: bool, sample: Tensor, prefix: Tensor | None) -> tuple[Tensor, ...]:
+    """The prefix argument of a graph of a network with ``takes_prefix`` (zeros: nothing committed;
+    one graph serves both), or none for a network without; ``ValueError`` for a prefix it cannot take."""
+    if not takes_prefix:
+        if prefix is not None:
+            raise ValueError("this network has no prefix input (prefix_input=False); it cannot take committed actions")
+        return ()
+    return (zero_prefix(sample) if prefix is None else prefix,)
+
 
 class TracedDenoiser:
     """``Denoiser`` (see ``sampling.base``) backed by a trace of ``model`` (a ConditionalUnet1D or
@@ -27,6 +39,7 @@ class TracedDenoiser:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.prefix_input = bool(getattr(model, "prefix_input", False))
         self._graph: torch.jit.ScriptModule | None = None
         self._device: torch.device | None = None
 
@@ -35,16 +48,18 @@ class TracedDenoiser:
         """Whether the graph is traced (the first call traces it; ``policy.warm_up`` makes that call)."""
         return self._graph is not None
 
-    def __call__(self, sample: Tensor, timestep: Tensor, global_cond: Tensor | None = None) -> Tensor:
+    def __call__(self, sample: Tensor, timestep: Tensor, global_cond: Tensor | None = None,
+                 prefix: Tensor | None = None) -> Tensor:
         if global_cond is None:
             raise ValueError("the jit backend needs a global condition (observations); use backend=eager without one")
+        inputs = (sample, timestep.expand(sample.shape[0]), global_cond, *prefix_inputs(self.prefix_input, sample, prefix))
         if self._graph is None or self._device != sample.device:
-            self._graph = self._trace(sample, timestep, global_cond)
+            self._graph = self._trace(inputs)
             self._device = sample.device
-        return self._graph(sample, timestep.expand(sample.shape[0]), global_cond)
+        return self._graph(*inputs)
 
-    def _trace(self, sample: Tensor, timestep: Tensor, global_cond: Tensor) -> torch.jit.ScriptModule:
-        example = (sample[:1], timestep.expand(sample.shape[0])[:1], global_cond[:1])
+    def _trace(self, inputs: tuple[Tensor, ...]) -> torch.jit.ScriptModule:
+        example = tuple(x[:1] for x in inputs)
         with warnings.catch_warnings(), torch.no_grad():
             # the U-Net has no data-dependent control flow; the tracer's warnings concern shape
             # checks inside torch.nn.functional that hold for every batch size

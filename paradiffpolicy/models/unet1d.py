@@ -5,6 +5,13 @@ conditioning on (diffusion-step embedding ⊕ observation features), ``len(down_
 down/up-samplings. Parameter names match ``diffusion_policy.model.diffusion.conditional_unet1d`` so
 state dicts of the same size load into either (``cond_encoder.1.weight``, ``down_modules.0.0...``).
 Each batch row carries its own timestep, which Picard sampling needs.
+
+With ``prefix_input`` the network also reads the committed action prefix (training-time action
+conditioning, Black, Ren, Equi & Levine 2025, arXiv 2512.05964): per position the clean action and a
+0/1 mask, ``(M, T, Da + 1)`` (:func:`prefix_channels`). Where the mask is 1 the noisy input is
+replaced by the clean action, and the channels enter the first convolution as extra input channels
+(``prefix_conv``, zero-initialised: a network converted from one without them computes the same
+function until it is fine-tuned).
 """
 
 from __future__ import annotations
@@ -25,6 +32,19 @@ class UnetConfig:
     n_groups: int = 8
     diffusion_step_embed_dim: int = 128
     cond_predict_scale: bool = True
+    prefix_input: bool = False
+
+
+def zero_prefix(sample: Tensor) -> Tensor:
+    """The prefix input that commits nothing, for a sample (M, T, Da) → (M, T, Da + 1) zeros."""
+    return sample.new_zeros(*sample.shape[:-1], sample.shape[-1] + 1)
+
+
+def prefix_channels(actions: Tensor, mask: Tensor) -> Tensor:
+    """The prefix input of a ``prefix_input`` network: ``actions`` (M, T, Da) where ``mask`` (M, T)
+    is 1, zeros elsewhere, with the mask as a last channel → (M, T, Da + 1)."""
+    mask = mask.to(actions.dtype).unsqueeze(-1)
+    return torch.cat([actions * mask, mask], dim=-1)
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -70,8 +90,13 @@ class Conv1dBlock(nn.Module):
             nn.Mish(),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block(x)
+    def forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
+        """``extra`` (M, C_out, T), if given, is added after the convolution (the contribution of
+        extra input channels to it)."""
+        if extra is None:
+            return self.block(x)
+        conv, norm, act = self.block
+        return act(norm(conv(x) + extra))
 
 
 class _ToChannels(nn.Module):
@@ -97,9 +122,9 @@ class ConditionalResidualBlock1D(nn.Module):
         self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, cond_channels), _ToChannels())
         self.residual_conv = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        """x (M, C_in, T), cond (M, cond_dim) → (M, C_out, T)."""
-        out = self.blocks[0](x)
+    def forward(self, x: Tensor, cond: Tensor, extra: Tensor | None = None) -> Tensor:
+        """x (M, C_in, T), cond (M, cond_dim) → (M, C_out, T); ``extra`` as for Conv1dBlock."""
+        out = self.blocks[0](x, extra)
         embed = self.cond_encoder(cond)
         if self.cond_predict_scale:
             embed = embed.reshape(embed.shape[0], 2, self.out_channels, 1)
@@ -111,9 +136,10 @@ class ConditionalResidualBlock1D(nn.Module):
 
 
 class ConditionalUnet1D(nn.Module):
-    """``forward(sample (M, T, Da), timestep (M,) or scalar, global_cond (M, Dg)) -> (M, T, Da)``.
+    """``forward(sample (M, T, Da), timestep (M,) or scalar, global_cond (M, Dg), prefix) -> (M, T, Da)``.
 
-    ``T`` must be divisible by ``2 ** (len(down_dims) - 1)``.
+    ``T`` must be divisible by ``2 ** (len(down_dims) - 1)``. ``prefix`` (M, T, Da + 1), only with
+    ``prefix_input`` (see the module docstring; None: nothing committed, all zeros).
     """
 
     def __init__(self, cfg: UnetConfig):
@@ -152,8 +178,27 @@ class ConditionalUnet1D(nn.Module):
             Conv1dBlock(start_dim, start_dim, kernel_size=cfg.kernel_size, n_groups=8),
             nn.Conv1d(start_dim, cfg.input_dim, 1),
         )
+        if cfg.prefix_input:
+            self.prefix_conv = nn.Conv1d(cfg.input_dim + 1, start_dim, cfg.kernel_size, padding=cfg.kernel_size // 2)
+            nn.init.zeros_(self.prefix_conv.weight)
+            nn.init.zeros_(self.prefix_conv.bias)
 
-    def forward(self, sample: Tensor, timestep: Tensor | int, global_cond: Tensor | None = None) -> Tensor:
+    @property
+    def prefix_input(self) -> bool:
+        """Whether the network reads the committed action prefix (``prefix=``)."""
+        return self.config.prefix_input
+
+    def forward(self, sample: Tensor, timestep: Tensor | int, global_cond: Tensor | None = None,
+                prefix: Tensor | None = None) -> Tensor:
+        extra = None
+        if self.config.prefix_input:
+            if prefix is None:
+                prefix = zero_prefix(sample)
+            committed = prefix[..., -1:] > 0
+            sample = torch.where(committed, prefix[..., :-1], sample)  # the clean committed actions
+            extra = self.prefix_conv(prefix.transpose(1, 2))
+        elif prefix is not None:
+            raise ValueError("this network has no prefix input (prefix_input=False); it cannot take committed actions")
         x = sample.transpose(1, 2)  # (M, Da, T)
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([timestep], device=sample.device)
@@ -163,7 +208,8 @@ class ConditionalUnet1D(nn.Module):
             feature = torch.cat([feature, global_cond], dim=-1)
         skips = []
         for resnet, resnet2, downsample in self.down_modules:
-            x = resnet2(resnet(x, feature), feature)
+            x = resnet2(resnet(x, feature, extra), feature)
+            extra = None  # the first convolution only
             skips.append(x)
             x = downsample(x)
         for mid in self.mid_modules:

@@ -13,7 +13,9 @@ from torch import Tensor
 class Denoiser(Protocol):
     """``model(sample (M, T, Da), timestep (M,) int64, global_cond=(M, Dc) | None) -> (M, T, Da)``.
 
-    ConditionalUnet1D has this signature; each row carries its own timestep.
+    ConditionalUnet1D has this signature; each row carries its own timestep. A network trained
+    with the committed action prefix as an input (``prefix_input`` true) also takes
+    ``prefix=(M, T, Da + 1)`` (``models/unet1d.py``); only ``ActionPrefix(mode="trained")`` passes it.
     """
 
     def __call__(self, sample: Tensor, timestep: Tensor, global_cond: Tensor | None = None) -> Tensor: ...

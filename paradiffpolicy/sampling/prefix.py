@@ -22,6 +22,10 @@ weights and ``a`` the target, the modes are (``docs/realtime.md`` has the deriva
 * ``guided`` — ΠGDM guidance as in Real-Time Chunking: ``x̂0' = x̂0 + c_k J^T W (a - x̂0)``, ``J``
   the Jacobian of x̂0 in the state (one vector-Jacobian product through the network per row),
   ``c_k = min(β, 1/√ᾱ_k)``. Needs gradients through the denoiser (eager or jit backend).
+* ``trained`` — for a network trained with the committed prefix as an input (training-time action
+  conditioning, Black et al. 2025; ``models/unet1d.py``): the network is given the target where
+  ``W = 1`` (weights must be 0 or 1) and predicts the rest knowing it; x̂0 is then set to the
+  target there, as in ``x0``. No extra network calls.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from paradiffpolicy.models.unet1d import prefix_channels
 from paradiffpolicy.schedulers import StepTable
 
-INPAINT_MODES = ("x0", "noised", "clean", "guided")
+INPAINT_MODES = ("x0", "noised", "clean", "guided", "trained")
 SCHEDULES = ("hard", "linear", "exp")
 
 
@@ -83,6 +88,8 @@ class ActionPrefix:
             raise ValueError("prefix weights must lie in [0, 1]")
         if not self.max_guidance > 0:
             raise ValueError(f"prefix max_guidance={self.max_guidance} must be > 0")
+        if self.mode == "trained" and ((self.weights != 0) & (self.weights != 1)).any():
+            raise ValueError("prefix mode='trained' takes weights of 0 or 1 (committed or not), as the network was trained")
 
     def to(self, device) -> "ActionPrefix":
         return ActionPrefix(self.target.to(device, torch.float32), self.weights.to(device, torch.float32), self.mode,
@@ -141,7 +148,15 @@ class ActionPrefix:
 
     def predict(self, model, table: StepTable, x: Tensor, k: Tensor, cond: Tensor | None, rows: Tensor) -> tuple[Tensor, Tensor]:
         """One network call on states ``x`` (M, T, Da) at steps ``k`` (M,) of batch rows ``rows``:
-        (x̂0, ε̂) with the condition applied (``x0``, ``guided``)."""
+        (x̂0, ε̂) with the condition applied (``x0``, ``guided``, ``trained``)."""
+        if self.mode == "trained":
+            if not getattr(model, "prefix_input", False):
+                raise ValueError("prefix mode 'trained' needs a network trained with the committed prefix as an input "
+                                 "(policy.prefix_input=true, train prefix.max_delay > 0); this one has none: use join.method=hard")
+            a, w = self._rows(rows)
+            out = model(x, table.timesteps[k], global_cond=cond, prefix=prefix_channels(a, w[..., 0]))
+            x0, eps = table.predict_x0_eps(out, x, k)
+            return self._moved(table, x0, eps, k, w * (a - x0))
         if self.mode != "guided":
             x0, eps = table.predict_x0_eps(model(x, table.timesteps[k], global_cond=cond), x, k)
             if self.mode != "x0":
