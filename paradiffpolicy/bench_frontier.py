@@ -38,32 +38,12 @@ from paradiffpolicy.config import from_argv
 from paradiffpolicy.data.obs_sample import load_observation_sample
 from paradiffpolicy.eval import run_complete
 from paradiffpolicy.measure import interleaved, percentiles, provenance
-from paradiffpolicy.presets import sampler_preset
+from paradiffpolicy.presets import LABELS, SETTINGS, named_sampler
 from paradiffpolicy.runtime import cpu_model
 from paradiffpolicy.success_stats import (finish_success_plot, holm, new_success_plot, paired, success_cell,
                                           success_summary, wilson_interval, write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# what a user would pick instead of (or as) Picard, all from the same DDPM-100-trained network
-SETTINGS: dict[str, dict] = {
-    "ddpm100": dict(name="sequential"),
-    "ddim8": dict(name="sequential", scheduler="ddim", num_inference_steps=8),
-    "ddim10": dict(name="sequential", scheduler="ddim", num_inference_steps=10),
-    "ddim16": dict(name="sequential", scheduler="ddim", num_inference_steps=16),
-    "dpmsolver10": dict(name="sequential", scheduler="dpmsolver++", num_inference_steps=10),
-    "picard-p16-tol0.1": dict(preset="picard"),  # conf/sampler/picard.yaml
-    "picard-p8-tol0.005": dict(name="picard", window=8, tol=0.005),
-    "paraddim10-p4": dict(preset="paraddim", num_inference_steps=10),
-    "paraddim16-p4": dict(preset="paraddim"),  # conf/sampler/paraddim.yaml
-}
-LABELS = {
-    "ddpm100": "sequential DDPM-100", "ddim8": "sequential DDIM-8", "ddim10": "sequential DDIM-10",
-    "ddim16": "sequential DDIM-16", "dpmsolver10": "sequential DPM-Solver++-10",
-    "picard-p16-tol0.1": "Picard DDPM-100 p=16 τ=0.1", "picard-p8-tol0.005": "Picard DDPM-100 p=8 τ=0.005",
-    "paraddim10-p4": "ParaDDIM-10 p=4 τ=1e-3", "paraddim16-p4": "ParaDDIM-16 p=4 τ=1e-3",
-}
-
 
 @dataclass
 class FrontierConfig:
@@ -111,10 +91,8 @@ class FrontierConfig:
 
 
 def sampler_config(cfg: FrontierConfig, name: str) -> SamplerConfig:
-    """A setting's sampler: a preset of ``conf/sampler/`` (with overrides) or the settings given."""
-    settings = dict(SETTINGS[name])
-    preset = settings.pop("preset", None)
-    return sampler_preset(preset, **settings) if preset else SamplerConfig(**settings)
+    """A setting's sampler (:data:`~paradiffpolicy.presets.SETTINGS`)."""
+    return named_sampler(name)
 
 
 def checkpoint_of(task: str) -> Path:

@@ -32,6 +32,37 @@ def sampler_preset(name: str, **overrides) -> SamplerConfig:
     return from_dict(SamplerConfig, {**settings, **overrides}, name=f"sampler preset {path}")
 
 
+# named sampler settings: what a user would pick instead of (or as) Picard, all from the same
+# DDPM-100-trained network (the frontier benchmark's settings, the samplers a server may offer)
+SETTINGS: dict[str, dict] = {
+    "ddpm100": dict(name="sequential"),
+    "ddim8": dict(name="sequential", scheduler="ddim", num_inference_steps=8),
+    "ddim10": dict(name="sequential", scheduler="ddim", num_inference_steps=10),
+    "ddim16": dict(name="sequential", scheduler="ddim", num_inference_steps=16),
+    "dpmsolver10": dict(name="sequential", scheduler="dpmsolver++", num_inference_steps=10),
+    "picard-p16-tol0.1": dict(preset="picard"),  # conf/sampler/picard.yaml
+    "picard-p8-tol0.005": dict(name="picard", window=8, tol=0.005),
+    "paraddim10-p4": dict(preset="paraddim", num_inference_steps=10),
+    "paraddim16-p4": dict(preset="paraddim"),  # conf/sampler/paraddim.yaml
+}
+LABELS = {
+    "ddpm100": "sequential DDPM-100", "ddim8": "sequential DDIM-8", "ddim10": "sequential DDIM-10",
+    "ddim16": "sequential DDIM-16", "dpmsolver10": "sequential DPM-Solver++-10",
+    "picard-p16-tol0.1": "Picard DDPM-100 p=16 τ=0.1", "picard-p8-tol0.005": "Picard DDPM-100 p=8 τ=0.005",
+    "paraddim10-p4": "ParaDDIM-10 p=4 τ=1e-3", "paraddim16-p4": "ParaDDIM-16 p=4 τ=1e-3",
+}
+
+
+def named_sampler(name: str, key: str = "settings") -> SamplerConfig:
+    """The sampler of a named setting of :data:`SETTINGS` (a preset of ``conf/sampler/`` with
+    overrides, or the settings given); ``ValueError`` naming ``key`` for an unknown name."""
+    if name not in SETTINGS:
+        raise ValueError(f"{key}: {name!r} is unknown; expected some of {list(SETTINGS)}")
+    settings = dict(SETTINGS[name])
+    preset = settings.pop("preset", None)
+    return sampler_preset(preset, **settings) if preset else SamplerConfig(**settings)
+
+
 def tuned_path(checkpoint: str | Path) -> Path:
     path = Path(checkpoint)
     return path / FILENAME if path.is_dir() else path.with_name(path.name + "." + FILENAME)
