@@ -37,10 +37,33 @@ from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
 from paradiffpolicy.control.controller import ControllerConfig, DelaySchedule, EpisodeResult, jump_summary, run_fast, run_realtime, run_vector
 from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs import TaskConfig, make_env
+from paradiffpolicy.errors import InferenceUnavailable
 from paradiffpolicy.measure import provenance
 from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, run_dir, sigterm_as_keyboard_interrupt, versions
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RemoteConfig:
+    """How eval reaches a policy server (``server=host:port``): TLS files (``tls_ca`` the CA of the
+    server's certificate; ``tls_cert`` / ``tls_key`` this client's, for mutual TLS), the token file
+    (else ``PARADIFFPOLICY_TOKEN``), the served sampler to ask for ("" its default) and each call's
+    deadline."""
+
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    server_name: str = ""
+    token_file: str = ""
+    sampler: str = ""
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ValueError(f"remote.timeout_s={self.timeout_s} must be > 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("remote.tls_cert and remote.tls_key go together (mutual TLS)")
 
 
 @dataclass
@@ -63,6 +86,10 @@ class EvalConfig:
     threads: int = 2
     output_dir: str = ""  # default: the Hydra run directory
     progress: bool = True
+    # host:port of a policy server (python -m paradiffpolicy.serve): every call is made there, with
+    # the server's policy and samplers (checkpoint, sampler and backend are then the server's)
+    server: str = ""
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def __post_init__(self) -> None:
         """Validate once, at construction (the nested configs validated themselves); ``ValueError``
@@ -78,6 +105,12 @@ class EvalConfig:
         resolve_device(self.device)
         if self.backend is not None:
             check_backend(self.backend)
+        if self.server:
+            if self.compare or self.controller.inference_process or self.sampler.warm_start:
+                raise ValueError("server= runs every call on the server: compare, controller.inference_process and "
+                                 "sampler.warm_start need it empty")
+            if ":" not in self.server:
+                raise ValueError(f"server={self.server!r} must be host:port")
 
 
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
@@ -100,27 +133,30 @@ def check_env_matches_policy(env, policy, task: str, checkpoint: str) -> None:
 
 def aggregate(results: list[EpisodeResult], wall_s: float) -> tuple[dict, InferenceLog]:
     """The summary of ``results`` (LeRobot's ``overall`` fields, inference, control) and their
-    inference calls pooled into one log."""
-    n = len(results)
+    inference calls pooled into one log. Episodes a machinery fault hit (a worker died, a server
+    was unreachable) are counted apart: success and rewards are over the others."""
     inf = InferenceLog()
     for r in results:
         inf.extend(r.inference)
+    scored = [r for r in results if not r.faulted]
+    n = len(scored)
     return ({
         "overall": {
             "n_episodes": n,
-            "pc_success": 100.0 * sum(r.success for r in results) / n if n else 0.0,
-            "avg_sum_reward": float(np.mean([r.sum_reward for r in results])) if n else 0.0,
-            "avg_max_reward": float(np.mean([r.max_reward for r in results])) if n else 0.0,
+            "pc_success": 100.0 * sum(r.success for r in scored) / n if n else 0.0,
+            "avg_sum_reward": float(np.mean([r.sum_reward for r in scored])) if n else 0.0,
+            "avg_max_reward": float(np.mean([r.max_reward for r in scored])) if n else 0.0,
             "eval_s": round(wall_s, 2),
-            **({"avg_max_coverage": float(np.mean([r.max_coverage for r in results]))}
-               if n and all(r.max_coverage is not None for r in results) else {}),
+            **({"avg_max_coverage": float(np.mean([r.max_coverage for r in scored]))}
+               if n and all(r.max_coverage is not None for r in scored) else {}),
+            **({"n_faulted": len(results) - n, "faulted_seeds": [r.seed for r in results if r.faulted]} if len(results) > n else {}),
         },
         "inference": inf.summary(),
         "control": {
             "deadline_misses": int(sum(r.deadline_misses for r in results)),
             "late_ticks": int(sum(r.late_ticks for r in results)),
             "steps": int(sum(r.length for r in results)),
-            "achieved_hz": float(np.mean([r.achieved_hz for r in results])) if n else 0.0,
+            "achieved_hz": float(np.mean([r.achieved_hz for r in results])) if results else 0.0,
             "jumps": jump_summary([j for r in results for j in r.seam_jumps], [j for r in results for j in r.inner_jumps]),
         },
     }, inf)
@@ -132,7 +168,18 @@ class Evaluator:
         self.out = out_dir
         self.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(cfg.threads)
-        self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device, backend=cfg.backend)
+        self.client = None
+        if cfg.server:
+            from paradiffpolicy.control.remote import ServedPolicy
+            from paradiffpolicy.remote.client import RemotePolicy, read_token
+
+            r = cfg.remote
+            self.client = RemotePolicy(cfg.server, token=read_token(r.token_file), tls_ca=r.tls_ca or None, tls_cert=r.tls_cert or None,
+                                       tls_key=r.tls_key or None, server_name=r.server_name or None, timeout_s=r.timeout_s)
+            self.policy = ServedPolicy(self.client, r.sampler)
+            log.info("policy served by %s (%s)", cfg.server, self.policy.backend)
+        else:
+            self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device, backend=cfg.backend)
         self.env = make_env(cfg.task, render=cfg.video)
         self.extra_envs = [make_env(cfg.task) for _ in range(cfg.n_envs - 1)]
         check_env_matches_policy(self.env, self.policy, cfg.task.name, cfg.checkpoint)
@@ -149,8 +196,10 @@ class Evaluator:
     def run_all(self) -> dict:
         cfg = self.cfg
         sampler = self.policy.sampler_config  # cfg.sampler, or the tuned preset it names
-        info: dict = {"task": cfg.task.name, "checkpoint": cfg.checkpoint, "n_envs": cfg.n_envs,
-                      "sampler": {**to_dict(sampler), **self.policy.sampler.settings(), "num_inference_steps": self.policy.num_inference_steps,
+        settings = self.policy.sampler_settings if cfg.server else self.policy.sampler.settings()
+        info: dict = {"task": cfg.task.name, "checkpoint": cfg.server or cfg.checkpoint, "n_envs": cfg.n_envs,
+                      **({"server": cfg.server} if cfg.server else {}),
+                      "sampler": {**to_dict(sampler), **settings, "num_inference_steps": self.policy.num_inference_steps,
                                   **({"preset": "tuned"} if cfg.sampler.name == "tuned" else {})},
                       "controller": to_dict(self.controller), "seeds": [cfg.seed + i for i in range(cfg.n_episodes)],
                       "versions": versions(), "device": cfg.device, "backend": self.policy.backend,
@@ -162,7 +211,7 @@ class Evaluator:
             reference = self.policy.make_sampler(SamplerConfig(name="sequential", scheduler=sampler.scheduler,
                                                                num_inference_steps=sampler.num_inference_steps))
         in_worker = cfg.controller.mode == "realtime" and cfg.controller.inference_process  # the worker warms its own
-        if backend != "eager" and not in_worker:  # trace / compile / export (each sampler's shape) before the first timed call
+        if backend != "eager" and not in_worker and not cfg.server:  # trace / compile / export (each sampler's shape) before the first timed call
             ready = sum(self.policy.warm_up(cfg.n_envs, s) for s in (self.policy.sampler, reference) if s is not None)
             log.info("%s backend ready after %.1f s", backend, ready)
         t0 = time.perf_counter()
@@ -176,9 +225,15 @@ class Evaluator:
         except KeyboardInterrupt:
             info["interrupted"] = True
             log.warning("interrupted; summarising the finished episodes")
+        except InferenceUnavailable as e:  # the machinery stayed down: keep what finished, then say so
+            info["interrupted"] = True
+            info["fault"] = str(e)
+            log.error("stopped: %s; summarising the finished episodes", e)
         finally:
             for env in [self.env, *self.extra_envs]:
                 env.close()
+            if self.client is not None:
+                self.client.close()
         main, inf_log = aggregate(results, time.perf_counter() - t0)
         info.update(main)
         info["control"].update({"mode": cfg.controller.mode, "target_hz": cfg.controller.hz or cfg.task.control_hz})
@@ -203,6 +258,8 @@ class Evaluator:
             }
         (self.out / "eval_info.json").write_text(json.dumps(info, indent=2))
         print(summary_table(info))
+        if "fault" in info:
+            raise SystemExit(f"error: {info['fault']} (finished episodes kept in {self.out})")
         return info
 
     def _run(self, sampler, reference, warm_start: bool, seeds: list[int], stack: contextlib.ExitStack):
@@ -213,15 +270,24 @@ class Evaluator:
         if ctl.mode == "realtime":
             runner = stack.enter_context(PolicyRunner(
                 self.policy, hz, cfg.task.hold, sampler=sampler, reference=reference, warm_start=warm_start,
-                inference_process=ctl.inference_process, threads=cfg.threads, join=ctl.join, execute=ctl.execute or None))
+                inference_process=ctl.inference_process, threads=cfg.threads, join=ctl.join, execute=ctl.execute or None)
+                if not cfg.server else PolicyRunner(None, hz, cfg.task.hold, agent=self._remote_agent(), execute=ctl.execute or None))
             return (run_realtime(self.env, runner, s, hz, ctl.late_tolerance, cfg.video) for s in seeds)
-        agents = [PolicyAgent(self.policy, sampler=sampler, reference=reference, warm_start=warm_start, join=ctl.join)
-                  for _ in range(cfg.n_envs)]
+        if cfg.server:
+            agents = [self._remote_agent() for _ in range(cfg.n_envs)]
+        else:
+            agents = [PolicyAgent(self.policy, sampler=sampler, reference=reference, warm_start=warm_start, join=ctl.join)
+                      for _ in range(cfg.n_envs)]
         if self.schedule is not None:
             return run_vector([self.env, *self.extra_envs], agents, seeds, self.schedule)
         if cfg.n_envs > 1:
             return run_vector([self.env, *self.extra_envs], agents, seeds)
         return (run_fast(self.env, agents[0], s, cfg.video) for s in seeds)
+
+    def _remote_agent(self):
+        from paradiffpolicy.control.remote import RemoteAgent
+
+        return RemoteAgent(self.client, self.cfg.remote.sampler, join=self.controller.join, timeout_s=self.cfg.remote.timeout_s)
 
     def _episodes(self, sampler, reference, warm_start: bool, filename: str, desc: str, results: list[EpisodeResult]) -> None:
         cfg = self.cfg
@@ -268,6 +334,12 @@ def summary_table(info: dict) -> str:
                     f"chunks {jumps['inner']['mean']:.3g} (p95 {jumps['inner']['p95']:.3g}); join "
                     f"{info['controller']['join']['method']}, delay given per call {delay.get('mean', 0.0):.2f} ticks "
                     f"(max {delay.get('max', 0)}), chunks used after {arrival.get('mean', 0.0):.2f} ticks (max {arrival.get('max', 0)})")
+    if "network_ms" in i:
+        rows.append(f"\nremote calls: network p50 {i['network_ms']['p50']:.1f} ms (p95 {i['network_ms']['p95']:.1f}), server queue p50 "
+                    f"{i['queue_ms']['p50']:.1f} ms, of a round trip of {i['latency_ms']['p50']:.1f} ms p50")
+    if o.get("n_faulted") or "faults" in i:
+        rows.append(f"\nfaults of the machinery: {i.get('faults', {}).get('calls', 0)} calls failed; {o.get('n_faulted', 0)} episodes "
+                    f"hit, counted apart (seeds {o.get('faulted_seeds', [])}); first: {i.get('faults', {}).get('first')}")
     if "compare" in info:
         cmp = info["compare"]
         seq = "n/a" if cmp["pc_success_sequential"] is None else f"{cmp['pc_success_sequential']:.1f}%"

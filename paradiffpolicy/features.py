@@ -145,6 +145,26 @@ def coerce_observation(features: list[FeatureSpec], obs: Any, n_obs_steps: int) 
     return out
 
 
+def check_step(features: list[FeatureSpec], n_obs_steps: int, obs: Any) -> Any:
+    """Check one time step of an observation (no batch or time axis), as a control loop receives
+    it; return it as numpy (a dict stays a dict; a flat array becomes float32). Raises like
+    :func:`coerce_observation`."""
+    if isinstance(obs, Mapping):
+        arrays = {k: np.asarray(v) for k, v in obs.items()}
+        coerce_observation(features, {k: v[None, None] for k, v in arrays.items()}, 1)
+        return arrays
+    a = np.asarray(obs)
+    if a.dtype.kind != "f":
+        raise TypeError(f"observation dtype {a.dtype} is not floating point; expected float32 or float64")
+    if len(features) != 1 or features[0].is_image:
+        raise TypeError(f"this policy reads features {[f.name for f in features]}; pass a dict keyed by those names")
+    if a.shape != (features[0].dim,):
+        raise ValueError(f"observation shape {a.shape} is wrong; expected ({features[0].dim},)")
+    if not np.isfinite(a).all():
+        raise ValueError(f"observation contains NaN or inf at {np.flatnonzero(~np.isfinite(a)).tolist()}; refusing to act on it")
+    return a.astype(np.float32)
+
+
 def stack_history(steps: list) -> Any:
     """A list of per-step observations (arrays, or dicts of arrays) → one array (To, ...) or a dict of them."""
     if isinstance(steps[0], Mapping):

@@ -13,13 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from paradiffpolicy.backends import EXPORTED, ExportedDenoiser, ExportedEncoder, check_backend
 from paradiffpolicy.config import PolicyConfig, SamplerConfig
-from paradiffpolicy.features import coerce_observation
+from paradiffpolicy.features import check_step, coerce_observation
 from paradiffpolicy.models.compiled import CompiledDenoiser
 from paradiffpolicy.models.jit import TracedDenoiser
 from paradiffpolicy.models.obs_encoder import ObservationEncoder
@@ -263,20 +262,7 @@ class DiffusionPolicy(nn.Module):
     def check_step(self, obs: Any) -> Any:
         """Check one time step of an observation (no batch or time axis), as a control loop
         receives it; return it as numpy (a dict stays a dict). Raises like :meth:`validate_obs`."""
-        if isinstance(obs, dict):
-            arrays = {k: np.asarray(v) for k, v in obs.items()}
-            coerce_observation(self.features, {k: v[None, None] for k, v in arrays.items()}, 1)
-            return arrays
-        a = np.asarray(obs)
-        if a.dtype.kind != "f":
-            raise TypeError(f"observation dtype {a.dtype} is not floating point; expected float32 or float64")
-        if len(self.features) != 1 or self.features[0].is_image:
-            raise TypeError(f"this policy reads features {[f.name for f in self.features]}; pass a dict keyed by those names")
-        if a.shape != (self.config.obs_dim,):
-            raise ValueError(f"observation shape {a.shape} is wrong; expected ({self.config.obs_dim},)")
-        if not np.isfinite(a).all():
-            raise ValueError(f"observation contains NaN or inf at {np.flatnonzero(~np.isfinite(a)).tolist()}; refusing to act on it")
-        return a.astype(np.float32)
+        return check_step(self.features, self.config.n_obs_steps, obs)
 
     def encode_observation(self, obs: Any, backend: str | None = None) -> Tensor:
         """Validate, normalise and encode ``obs`` → global conditioning (B, To·D), on ``backend``

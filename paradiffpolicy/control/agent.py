@@ -7,11 +7,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
 from paradiffpolicy.control.join import JoinConfig, committed_prefix
+from paradiffpolicy.errors import InferenceUnavailable
 from paradiffpolicy.features import batch_histories, stack_history
 from paradiffpolicy.measure import max_abs_deviation
 from paradiffpolicy.policy import DiffusionPolicy, Sampler
@@ -31,6 +33,8 @@ class CallStats:
     delay: int | None = None  # the ticks the call was expected to take (None: it joined no chunk)
     reference_dev: float | None = None  # max |chunk - reference chunk| (normalised units)
     reference_ratio: float | None = None  # reference sampling time / this call's
+    network_ms: float | None = None  # a remote call: its round trip less the server's queue and compute
+    queue_ms: float | None = None  # a remote call: waiting in the server's queue
 
 
 @dataclass
@@ -85,6 +89,9 @@ class InferenceLog:
     # per chunk put to use after a delay: (the d its call was given, the ticks from its observation
     # to its first executed action); on the wall clock the second is measured, in simulation the same d
     arrivals: list = field(default_factory=list)
+    network_ms: list = field(default_factory=list)  # per remote call: round trip less the server's queue and compute
+    queue_ms: list = field(default_factory=list)  # per remote call: waiting in the server's queue
+    faults: list = field(default_factory=list)  # per call that failed for the machinery (worker, server): why
     budget_hits: int = 0
 
     @property
@@ -105,6 +112,12 @@ class InferenceLog:
                               "by_delay": {str(d): value_counts([a for g, a in self.arrivals if g == d])
                                            for d in sorted({g for g, _ in self.arrivals})}},
         }
+        for name in ("network_ms", "queue_ms"):
+            values = getattr(self, name)
+            if values:
+                out[name] = {q: float(np.percentile(values, p)) for q, p in (("p50", 50), ("p95", 95), ("max", 100))}
+        if self.faults:
+            out["faults"] = {"calls": len(self.faults), "first": self.faults[0]}
         out["latency_ms"]["max"] = float(lat.max())
         out["latency_ms"]["mean"] = float(lat.mean())
         enc = np.asarray(self.encoder_ms) if self.encoder_ms else np.zeros(1)  # appended with every latency
@@ -125,6 +138,13 @@ class InferenceLog:
         if stats.reference_dev is not None:
             self.reference_dev.append(stats.reference_dev)
             self.reference_ratio.append(stats.reference_ratio)
+        if stats.network_ms is not None:
+            self.network_ms.append(stats.network_ms)
+            self.queue_ms.append(stats.queue_ms)
+
+    def record_fault(self, reason: str) -> None:
+        """A call that failed for the machinery (its worker died, its server was unreachable)."""
+        self.faults.append(reason)
 
     def record_arrival(self, delay: int, ticks: int) -> None:
         """A chunk whose call was given ``delay`` is put to use ``ticks`` after its observation."""
@@ -132,7 +152,7 @@ class InferenceLog:
 
     def extend(self, other: "InferenceLog") -> None:
         for name in ("latency_ms", "encoder_ms", "rounds", "nfe", "converged", "reference_dev", "reference_ratio", "delays",
-                     "arrivals"):
+                     "arrivals", "network_ms", "queue_ms", "faults"):
             getattr(self, name).extend(getattr(other, name))
         self.budget_hits += other.budget_hits
 
@@ -181,6 +201,10 @@ class PolicyAgent:
         self.previous = None
         self.log = InferenceLog()
 
+    def recover(self) -> None:
+        """Make the next call possible after :class:`~paradiffpolicy.errors.InferenceUnavailable`
+        (a worker agent restarts its process; a remote one's channel reconnects by itself)."""
+
     def observe(self, obs) -> None:
         """Append one step's observation; a bad one raises here and does not enter the history."""
         self.history.append(_copy_step(self.policy.check_step(obs)))
@@ -208,6 +232,7 @@ class PolicyAgent:
         if histories is None:
             histories = [a.snapshot() for a in agents]
         obs = batch_histories(histories)
+        streams = [a.generator.get_state() for a in agents]
         noises = [policy.draw_noise(1, a.generator, sampler) for a in agents]
         warm = None
         shifts = {t - a.warm.obs_tick for t, a in zip(obs_ticks, agents) if a.warm is not None}
@@ -221,33 +246,91 @@ class PolicyAgent:
         delays = delays or [None] * len(agents)
         cfg = policy.config
         prefix = committed_prefix(lead.join, [a.previous for a in agents], obs_ticks, delays, cfg.executed_start, cfg.horizon)
-        t0 = time.perf_counter()
-        cond = policy.encode_observation(obs)  # once per call; the samplers iterate only the U-Net
-        t_enc = time.perf_counter()
-        out = policy.sample_from_condition(cond, noise=noise, sampler=sampler, warm_start=warm, return_trajectory=lead.warm_start,
-                                           deadline=None if lead.budget_s is None else t0 + lead.budget_s, prefix=prefix)
-        t_done = time.perf_counter()
-        latency, sampling = t_done - t0, t_done - t_enc
-        devs, ratio = None, None
-        if lead.reference is not None:  # the same conditioning and noise: the ratio compares the samplers
-            ref = policy.sample_from_condition(cond, noise=noise, sampler=lead.reference, prefix=prefix)
-            ratio = (time.perf_counter() - t_done) / sampling
-            devs = max_abs_deviation(out.actions_normalized, ref.actions_normalized)
-        actions = out.upcoming.cpu().numpy().astype(np.float64)
-        normalized = out.action_pred_normalized.cpu().numpy()
-        stats = out.stats
+        try:
+            call = lead.call(obs, noise, prefix, warm)
+        except InferenceUnavailable:
+            for agent, state in zip(agents, streams):  # a retried call draws the same noise
+                agent.generator.set_state(state)
+            raise
         chunks = []
         for i, agent in enumerate(agents):
             if lead.warm_start:
-                agent.warm = WarmState(obs_ticks[i], noises[i], out.trajectory.rows(slice(i, i + 1)))
-            call = CallStats(latency * 1e3, (t_enc - t0) * 1e3, int(stats.iterations[i]), float(stats.nfe[i]),
-                             bool(stats.converged[i]), bool(stats.deadline_hit),
-                             delay=None if delays[i] is None or agent.previous is None else int(delays[i]),
-                             reference_dev=None if devs is None else float(devs[i]), reference_ratio=ratio)
-            agent.log.record(call)
-            agent.previous = Chunk(obs_ticks[i], actions[i], normalized[i], call)
+                agent.warm = WarmState(obs_ticks[i], noises[i], call.trajectory.rows(slice(i, i + 1)))
+            stats = CallStats(call.latency_ms, call.encoder_ms, call.iterations[i], call.nfe[i], call.converged[i],
+                              call.deadline_hit, delay=None if delays[i] is None or agent.previous is None else int(delays[i]),
+                              reference_dev=None if call.reference_dev is None else call.reference_dev[i],
+                              reference_ratio=call.reference_ratio, network_ms=call.network_ms, queue_ms=call.queue_ms)
+            agent.log.record(stats)
+            agent.previous = Chunk(obs_ticks[i], call.upcoming[i], call.normalized[i], stats)
             chunks.append(agent.previous)
         return chunks
+
+    def call(self, obs, noise: SamplerNoise, prefix, warm: WarmStart | None) -> "CallResult":
+        """One network call of this agent's policy on a batch (the part of :meth:`infer_together`
+        that a remote agent makes elsewhere): encode, sample, and the reference sampler if any."""
+        policy = self.policy
+        t0 = time.perf_counter()
+        cond = policy.encode_observation(obs)  # once per call; the samplers iterate only the U-Net
+        t_enc = time.perf_counter()
+        out = policy.sample_from_condition(cond, noise=noise, sampler=self.sampler, warm_start=warm, return_trajectory=self.warm_start,
+                                           deadline=None if self.budget_s is None else t0 + self.budget_s, prefix=prefix)
+        t_done = time.perf_counter()
+        devs, ratio = None, None
+        if self.reference is not None:  # the same conditioning and noise: the ratio compares the samplers
+            ref = policy.sample_from_condition(cond, noise=noise, sampler=self.reference, prefix=prefix)
+            ratio = (time.perf_counter() - t_done) / (t_done - t_enc)
+            devs = [float(d) for d in max_abs_deviation(out.actions_normalized, ref.actions_normalized)]
+        st = out.stats
+        return CallResult(out.upcoming.cpu().numpy().astype(np.float64), out.action_pred_normalized.cpu().numpy(),
+                          [int(v) for v in st.iterations], [float(v) for v in st.nfe], [bool(v) for v in st.converged],
+                          bool(st.deadline_hit), (t_done - t0) * 1e3, (t_enc - t0) * 1e3, out.trajectory, devs, ratio)
+
+
+@dataclass
+class CallResult:
+    """One batched call's outputs as an agent uses them: per row the actions from the executed start
+    on (environment units), the whole trajectory in network units and the sampler's statistics;
+    the call's latency (observation to action) and, for a remote call, its network and queue time."""
+
+    upcoming: np.ndarray  # (B, T - start, Da)
+    normalized: np.ndarray  # (B, T, Da)
+    iterations: list
+    nfe: list
+    converged: list
+    deadline_hit: bool
+    latency_ms: float
+    encoder_ms: float
+    trajectory: Trajectory | None = None
+    reference_dev: list | None = None
+    reference_ratio: float | None = None
+    network_ms: float | None = None
+    queue_ms: float | None = None
+
+
+def infer_with_recovery(agents: list["PolicyAgent"], attempt: Callable[[], list[Chunk]], timeout_s: float = 60.0,
+                        first_wait_s: float = 0.05) -> list[Chunk]:
+    """``attempt()`` (a call of ``agents``), retried while it raises
+    :class:`~paradiffpolicy.errors.InferenceUnavailable`: each failure is recorded in the agents'
+    logs (their episodes are marked faulted), the agents :meth:`~PolicyAgent.recover`, and the
+    wait doubles from ``first_wait_s`` up to 2 s; after ``timeout_s`` of failures the last one is
+    raised. A retried call draws the same noise, so it returns what the first attempt would have."""
+    waited, wait = 0.0, first_wait_s
+    while True:
+        try:
+            return attempt()
+        except InferenceUnavailable as e:
+            for agent in agents:
+                agent.log.record_fault(str(e))
+            if waited >= timeout_s:
+                raise InferenceUnavailable(f"{e} (still failing after {waited:.1f} s of retries)") from None
+            time.sleep(wait)
+            waited += wait
+            wait = min(2 * wait, 2.0)
+            for agent in {id(a): a for a in agents}.values():
+                try:
+                    agent.recover()
+                except Exception:  # noqa: BLE001 - not back yet: the next attempt fails and waits longer
+                    pass
 
 
 def _copy_step(obs):

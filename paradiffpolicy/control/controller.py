@@ -31,10 +31,11 @@ from typing import Callable, Iterator, List
 
 import numpy as np
 
-from paradiffpolicy.control.agent import Chunk, InferenceLog, PolicyAgent
+from paradiffpolicy.control.agent import Chunk, InferenceLog, PolicyAgent, infer_with_recovery
 from paradiffpolicy.control.join import JoinConfig
 from paradiffpolicy.control.runner import PolicyRunner, default_interval, hold_action
 from paradiffpolicy.envs.base import PolicyEnv
+from paradiffpolicy.errors import InferenceUnavailable
 
 MODES = ("fast", "realtime", "delay")
 
@@ -229,6 +230,13 @@ class EpisodeResult:
     frames: list = field(default_factory=list)
     seam_jumps: list = field(default_factory=list)  # |a_t - a_{t-1}| (L2) where a_t came from a newer chunk
     inner_jumps: list = field(default_factory=list)  # |a_t - a_{t-1}| within one chunk
+    fault: str | None = None  # a machinery fault that ended the episode (worker died, server unreachable)
+
+    @property
+    def faulted(self) -> bool:
+        """Whether a fault of the machinery hit this episode (a call failed, or it ended it): such
+        an episode is counted apart, never as a policy failure."""
+        return self.fault is not None or bool(self.inference.faults)
 
     def to_json(self) -> dict:
         return {
@@ -239,6 +247,7 @@ class EpisodeResult:
             # the calls' (d given, ticks until used) in order: what controller.delay_from replays for this seed
             "inference": {**self.inference.summary(), "arrivals": [list(c) for c in self.inference.arrivals]},
             "jumps": jump_summary(self.seam_jumps, self.inner_jumps),
+            "faulted": self.faulted, **({"fault": self.fault or self.inference.faults[0]} if self.faulted else {}),
         }
 
 
@@ -303,6 +312,11 @@ class Episode:
         """An environment or policy fault inside the block ends this episode only, with its reason."""
         try:
             yield self
+        except InferenceUnavailable as e:  # the machinery, not the policy: marked, counted apart
+            self.result.fault = str(e)
+            self.result.failure_reason = f"fault: {e}"
+            self.result.success = False
+            self.done = True
         except Exception as e:  # noqa: BLE001 - KeyboardInterrupt / SystemExit go on
             self.result.failure_reason = f"{type(e).__name__}: {e}"
             self.result.success = False
@@ -329,7 +343,7 @@ def run_fast(env: PolicyEnv, agent: PolicyAgent, seed: int, record_video: bool =
     with ep.guard():
         agent.reset(ep.start(), seed)
         while not ep.done:
-            chunk = agent.infer(ep.result.length)
+            (chunk,) = infer_with_recovery([agent], lambda: [agent.infer(ep.result.length)])
             for j in range(ta):
                 if ep.step(chunk.actions[j], seam=j == 0):
                     break
@@ -400,8 +414,9 @@ def run_vector(envs: list[PolicyEnv], agents: list[PolicyAgent], seeds: list[int
             break
         # a call that joins a previous chunk takes d ticks; an episode's first call is waited for
         calls = [None if schedule is None or slots[i].current is None else slots[i].calls.pop() for i in active]
-        chunks = PolicyAgent.infer_together([agents[i] for i in active], [slots[i].ep.result.length for i in active],
-                                            delays=[None if c is None else c[0] for c in calls])
+        group = [agents[i] for i in active]
+        chunks = infer_with_recovery(group, lambda: type(group[0]).infer_together(
+            group, [slots[i].ep.result.length for i in active], delays=[None if c is None else c[0] for c in calls]))
         for i, chunk, call in zip(active, chunks, calls):
             slot = slots[i]
             if call is not None:

@@ -27,6 +27,13 @@ The ``d`` actions the current chunk executes during a call are committed; ``join
 ``budget_s`` caps each Picard call: past it the sampler returns its current estimate (counted in
 ``budget_hits``). Everything is reported by :meth:`stats`.
 
+A call that fails for the machinery (the worker process died, the server is unreachable:
+:class:`~paradiffpolicy.errors.InferenceUnavailable`) is a fault, not an error of your loop:
+``step`` keeps executing the current chunk and then the hold action (deadline misses), the agent
+recovers (a new worker; a reconnected channel) and the call is retried after a backoff that
+doubles up to ``max_backoff_s``; ``stats()["faults"]`` counts them. The episode's first call, made
+synchronously by ``reset``/the first ``step``, is retried for up to ``fault_timeout_s``.
+
 ``act`` is the synchronous alternative (LeRobot's ``select_action``): no thread; when the chunk's
 ``Ta`` actions are used up, the call infers the next chunk from this tick's observation and blocks.
 
@@ -42,9 +49,10 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
-from paradiffpolicy.control.agent import Chunk, PolicyAgent
+from paradiffpolicy.control.agent import Chunk, PolicyAgent, infer_with_recovery
 from paradiffpolicy.control.join import JoinConfig
 from paradiffpolicy.control.worker import ProcessAgent
+from paradiffpolicy.errors import InferenceUnavailable
 from paradiffpolicy.policy import DiffusionPolicy, Sampler
 
 HOLDS = ("zero_motion", "repeat")
@@ -80,20 +88,32 @@ class PolicyRunner:
         inference_process, threads: run inference in a worker process with ``threads`` threads.
         join: how a background chunk joins the executing one (see the module docstring).
         execute: ``s``, ticks between background calls (None: ``Ta``, see the module docstring).
+        agent: the agent that makes the calls, instead of one built from the arguments above (e.g.
+            a :class:`~paradiffpolicy.control.remote.RemoteAgent` for a policy server); ``policy``
+            is then ignored (pass None).
+        max_backoff_s, fault_timeout_s: see the module docstring.
     """
 
     def __init__(self, policy: DiffusionPolicy, hz: float | None = None, hold: str = "zero_motion", *,
                  sampler: Sampler | None = None, reference: Sampler | None = None, warm_start: bool = False,
                  budget_s: float | None = None, inference_process: bool = False, threads: int = 1,
-                 join: JoinConfig | None = None, execute: int | None = None):
+                 join: JoinConfig | None = None, execute: int | None = None, agent: PolicyAgent | None = None,
+                 max_backoff_s: float = 2.0, fault_timeout_s: float = 60.0):
         if hz is not None and not hz > 0:
             raise ValueError(f"hz={hz} must be > 0 (or None for act() only)")
         if hold not in HOLDS:
             raise ValueError(f"hold={hold!r} must be one of {HOLDS}")
-        chunk_length = policy.config.horizon - policy.config.executed_start
+        if not max_backoff_s > 0 or not fault_timeout_s >= 0:
+            raise ValueError(f"max_backoff_s={max_backoff_s} must be > 0 and fault_timeout_s={fault_timeout_s} >= 0")
+        config = (agent.policy if agent is not None else policy).config
+        chunk_length = config.horizon - config.executed_start
         if execute is not None and not 1 <= execute <= chunk_length:
             raise ValueError(f"execute={execute} must lie in [1, {chunk_length}] (the actions a chunk holds), or None (Ta)")
-        if inference_process:
+        if agent is not None:
+            if inference_process or sampler is not None or reference is not None:
+                raise ValueError("agent= brings its own inference: inference_process, sampler and reference need it off")
+            self.agent: PolicyAgent = agent
+        elif inference_process:
             if reference is not None or sampler is not None:
                 raise ValueError("inference_process=True runs the policy's own sampler; sampler= and reference= need it off")
             self.agent: PolicyAgent = ProcessAgent(policy, warm_start=warm_start, budget_s=budget_s, threads=threads, join=join)
@@ -116,6 +136,11 @@ class PolicyRunner:
         self._latency_ms: list[float] = []  # of the chunks received: what schedules the next call
         self._source: Chunk | None = None  # the chunk the last action came from
         self.switched = False  # the last action came from a newer chunk than the one before it
+        self.max_backoff_s = max_backoff_s
+        self.fault_timeout_s = fault_timeout_s
+        self.faults = 0  # calls of this episode that failed for the machinery
+        self._retry_tick = 0  # after a fault, no call before this tick
+        self._backoff_ticks = 1
 
     @property
     def chunk(self) -> Chunk | None:
@@ -138,12 +163,14 @@ class PolicyRunner:
         self.tick = 0
         self.deadline_misses = 0
         self.switched = False
+        self.faults, self._retry_tick, self._backoff_ticks = 0, 0, 1
         if obs is not None:
             self._begin(obs)
 
     def _begin(self, obs) -> None:
         self.agent.reset(obs, self._seed)
-        self._chunk = self.agent.infer(0)
+        (self._chunk,) = infer_with_recovery([self.agent], lambda: [self.agent.infer(0)], self.fault_timeout_s)
+        self.faults = len(self.agent.log.faults)
         self._latency_ms.append(self._chunk.stats.latency_ms)
         self._last = self._chunk.actions[0]
 
@@ -168,17 +195,38 @@ class PolicyRunner:
                                "or call act(obs)")
         self._observe(obs)
         if self._pending is not None and self._pending.done():
-            new, self._pending = self._pending.result(), None  # re-raises inference errors
-            self._previous, self._chunk = self._chunk, new
-            self._latency_ms.append(new.stats.latency_ms)
-            if new.delay is not None:
-                self.agent.log.record_arrival(new.delay, self.tick - new.obs_tick)
+            pending, self._pending = self._pending, None
+            try:
+                new = pending.result()  # re-raises inference errors
+            except InferenceUnavailable as e:
+                self._fault(e)
+            else:
+                self._previous, self._chunk = self._chunk, new
+                self._latency_ms.append(new.stats.latency_ms)
+                self._backoff_ticks = 1
+                if new.delay is not None:
+                    self.agent.log.record_arrival(new.delay, self.tick - new.obs_tick)
         delay = self.expected_delay()
-        if self._pending is None and self.tick >= self._chunk.obs_tick + self.interval(delay):
+        if self._pending is None and self.tick >= max(self._chunk.obs_tick + self.interval(delay), self._retry_tick):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-inference")
-            self._pending = self._pool.submit(self.agent.infer, self.tick, self.agent.snapshot(), delay)
+            self._pending = self._pool.submit(self._infer, self.tick, self.agent.snapshot(), delay, self.faults > 0)
         return self._emit()
+
+    def _infer(self, tick: int, history, delay: int, recover: bool) -> Chunk:
+        """A background call; after a fault the agent recovers first (a new worker, a reconnect)."""
+        if recover:
+            self.agent.recover()
+        return self.agent.infer(tick, history, delay)
+
+    def _fault(self, error: Exception) -> None:
+        """A call failed for the machinery: count it, keep executing what there is (then hold), and
+        retry after a backoff that doubles up to ``max_backoff_s``."""
+        self.faults += 1
+        self.agent.log.record_fault(str(error))
+        cap = max(1, int(self.max_backoff_s / self.period)) if self.period else 20  # act() without hz: ticks
+        self._retry_tick = self.tick + min(self._backoff_ticks, cap)
+        self._backoff_ticks = min(2 * self._backoff_ticks, cap)
 
     def interval(self, delay: int) -> int:
         """``s``: ticks from a chunk's observation to the next call, for calls of ``delay`` ticks."""
@@ -198,9 +246,16 @@ class PolicyRunner:
         """The action for this tick, synchronously: when the current chunk's ``Ta`` actions are
         used up, infer the next chunk from this observation (blocking)."""
         self._observe(obs)
-        if self.tick - self._chunk.obs_tick >= self.agent.policy.config.n_action_steps:
-            self._chunk, self._previous = self.agent.infer(self.tick), None  # nothing ran while it inferred
-            self._latency_ms.append(self._chunk.stats.latency_ms)
+        if self.tick - self._chunk.obs_tick >= self.agent.policy.config.n_action_steps and self.tick >= self._retry_tick:
+            try:
+                if self.faults:
+                    self.agent.recover()
+                new = self.agent.infer(self.tick)
+            except InferenceUnavailable as e:  # hold this tick; retry after the backoff
+                self._fault(e)
+            else:
+                self._chunk, self._previous = new, None  # nothing ran while it inferred
+                self._latency_ms.append(self._chunk.stats.latency_ms)
         return self._emit()
 
     def _emit(self) -> np.ndarray:
@@ -248,7 +303,7 @@ class PolicyRunner:
         self._drain()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        if isinstance(self.agent, ProcessAgent):
+        if hasattr(self.agent, "close"):  # a worker process, a channel
             self.agent.close()
 
     def __enter__(self) -> "PolicyRunner":

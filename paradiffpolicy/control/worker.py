@@ -2,29 +2,37 @@
 
 On a small CPU a thread-based runner loses much of its speed to the loop it serves: every one of
 the U-Net's tensor ops has to win the GIL back from the simulator's Python code.
-:class:`ProcessAgent` is a :class:`PolicyAgent` whose ``infer`` runs in a spawned worker process
-holding its own copy of the policy; the observation history, statistics and the API stay in the
-caller's process, so :class:`PolicyRunner` and the realtime controller use it unchanged.
+:class:`ProcessAgent` is a :class:`PolicyAgent` whose network calls (:meth:`PolicyAgent.call`:
+encode, sample) run in a spawned worker process holding its own copy of the policy; the
+observation history, noise stream, previous chunk, statistics and the API stay in the caller's
+process, so :class:`PolicyRunner` and the realtime controller use it unchanged, and the worker keeps
+no state a crash could lose.
+
+If the worker dies (an out-of-memory kill, a crash), a call raises
+:class:`~paradiffpolicy.errors.InferenceUnavailable` and :meth:`ProcessAgent.recover` starts a new
+one; the runner holds meanwhile and counts the fault.
 
 The worker receives the policy as its config and state dict through a pipe from this process (our
-own objects, never a file from elsewhere).
+own objects between our own processes, never a file or a message from elsewhere).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 
-import numpy as np
 import torch
 
-from paradiffpolicy.control.agent import Chunk, PolicyAgent
+from paradiffpolicy.control.agent import CallResult, PolicyAgent
 from paradiffpolicy.control.join import JoinConfig
+from paradiffpolicy.errors import InferenceUnavailable
 from paradiffpolicy.policy import DiffusionPolicy
+
+ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError, "FloatingPointError": FloatingPointError}
 
 
 def _serve(conn, payload: dict) -> None:
-    """Worker main: build the policy, then answer ("reset", obs, seed) / ("infer", tick, history, delay) /
-    ("close",) messages until closed. Errors are sent back, never raised here."""
+    """Worker main: build the policy, then answer ("call", obs, noise, prefix, warm) / ("close",)
+    messages until closed. Errors are sent back, never raised here."""
     torch.set_num_threads(payload["threads"])
     try:
         policy = DiffusionPolicy(payload["config"], payload["sampler"], backend=payload["backend"]).eval()
@@ -45,11 +53,8 @@ def _serve(conn, payload: dict) -> None:
         if msg[0] == "close":
             return
         try:
-            if msg[0] == "reset":
-                agent.reset(msg[1], msg[2])
-                conn.send(("ok",))
-            elif msg[0] == "infer":
-                conn.send(("ok", agent.infer(msg[1], msg[2], msg[3])))  # the chunk carries its call's statistics
+            if msg[0] == "call":
+                conn.send(("ok", agent.call(*msg[1:])))
             else:
                 conn.send(("error", "ValueError", f"unknown message {msg[0]!r}"))
         except Exception as e:  # noqa: BLE001 - the caller decides; the worker stays usable
@@ -57,7 +62,7 @@ def _serve(conn, payload: dict) -> None:
 
 
 class ProcessAgent(PolicyAgent):
-    """A PolicyAgent whose inference runs in a separate process (see the module docstring).
+    """A PolicyAgent whose network calls run in a separate process (see the module docstring).
 
     Args:
         policy: the policy (its config, sampler and weights are copied into the worker).
@@ -70,17 +75,22 @@ class ProcessAgent(PolicyAgent):
         super().__init__(policy, warm_start=warm_start, budget_s=budget_s, join=join)
         if threads < 1:
             raise ValueError(f"threads={threads} must be >= 1")
+        self._payload = {"config": policy.config, "sampler": policy.sampler_config, "backend": policy.backend, "threads": threads,
+                         "state": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
+                         "warm_start": warm_start, "budget_s": budget_s, "device": str(policy.device), "join": self.join}
+        self._start_timeout_s = start_timeout_s
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
         ctx = mp.get_context("spawn")  # fork is unsafe with torch's thread pools
         self._conn, child = ctx.Pipe()
-        payload = {"config": policy.config, "sampler": policy.sampler_config, "backend": policy.backend, "threads": threads,
-                   "state": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
-                   "warm_start": warm_start, "budget_s": budget_s, "device": str(policy.device), "join": self.join}
-        self._proc = ctx.Process(target=_serve, args=(child, payload), daemon=True, name="policy-inference")
+        self._proc = ctx.Process(target=_serve, args=(child, self._payload), daemon=True, name="policy-inference")
         self._proc.start()
         child.close()
-        if not self._conn.poll(start_timeout_s):
+        if not self._conn.poll(self._start_timeout_s):
             self.close()
-            raise RuntimeError(f"the inference process did not start within {start_timeout_s} s")
+            raise RuntimeError(f"the inference process did not start within {self._start_timeout_s} s")
         self._reply()
 
     @property
@@ -93,28 +103,30 @@ class ProcessAgent(PolicyAgent):
         """Whether the worker process is running (False after :meth:`close`)."""
         return self._proc.is_alive()
 
+    def recover(self) -> None:
+        """Start a new worker if this one died (a no-op while it runs)."""
+        if self._proc.is_alive():
+            return
+        self._conn.close()
+        self._start()
+        self.restarts += 1
+
     def _reply(self) -> tuple:
         try:
             msg = self._conn.recv()
         except (EOFError, OSError):
-            raise RuntimeError(f"the inference process died (exit code {self._proc.exitcode})") from None
+            raise InferenceUnavailable(f"the inference process died (exit code {self._proc.exitcode})") from None
         if msg[0] == "error":
-            exc = {"ValueError": ValueError, "TypeError": TypeError, "FloatingPointError": FloatingPointError}.get(msg[1], RuntimeError)
-            raise exc(f"inference process: {msg[2]}")
+            raise ERRORS.get(msg[1], RuntimeError)(f"inference process: {msg[2]}")
         return msg
 
-    def reset(self, obs: np.ndarray, seed: int) -> None:
-        super().reset(obs, seed)
-        self._conn.send(("reset", obs if isinstance(obs, dict) else np.asarray(obs, dtype=np.float32), int(seed)))
-        self._reply()
-
-    def infer(self, obs_tick: int, history: np.ndarray | None = None, delay: int | None = None) -> Chunk:
-        """One call in the worker, whose own agent keeps the previous chunk it joins."""
-        self._conn.send(("infer", obs_tick, self.snapshot() if history is None else history, delay))
-        _, chunk = self._reply()
-        self.log.record(chunk.stats)  # the caller keeps the episode's log
-        self.previous = chunk
-        return chunk
+    def call(self, obs, noise, prefix, warm) -> CallResult:
+        """:meth:`PolicyAgent.call` in the worker."""
+        try:
+            self._conn.send(("call", obs, noise, prefix, warm))
+        except (BrokenPipeError, OSError):
+            raise InferenceUnavailable(f"the inference process died (exit code {self._proc.exitcode})") from None
+        return self._reply()[1]
 
     def close(self) -> None:
         if self._proc.is_alive():

@@ -84,16 +84,21 @@ class RemotePolicy:
         tls_cert, tls_key: this client's certificate and key (mutual TLS).
         server_name: the name the server's certificate is for, if not the host of ``address``.
         timeout_s: deadline of each call that names none.
+        max_reconnect_backoff_ms: the longest wait between reconnection attempts to a lost server.
     """
 
     def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, server_name: str | None = None, timeout_s: float = 30.0,
-                 max_message_bytes: int = 16 << 20):
+                 max_message_bytes: int = 16 << 20, max_reconnect_backoff_ms: int = 1000):
         self.address = address
         self.timeout_s = timeout_s
         token = token if token is not None else read_token()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        # a robot wants its server back within a second of its return, not after gRPC's default
+        # reconnect backoff (up to two minutes)
+        opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms)]
         if server_name:
             opts.append(("grpc.ssl_target_name_override", server_name))
         if tls_ca:
