@@ -62,6 +62,15 @@ class ServeConfig:
 ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for tests and benchmarks that start servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def build_server(cfg: ServeConfig) -> PolicyServer:
     """The server ``cfg`` describes (not started)."""
     torch.set_num_threads(cfg.threads)

@@ -59,6 +59,10 @@ def main() -> None:
         *([f"- Auxiliary training target: the encoded observation also predicts `{tr['aux_state']}` (simulator "
            f"state, weight {tr['aux_weight']}) through a linear head that is not part of the checkpoint; the "
            "policy sees only its declared inputs."] if tr.get("aux_state") else []),
+        *([f"- Training-time action conditioning: the U-Net reads the committed action prefix (`prefix_conv`, "
+           f"zero-initialised from the source); per window a delay d in 0..{pf['max_delay']} ({pf['distribution']}), "
+           f"the first start + d actions given clean and left out of the loss, nothing committed with probability "
+           f"{pf['p_none']}. Its join is `trained` (the default for it)."] if (pf := tr.get("prefix")) else []),
         f"- Versions: torch {meta['versions'].get('torch')}, mujoco {meta['versions'].get('mujoco')}, "
         f"robosuite {meta['versions'].get('robosuite')}, gymnasium {meta['versions'].get('gymnasium')}.",
         "",

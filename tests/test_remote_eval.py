@@ -6,7 +6,6 @@ and never scored as policy failures."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from paradiffpolicy.envs import TaskConfig, make_env
 from paradiffpolicy.eval import EvalConfig, Evaluator
 from paradiffpolicy.remote.client import RemotePolicy
 from paradiffpolicy.remote.server import PolicyServer
+from paradiffpolicy.serve import free_port
 
 PUSHT = TaskConfig(name="pusht", suite="gym", env_name="gym_pusht/PushT-v0", obs_keys=[], control_hz=10,
                    max_steps=24, expert="pusht", hold="repeat", env_kwargs={"obs_type": "state"})
@@ -101,12 +101,6 @@ def test_eval_runs_every_controller_against_a_server(tmp_path):
         EvalConfig(task=PUSHT, server="127.0.0.1:1", compare=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(checkpoint, port) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "paradiffpolicy.serve", f"checkpoint={checkpoint}", f"port={port}", "threads=1",
                              "sampler.window=4", "hydra.run.dir=" + str(Path(checkpoint).parent / "hydra")],
@@ -131,7 +125,7 @@ def _drive(runner, ticks, hz, on_tick=None):
 @pytest.mark.slow
 def test_a_server_killed_and_restarted_mid_episode_is_held_through(tmp_path):
     save_policy(tiny_policy(steps=10, obs_range=(0, 512), action_range=(0, 512)), tmp_path / "ck")
-    port = _free_port()
+    port = free_port()
     procs = [_start_server(tmp_path / "ck", port)]
 
     def chaos(tick):
@@ -220,3 +214,22 @@ def test_a_client_killed_mid_call_costs_the_server_nothing():
             assert stats.answered == 5 and stats.rows == 65 and stats.expired == 1  # counted, and its row never computed
     finally:
         server.stop(1)
+
+
+@pytest.mark.slow
+def test_serve_benchmark_runs_end_to_end(tmp_path):
+    """python -m paradiffpolicy.bench_serve with tiny settings: every call answered (none lost),
+    batched and unbatched servers, plaintext and TLS, the local reference, JSON + Markdown + plot."""
+    from paradiffpolicy import bench_serve
+    from paradiffpolicy.data.obs_sample import save_observation_sample
+
+    save_policy(tiny_policy(steps=10), tmp_path / "ck")
+    save_observation_sample(tmp_path / "ck", {"observation.state": torch.rand(4, 2, 5)}, {"task": "test"})
+    result = bench_serve.main([f"checkpoint={tmp_path / 'ck'}", "task=tiny", "samplers=[ddim8]", "clients=[1,3]", "calls=4",
+                               "max_batches=[4,1]", "tls=[false,true]", "backend=eager", "local_calls=2", f"out={tmp_path}"])
+    points = result["points"]
+    assert len(points) == 2 * 2 * 2 and all(p["answered"] == p["calls"] and p["lost"] == 0 for p in points)
+    assert all(p["batch_rows_mean"] == 1.0 for p in points if p["max_batch"] == 1)
+    assert result["local"]["ddim8"]["n"] == 2
+    for suffix in ("json", "md", "png"):
+        assert (tmp_path / f"serve-tiny.{suffix}").is_file()

@@ -4,7 +4,6 @@ token nor hurt the server with bad input (each refusal names the field, and the 
 serving). TLS and mutual TLS with certificates made here."""
 
 import ast
-import datetime
 import subprocess
 import sys
 import threading
@@ -201,42 +200,11 @@ def test_a_public_address_needs_tls_and_a_token():
         PolicyServer(tiny_policy(), host="0.0.0.0", port=0, token=TOKEN)
 
 
-def _certificates(tmp_path: Path):
-    """A CA, a server certificate for localhost and a client certificate, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def make(name, issuer_key=None, issuer_name=None, ca=False, san=None):
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name or subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
-        cert = builder.sign(issuer_key or key, hashes.SHA256())
-        return key, cert
-
-    ca_key, ca_cert = make("test ca", ca=True)
-    paths = {}
-    for name, san in (("server", "localhost"), ("client", None)):
-        key, cert = make(name, ca_key, ca_cert.subject, san=san)
-        paths[name] = (tmp_path / f"{name}.pem", tmp_path / f"{name}.key")
-        paths[name][0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        paths[name][1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()))
-    (tmp_path / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    return tmp_path / "ca.pem", paths
-
-
 def test_tls_and_mutual_tls(tmp_path):
-    ca, paths = _certificates(tmp_path)
-    (cert, key), (ccert, ckey) = paths["server"], paths["client"]
+    from paradiffpolicy.remote.certificates import make_certificates
+
+    files = make_certificates(tmp_path)
+    ca, cert, key, ccert, ckey = files.ca, files.server_cert, files.server_key, files.client_cert, files.client_key
     for mutual in (False, True):
         tls = TlsFiles(str(cert), str(key), str(ca) if mutual else "")
         server = PolicyServer(tiny_policy(), tls=tls, token=TOKEN, host="localhost")
