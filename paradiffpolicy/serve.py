@@ -28,6 +28,7 @@ from paradiffpolicy.checkpoint import load_policy
 from paradiffpolicy.config import SamplerConfig
 from paradiffpolicy.presets import named_sampler
 from paradiffpolicy.remote.client import read_token
+from paradiffpolicy.remote.ray_engine import RayOptions
 from paradiffpolicy.remote.server import DEFAULT_SAMPLER, PolicyServer, ServerLimits, TlsFiles
 from paradiffpolicy.runtime import exit_on_bad_input
 
@@ -49,10 +50,15 @@ class ServeConfig:
     tls: TlsFiles = field(default_factory=TlsFiles)
     allow_insecure: bool = False
     grace_s: float = 10.0
+    # what runs the requests: "local" (batched in this process) or "ray" (Ray Serve replicas)
+    engine: str = "local"
+    ray: RayOptions = field(default_factory=RayOptions)
 
     def __post_init__(self) -> None:
         for name in self.samplers:
             named_sampler(name, key="samplers")
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine={self.engine!r} is unknown; expected local or ray")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port={self.port} must lie in [0, 65535] (0: any free port)")
         if self.threads < 1:
@@ -76,10 +82,16 @@ def build_server(cfg: ServeConfig) -> PolicyServer:
     torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device, backend=cfg.backend)
     samplers = {DEFAULT_SAMPLER: policy.sampler_config, **{n: named_sampler(n) for n in cfg.samplers}}
+    engine = None
+    if cfg.engine == "ray":
+        from paradiffpolicy.remote.ray_engine import RayEngine
+
+        engine = RayEngine.factory(cfg.checkpoint, policy.backend, cfg.ray)
     server = PolicyServer(policy, samplers, cfg.limits, token=read_token(cfg.token_file), tls=cfg.tls, host=cfg.host,
-                          port=cfg.port, allow_insecure=cfg.allow_insecure)
-    for name, sampler in server.servicer.samplers.items():  # trace / export each sampler's shapes now
-        policy.warm_up(1, sampler)
+                          port=cfg.port, allow_insecure=cfg.allow_insecure, engine=engine)
+    if engine is None:
+        for name, sampler in server.servicer.samplers.items():  # trace / export each sampler's shapes now
+            policy.warm_up(1, sampler)
     return server
 
 

@@ -5,9 +5,11 @@ and never scored as policy failures."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -233,3 +235,36 @@ def test_serve_benchmark_runs_end_to_end(tmp_path):
     assert result["local"]["ddim8"]["n"] == 2
     for suffix in ("json", "md", "png"):
         assert (tmp_path / f"serve-tiny.{suffix}").is_file()
+
+
+@pytest.mark.slow
+def test_the_ray_serve_engine_with_two_replicas_plays_the_local_episodes(tmp_path):
+    """``serve engine=ray ray.replicas=2`` on a local Ray cluster started in its own temporary
+    directory: the front end is the same, the chunks come from Ray Serve replicas, and closed-loop
+    episodes equal the local ones action for action."""
+    pytest.importorskip("ray.serve")
+    import ray
+
+    from paradiffpolicy.remote.ray_engine import RayEngine, RayOptions
+
+    policy = tiny_policy(steps=10, obs_range=(0, 512), action_range=(0, 512))
+    save_policy(policy, tmp_path / "ck")
+    policy = load_policy(tmp_path / "ck")  # what the replicas load
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    engine = RayEngine.factory(str(tmp_path / "ck"), "eager", RayOptions(replicas=2, temp_dir=ray_dir))
+    server = PolicyServer(policy, {"default": policy.sampler_config}, engine=engine)
+    port = server.start()
+    try:
+        with RemotePolicy(f"127.0.0.1:{port}", timeout_s=120) as client:
+            for seed in (3, 4):
+                _, local_chunks = recorded_episode(PUSHT, PolicyAgent(policy), seed)
+                _, remote_chunks = recorded_episode(PUSHT, RemoteAgent(client, timeout_s=120), seed)
+                assert len(local_chunks) == len(remote_chunks) >= 2
+                for a, b in zip(local_chunks, remote_chunks):
+                    np.testing.assert_array_equal(a, b)
+            stats = client.stats()
+            assert stats.answered >= 4 and stats.batches >= 1 and stats.failed == 0 and stats.refused == 0
+    finally:
+        server.stop(5)
+        ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)

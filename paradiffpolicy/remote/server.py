@@ -22,11 +22,13 @@ refused, expired and failed.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -80,17 +82,14 @@ class BadRequest(Exception):
 
 
 @dataclass
-class Job:
-    """One validated Predict request waiting for its batch."""
+class Request:
+    """One validated Predict request: what its rows of a network call need (no connection state,
+    so an engine may hand it to another process)."""
 
     obs: dict[str, torch.Tensor]
     noise: SamplerNoise
     prefix: ActionPrefix | None
     sampler: str
-    enqueued: float
-    context: grpc.ServicerContext | None = None
-    future: Future = field(default_factory=Future)
-    abandoned: bool = False  # the caller stopped waiting (deadline, disconnect)
 
     @property
     def rows(self) -> int:
@@ -101,21 +100,74 @@ class Job:
         """Requests batched into one call share the sampler and the prefix mode."""
         return self.sampler, None if self.prefix is None else self.prefix.mode
 
+
+@dataclass
+class Job:
+    """A request waiting for its batch, with the call it answers."""
+
+    request: Request
+    enqueued: float
+    context: grpc.ServicerContext | None = None
+    future: Future = field(default_factory=Future)
+    abandoned: bool = False  # the caller stopped waiting (deadline, disconnect)
+
+    @property
+    def rows(self) -> int:
+        return self.request.rows
+
     def wanted(self) -> bool:
         return not self.abandoned and (self.context is None or self.context.is_active())
 
 
 @dataclass
 class BatchResult:
+    """One request's rows of a network call, and what the call cost."""
+
     action_pred: torch.Tensor
     normalized: torch.Tensor
     iterations: list
     nfe: list
     converged: list
-    queue_ms: float
     encoder_ms: float
     compute_ms: float
     batch_rows: int
+    batch_id: str
+    queue_ms: float = 0.0
+
+
+def run_requests(policy: DiffusionPolicy, samplers: dict, requests: list[Request]) -> list[BatchResult]:
+    """One sampler call for ``requests`` of one key (sampler, prefix mode): their rows stacked, each
+    with its own observation, noise and prefix; the results split back per request."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        obs = {k: torch.cat([r.obs[k] for r in requests]) for k in requests[0].obs}
+        noise = SamplerNoise(torch.cat([r.noise.initial for r in requests]), torch.cat([r.noise.steps for r in requests], dim=1))
+        prefix = None
+        if requests[0].prefix is not None:
+            p0 = requests[0].prefix
+            prefix = ActionPrefix(torch.cat([r.prefix.target for r in requests]), torch.cat([r.prefix.weights for r in requests]),
+                                  p0.mode, p0.max_guidance)
+        cond = policy.encode_observation(obs)
+        t_enc = time.perf_counter()
+        out = policy.sample_from_condition(cond, noise=noise, sampler=samplers[requests[0].sampler], prefix=prefix)
+    t_done = time.perf_counter()
+    rows, batch_id, start, results = sum(r.rows for r in requests), uuid.uuid4().hex, 0, []
+    st = out.stats
+    for r in requests:
+        sl = slice(start, start + r.rows)
+        start += r.rows
+        results.append(BatchResult(out.action_pred[sl], out.action_pred_normalized[sl], [int(v) for v in st.iterations[sl]],
+                                   [float(v) for v in st.nfe[sl]], [bool(v) for v in st.converged[sl]],
+                                   (t_enc - t0) * 1e3, (t_done - t0) * 1e3, rows, batch_id))
+    return results
+
+
+def grouped(requests: list) -> list[list[int]]:
+    """Indices of ``requests`` (objects with a ``key``) grouped by key, in order of first appearance."""
+    groups: dict = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.key, []).append(i)
+    return list(groups.values())
 
 
 @dataclass
@@ -193,52 +245,36 @@ class Batcher:
             jobs = self._take()
             if not jobs:
                 return
-            groups: dict = {}
+            live = []
             for job in jobs:
                 if job.wanted():
-                    groups.setdefault(job.key, []).append(job)
+                    live.append(job)
                 else:  # its caller is gone: it costs nothing
                     job.future.cancel()
-            for group in groups.values():
-                self._run(group)
+            for group in grouped([j.request for j in live]):
+                self._run([live[i] for i in group])
 
     def _run(self, jobs: list[Job]) -> None:
         t0 = time.perf_counter()
         try:
-            with torch.no_grad():
-                obs = {k: torch.cat([j.obs[k] for j in jobs]) for k in jobs[0].obs}
-                noise = SamplerNoise(torch.cat([j.noise.initial for j in jobs]), torch.cat([j.noise.steps for j in jobs], dim=1))
-                prefix = None
-                if jobs[0].prefix is not None:
-                    p0 = jobs[0].prefix
-                    prefix = ActionPrefix(torch.cat([j.prefix.target for j in jobs]), torch.cat([j.prefix.weights for j in jobs]),
-                                          p0.mode, p0.max_guidance)
-                cond = self.policy.encode_observation(obs)
-                t_enc = time.perf_counter()
-                out = self.policy.sample_from_condition(cond, noise=noise, sampler=self.samplers[jobs[0].sampler], prefix=prefix)
-            t_done = time.perf_counter()
+            results = run_requests(self.policy, self.samplers, [j.request for j in jobs])
         except Exception as e:  # noqa: BLE001 - every caller of the batch gets it; the server goes on
             log.exception("batch of %d requests failed", len(jobs))
             for j in jobs:
                 j.future.set_exception(e)
             return
-        rows = sum(j.rows for j in jobs)
-        self.counters.batch(rows)
-        start = 0
-        for j in jobs:
-            sl = slice(start, start + j.rows)
-            start += j.rows
-            st = out.stats
-            j.future.set_result(BatchResult(
-                out.action_pred[sl], out.action_pred_normalized[sl], [int(v) for v in st.iterations[sl]],
-                [float(v) for v in st.nfe[sl]], [bool(v) for v in st.converged[sl]], (t0 - j.enqueued) * 1e3,
-                (t_enc - t0) * 1e3, (t_done - t0) * 1e3, rows))
+        self.counters.batch(results[0].batch_rows)
+        for j, r in zip(jobs, results):
+            j.future.set_result(dataclasses.replace(r, queue_ms=(t0 - j.enqueued) * 1e3))
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
     """``Predict``, ``Info`` and ``Stats`` of one policy (see the module docstring)."""
 
-    def __init__(self, policy: DiffusionPolicy, samplers: dict[str, SamplerConfig], limits: ServerLimits):
+    def __init__(self, policy: DiffusionPolicy, samplers: dict[str, SamplerConfig], limits: ServerLimits, engine=None):
+        """``engine(servicer)`` builds what runs the requests (an object with ``submit(job) -> Future``
+        and ``stop()``) from this servicer's policy, samplers, limits and counters; default the
+        in-process :class:`Batcher`."""
         if DEFAULT_SAMPLER not in samplers:
             raise ValueError(f"samplers must include {DEFAULT_SAMPLER!r} (the policy's own); got {list(samplers)}")
         self.policy = policy.eval()
@@ -246,15 +282,14 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         self.samplers = {name: policy.make_sampler(cfg) for name, cfg in samplers.items()}
         self.limits = limits
         self.counters = Counters()
-        self.batcher = Batcher(self.policy, self.samplers, limits, self.counters)
+        self.batcher = engine(self) if engine else Batcher(self.policy, self.samplers, limits, self.counters)
 
     # -- Predict -----------------------------------------------------------------------------
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         t0 = time.perf_counter()
         try:
-            job = self.parse(request, t0)
-            job.context = context
+            job = Job(self.parse(request), t0, context)
             future = self.batcher.submit(job)
         except BadRequest as e:
             self.counters.add(refused=1)
@@ -277,12 +312,12 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         return pb.PredictResponse(
             action_pred=encode(result.action_pred), action_pred_normalized=encode(result.normalized),
             start=cfg.executed_start, n_action_steps=cfg.n_action_steps, iterations=result.iterations, nfe=result.nfe,
-            converged=result.converged, sampler=job.sampler,
+            converged=result.converged, sampler=job.request.sampler,
             timing=pb.CallTiming(queue_ms=result.queue_ms, encoder_ms=result.encoder_ms, compute_ms=result.compute_ms,
                                  batch_rows=result.batch_rows))
 
-    def parse(self, request: pb.PredictRequest, enqueued: float) -> Job:
-        """The request as a :class:`Job`, or :class:`BadRequest` naming the field."""
+    def parse(self, request: pb.PredictRequest) -> Request:
+        """The request validated, or :class:`BadRequest` naming the field."""
         invalid = lambda msg: BadRequest(grpc.StatusCode.INVALID_ARGUMENT, msg)  # noqa: E731
         name = request.sampler or DEFAULT_SAMPLER
         if name not in self.samplers:
@@ -305,13 +340,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                                  f"observation has {bsz} rows; 1 to max_rows={self.limits.max_rows} are accepted")
             try:
                 obs = self.policy.validate_obs({k: torch.from_numpy(a) for k, a in arrays.items()})
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, KeyError) as e:
                 raise invalid(f"observation: {e}") from None
             noise = self._noise(request, bsz, sampler, limit)
             prefix = self._prefix(request, bsz, limit) if request.HasField("prefix") else None
         except WireError as e:
             raise invalid(str(e)) from None
-        return Job(obs, noise, prefix, name, enqueued)
+        return Request(obs, noise, prefix, name)
 
     def _noise(self, request: pb.PredictRequest, bsz: int, sampler, limit: int) -> SamplerNoise:
         cfg = self.policy.config
@@ -435,17 +470,18 @@ class PolicyServer:
     port is returned) and serves until :meth:`stop`, which refuses new calls and lets those in flight
     finish within ``grace_s``.
 
-    A non-local ``host`` needs TLS and a token unless ``allow_insecure`` (the refusal says so)."""
+    A non-local ``host`` needs TLS and a token unless ``allow_insecure`` (the refusal says so).
+    ``engine``: see :class:`PolicyServicer` (e.g. :class:`~paradiffpolicy.remote.ray_engine.RayEngine`)."""
 
     def __init__(self, policy: DiffusionPolicy, samplers: dict[str, SamplerConfig] | None = None,
                  limits: ServerLimits | None = None, token: str | None = None, tls: TlsFiles | None = None,
-                 host: str = "127.0.0.1", port: int = 0, allow_insecure: bool = False):
+                 host: str = "127.0.0.1", port: int = 0, allow_insecure: bool = False, engine=None):
         self.limits = limits or ServerLimits()
         self.tls = tls or TlsFiles()
         if host not in LOCAL_HOSTS and not allow_insecure and not (self.tls.enabled and token):
             raise ValueError(f"host={host!r} is reachable from other machines: serving it needs TLS (tls.cert, tls.key) and a "
                              "token (PARADIFFPOLICY_TOKEN or token_file), or allow_insecure=true to accept the risk")
-        self.servicer = PolicyServicer(policy, samplers or {DEFAULT_SAMPLER: policy.sampler_config}, self.limits)
+        self.servicer = PolicyServicer(policy, samplers or {DEFAULT_SAMPLER: policy.sampler_config}, self.limits, engine)
         interceptors = [TokenInterceptor(token, self.servicer.counters)] if token else []
         opts = [("grpc.max_receive_message_length", self.limits.max_message_bytes),
                 ("grpc.max_send_message_length", self.limits.max_message_bytes)]
