@@ -169,3 +169,41 @@ def test_the_trained_join_is_the_default_only_for_a_policy_trained_with_the_pref
         JoinConfig(method="trained").for_policy(plain)
     weights = JoinConfig(method="trained").weights(start=1, delay=3, shift=8, horizon=T)
     assert torch.equal(weights, prefix_weights(4, 8, T, "hard"))
+
+
+def test_training_with_the_prefix_fine_tunes_a_checkpoint_and_records_how(tmp_path):
+    """train prefix.max_delay=... init_from=<checkpoint without the prefix input>: the run starts
+    from the converted weights (zero prefix convolution), trains the prefix convolution, exports a
+    policy that reads the prefix and says how it was trained; resuming with other prefix settings
+    is refused by name."""
+    import json
+
+    from paradiffpolicy import load_policy, save_policy
+    from paradiffpolicy.config import PolicyConfig
+    from paradiffpolicy.data.replay_buffer import ReplayBuffer
+    from paradiffpolicy.envs import TaskConfig
+    from paradiffpolicy.train import TrainConfig, Trainer
+
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer.create(tmp_path / "d.zarr")
+    for length in (40, 30):
+        buf.add_episode({"obs": rng.random((length, 5), dtype=np.float32), "action": rng.uniform(-1, 1, (length, 2)).astype(np.float32)})
+    source = tiny_policy()
+    save_policy(source, tmp_path / "src")
+    pcfg = PolicyConfig(down_dims=[16, 32], diffusion_step_embed_dim=16, scheduler=source.config.scheduler)
+    cfg = TrainConfig(task=TaskConfig(), policy=pcfg, dataset=str(tmp_path / "d.zarr"), output_dir=str(tmp_path / "run"), steps=4,
+                      batch_size=8, warmup_steps=1, checkpoint_every=2, init_from=str(tmp_path / "src"),
+                      export=str(tmp_path / "out"), progress=False, prefix=PrefixTrainingConfig(max_delay=3))
+    trainer = Trainer(cfg)
+    assert trainer.policy.config.prefix_input
+    assert all((p == 0).all() for p in trainer.ema.model.prefix_conv.parameters())  # converted, not yet trained
+    trainer.train()
+    out = load_policy(tmp_path / "out")
+    assert out.config.prefix_input and out.metadata["train"]["prefix"]["max_delay"] == 3
+    assert any((p != 0).any() for p in out.model.prefix_conv.parameters())
+    assert json.loads((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()[-1])["step"] == 4
+    other = TrainConfig(**{**cfg.__dict__, "steps": 6, "prefix": PrefixTrainingConfig(max_delay=5)})
+    with pytest.raises(ValueError, match="prefix was"):
+        Trainer(other)
+    with pytest.raises(ValueError, match="prefix.max_delay=20 must leave a position"):
+        Trainer(TrainConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "r2"), "prefix": PrefixTrainingConfig(max_delay=20)}))
