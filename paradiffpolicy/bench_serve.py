@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 import torch
 
-from paradiffpolicy.config import from_argv
+from paradiffpolicy.config import from_argv, require_list
 from paradiffpolicy.measure import percentiles, provenance
 from paradiffpolicy.presets import LABELS, named_sampler
 from paradiffpolicy.remote.certificates import CertificateFiles, make_certificates
@@ -63,9 +63,8 @@ class ServeBenchConfig:
     def __post_init__(self) -> None:
         for name in self.samplers:
             named_sampler(name, key="samplers")
-        for key in ("clients", "max_batches"):
-            if not getattr(self, key) or min(getattr(self, key)) < 1:
-                raise ValueError(f"{key}={list(getattr(self, key))} must be a non-empty list of integers >= 1")
+        require_list(self, "clients", 1)
+        require_list(self, "max_batches", 1)
         for key in ("calls", "threads", "local_calls"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
