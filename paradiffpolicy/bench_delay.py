@@ -7,6 +7,7 @@
     python -m paradiffpolicy.bench_delay phase=summary tasks=[lift,stack]           # the tasks' reports side by side
     python -m paradiffpolicy.bench_delay task=pusht_keypoints checkpoint=<trained with the prefix> \
         label=picard-trained methods=[trained,naive] baseline=picard             # another policy, paired against picard's
+    python -m paradiffpolicy.bench_delay phase=policies label=picard-trained baseline=picard tasks=[lift,pusht_keypoints]
 
 ``success`` runs ``paradiffpolicy.eval controller=delay`` once per (join method, delay d) on the
 same ``n_episodes`` seeds, into ``<runs>/<task>/<sampler label>/<method>/d<d>/``, skipping points
@@ -27,6 +28,10 @@ compares every two joins over all of them at once: episodes won / lost on the sh
 ``checkpoint`` evaluates another policy of the task (e.g. one trained with the committed prefix,
 ``join.method=trained``) under its own ``label``; its report points are also paired, seed for
 seed, against the ``naive`` and ``hard`` points of the ``baseline`` label at the same d.
+``policies`` puts the two policies side by side over ``tasks`` (from their reports): success per d,
+the cost of delay (d against the same policy's d = 0), and the policy's join against each of the
+baseline's joins pooled over every (task, d > 0) both ran, Holm-adjusted
+(``delay-policies-<label>.{json,md,png}``).
 """
 
 from __future__ import annotations
@@ -81,8 +86,10 @@ class DelayBenchConfig:
     warmup: int = 2  # cost only
 
     def __post_init__(self) -> None:
-        if self.phase not in ("success", "report", "cost", "summary"):
-            raise ValueError(f"phase={self.phase!r} must be success, report, cost or summary")
+        if self.phase not in ("success", "report", "cost", "summary", "policies"):
+            raise ValueError(f"phase={self.phase!r} must be success, report, cost, summary or policies")
+        if self.phase == "policies" and not (self.label and self.baseline):
+            raise ValueError("phase=policies compares label=<a policy's runs> with baseline=<another's>; give both")
         unknown = [m for m in self.methods if m not in JOIN_METHODS]
         if unknown:
             raise ValueError(f"methods {unknown} are unknown; expected some of {list(JOIN_METHODS)}")
@@ -384,6 +391,103 @@ def summary_phase(cfg: DelayBenchConfig) -> dict:
     return write_report(out / f"delay-summary{suffix}", result, summary_markdown, None)
 
 
+def policies_phase(cfg: DelayBenchConfig) -> dict:
+    """Two policies' delay points side by side over ``tasks`` (see the module docstring)."""
+    out = Path(cfg.out)
+    missing = [t for t in cfg.tasks if not (out / f"delay-{t}.json").is_file()]
+    if missing:
+        raise SystemExit(f"no report for {missing} in {out}; run phase=report task=<task> first")
+    label, base = cfg.sampler_label, cfg.baseline
+    points = {t: json.loads((out / f"delay-{t}.json").read_text())["points"] for t in cfg.tasks}
+    mine = {t: {(p["method"], p["delay"]): p for p in ps if p["sampler"] == label} for t, ps in points.items()}
+    theirs = {t: {(p["method"], p["delay"]): p for p in ps if p["sampler"] == base and p["method"] in ("naive", "hard")}
+              for t, ps in points.items()}
+    rows = []
+    for t in cfg.tasks:
+        for who, table in ((label, mine[t]), (base, theirs[t])):
+            for (method, d), p in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+                d0 = table.get((method, 0)) or table.get(("naive", 0))
+                rows.append({"task": t, "policy": who, "method": method, "delay": d, "n_episodes": p["n_episodes"],
+                             "pc_success": p["pc_success"], "pc_success_se": p["pc_success_se"],
+                             "minus_d0": None if d0 is None or d == 0 else p["pc_success"] - d0["pc_success"]})
+    pairs = []
+    for m in sorted({m for t in mine for m, _ in mine[t]}, key=_join_order):
+        for b in ("naive", "hard"):
+            won = lost = episodes = 0
+            where = []
+            for t in cfg.tasks:
+                for (method, d), p in mine[t].items():
+                    q = theirs[t].get((b, d))
+                    if method != m or d == 0 or q is None:
+                        continue
+                    n = min(p["n_episodes"], q["n_episodes"])
+                    test = paired(p["success_per_seed"][:n], q["success_per_seed"][:n])
+                    won, lost, episodes = won + test["won"], lost + test["lost"], episodes + n
+                    where.append(f"{t} d={d}")
+            if where:
+                pairs.append({"a": f"{label} {m}", "b": f"{base} {b}", "points": where, "episodes": episodes, "won": won,
+                              "lost": lost, "p_value": sign_test(won, lost)})
+        zero = [(t, mine[t].get((m, 0)), theirs[t].get(("naive", 0))) for t in cfg.tasks]
+        zero = [(t, p, q) for t, p, q in zero if p is not None and q is not None]
+        if zero:  # d = 0: does conditioning cost anything without delay?
+            tests = [paired(p["success_per_seed"][:min(p["n_episodes"], q["n_episodes"])],
+                            q["success_per_seed"][:min(p["n_episodes"], q["n_episodes"])]) for _, p, q in zero]
+            won, lost = sum(x["won"] for x in tests), sum(x["lost"] for x in tests)
+            pairs.append({"a": f"{label} {m}", "b": f"{base} naive", "points": [f"{t} d=0" for t, _, _ in zero],
+                          "episodes": sum(min(p["n_episodes"], q["n_episodes"]) for _, p, q in zero), "won": won, "lost": lost,
+                          "p_value": sign_test(won, lost)})
+    for pair, p_holm in zip(pairs, holm([p["p_value"] for p in pairs])):
+        pair["p_holm"] = p_holm
+    result = {"policy": label, "baseline": base, "tasks": list(cfg.tasks), "rows": rows, "pairs": pairs}
+    return write_report(out / f"delay-policies-{label}", result, policies_markdown, policies_plot)
+
+
+def policies_markdown(result: dict) -> str:
+    lines = [f"# Success against simulated delay: `{result['policy']}` and `{result['baseline']}`\n",
+             "Per task, success % ± SE per join and delay d (ticks; a call every Ta ticks), and its change from the same "
+             "policy's d = 0 (for `naive`/`hard` of the baseline: from its naive d = 0, which is fast mode). Below, the "
+             "policy's join against each of the baseline's, pooled over every (task, d > 0) where both ran on the same seeds "
+             "(and separately at d = 0): episodes won / lost, the exact McNemar p-value, Holm-adjusted over the rows.\n",
+             "| task | policy | join | d | episodes | success % | vs its d = 0 |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        delta = "" if r["minus_d0"] is None else f"{r['minus_d0']:+.0f}"
+        lines.append(f"| {r['task']} | {r['policy']} | {r['method']} | {r['delay']} | {r['n_episodes']} | "
+                     f"{r['pc_success']:.0f} ± {r['pc_success_se']:.0f} | {delta} |")
+    lines += ["", "| pair | points | episodes | won / lost | p | p (Holm) |", "|---|---|---|---|---|---|"]
+    for p in result["pairs"]:
+        lines.append(f"| {p['a']} vs {p['b']} | {', '.join(p['points'])} | {p['episodes']} | +{p['won']} / −{p['lost']} | "
+                     f"{p['p_value']:.3f} | {p['p_holm']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def policies_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = result["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        curves: dict = {}
+        for r in result["rows"]:
+            if r["task"] == task:
+                curves.setdefault((r["policy"], r["method"]), []).append(r)
+        for (policy, method), rs in curves.items():
+            rs = sorted(rs, key=lambda r: r["delay"])
+            ax.errorbar([r["delay"] for r in rs], [r["pc_success"] for r in rs], yerr=[r["pc_success_se"] for r in rs],
+                        marker="o", capsize=3, label=f"{policy} {method}")
+        ax.set_title(task)
+        ax.set_xlabel("delay d (ticks)")
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("success %")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _join_order(method: str) -> int:
     return JOIN_METHODS.index(method.split("-")[0])
 
@@ -421,7 +525,8 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str]):
     cfg = from_argv(DelayBenchConfig, argv)
     print(json.dumps({"cpu": cpu_model(), "versions": versions()}), flush=True)
-    return {"success": success_phase, "report": report_phase, "cost": cost_phase, "summary": summary_phase}[cfg.phase](cfg)
+    return {"success": success_phase, "report": report_phase, "cost": cost_phase, "summary": summary_phase,
+            "policies": policies_phase}[cfg.phase](cfg)
 
 
 if __name__ == "__main__":

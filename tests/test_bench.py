@@ -195,6 +195,13 @@ def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
     assert p["vs_baseline_naive"]["reference"] == "picard naive d=3" and p["vs_baseline_hard"] is None
     assert p["vs_baseline_naive"]["won"] - p["vs_baseline_naive"]["lost"] == sum(p["success_per_seed"]) - sum(naive3["success_per_seed"])
     assert "`picard-trained` against `picard`" in (tmp_path / "out" / "delay-pusht_keypoints.md").read_text()
+    side = bench_delay.main(["phase=policies", "tasks=[pusht_keypoints]", "label=picard-trained", "baseline=picard", *other])
+    (pair,) = side["pairs"]  # trained against the baseline's naive at d = 3 (no hard point ran)
+    assert (pair["a"], pair["b"], pair["points"]) == ("picard-trained trained", "picard naive", ["pusht_keypoints d=3"])
+    assert (pair["won"], pair["lost"]) == (p["vs_baseline_naive"]["won"], p["vs_baseline_naive"]["lost"])
+    assert {(r["policy"], r["method"], r["delay"]) for r in side["rows"]} == {
+        ("picard-trained", "trained", 3), ("picard", "naive", 0), ("picard", "naive", 3)}
+    assert (tmp_path / "out" / "delay-policies-picard-trained.png").is_file()
     shutil.rmtree(tmp_path / "runs" / "pusht_keypoints" / "picard-trained")
     # a complete point grows by the missing seeds only; the report pools its parts
     grow = [c for c in common if not c.startswith(("methods=", "delays=", "n_episodes="))]
