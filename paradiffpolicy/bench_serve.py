@@ -10,7 +10,7 @@ process each make ``calls`` batch-1 calls on the checkpoint's shipped observatio
 its own seed. Per (setting, sampler, clients): p50 / p99 latency, throughput, the server's mean
 batch, and every call's fate (answered, refused with a status, lost: none may be lost). The same
 calls made locally in this process (same backend and threads, batch 1, one at a time) are the
-reference, measured in the same run. ``benchmarks/results/serve-<task>.{json,md,png}``.
+reference, measured in the same run. ``benchmarks/results/serve-<task>[-<label>].{json,md,png}``.
 
 The clients share the machine with the server: on a 2-core CPU their gRPC work competes with the
 network calls, so the numbers are what one machine serving itself gives, a floor for a GPU box.
@@ -59,6 +59,7 @@ class ServeBenchConfig:
     timeout_s: float = 120.0
     seed: int = 0
     out: str = "benchmarks/results"
+    label: str = ""  # results in serve-<task>[-<label>].*
 
     def __post_init__(self) -> None:
         for name in self.samplers:
@@ -190,7 +191,7 @@ def run(cfg: ServeBenchConfig) -> dict:
                 finally:
                     proc.terminate()
                     proc.wait(timeout=30)
-    return write_report(Path(cfg.out) / f"serve-{cfg.task}", result, markdown, plot)
+    return write_report(Path(cfg.out) / f"serve-{cfg.task}{'-' + cfg.label if cfg.label else ''}", result, markdown, plot)
 
 
 def markdown(result: dict) -> str:
