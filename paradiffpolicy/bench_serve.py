@@ -161,7 +161,7 @@ def run(cfg: ServeBenchConfig) -> dict:
     from paradiffpolicy.serve import free_port
 
     observations = load_observations(cfg.checkpoint_path)
-    result = {"task": cfg.task, "checkpoint": cfg.checkpoint_path, "backend": cfg.backend, "server_threads": cfg.threads,
+    result = {"task": cfg.task, "checkpoint": cfg.checkpoint or f"checkpoints/{cfg.task}", "backend": cfg.backend, "server_threads": cfg.threads,
               "calls_per_client": cfg.calls, "max_wait_ms": cfg.max_wait_ms, "local": local_reference(cfg, observations),
               "points": [], "provenance": provenance(cfg.threads, "cpu", [cfg.backend])}
     token = secrets.token_hex(16)
