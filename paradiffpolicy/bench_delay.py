@@ -81,6 +81,7 @@ class DelayBenchConfig:
     # report only: a fast-mode eval_info.json on the same seeds (e.g. the frontier's run of this
     # sampler) standing in for naive at d = 0 when that point was not run (fast mode is naive d = 0)
     fast_run: str = ""
+    fast_run_label: str = ""  # report only: whose naive d = 0 fast_run stands in for (default: label)
     cost_delay: int = 4  # cost only: the d of the timed calls
     trials: int = 20  # cost only
     warmup: int = 2  # cost only
@@ -258,11 +259,12 @@ def report_phase(cfg: DelayBenchConfig) -> dict:
             points.append(_point(merged_point(parts), sampler_label, method, int(dname[1:]), str(info_path.parent)))
     if not points:
         raise SystemExit(f"no complete point under {base}; run phase=success first")
-    if cfg.fast_run and not any((p["sampler"], p["method"], p["delay"]) == (cfg.sampler_label, "naive", 0) for p in points):
+    fast_label = cfg.fast_run_label or cfg.sampler_label
+    if cfg.fast_run and not any((p["sampler"], p["method"], p["delay"]) == (fast_label, "naive", 0) for p in points):
         info = json.loads(Path(cfg.fast_run).read_text())
         if info["controller"]["mode"] != "fast":
             raise SystemExit(f"fast_run={cfg.fast_run} is a controller.mode={info['controller']['mode']} run, not fast")
-        points.append(_point(info, cfg.sampler_label, "naive", 0, cfg.fast_run))
+        points.append(_point(info, fast_label, "naive", 0, cfg.fast_run))
     by_key = {(p["sampler"], p["method"], p["delay"]): p for p in points}
     for p in points:
         # against the method's own d = 0, or fast mode (naive d = 0) for a schedule without one
