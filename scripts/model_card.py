@@ -18,6 +18,15 @@ def feature_text(feature: dict) -> str:
     return f"`{feature['name']}` {feature['kind']} {feature['shape']}"
 
 
+def controller_text(info: dict) -> str:
+    """``delay d=4, join trained, n_envs=10``: the mode, and for delay / realtime the join and delay."""
+    ctl, mode = info.get("controller", {}), info["control"]["mode"]
+    parts = [mode + (f" d={ctl.get('delay')}" if mode == "delay" else f" {info['control'].get('target_hz', 0):g} Hz" if mode == "realtime" else "")]
+    if mode != "fast" and ctl.get("join"):
+        parts.append(f"join {ctl['join']['method']}")
+    return ", ".join(parts + [f"n_envs={info.get('n_envs', 1)}"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
@@ -91,7 +100,7 @@ def main() -> None:
             se = 100 * (p * (1 - p) / n) ** 0.5 if n else 0.0
             lines.append(f"| {desc}{cov} | {n} | {o['pc_success']:.1f} ± {se:.1f} | {o['avg_max_reward']:.3f} | "
                          f"{inf['latency_ms']['p50']:.0f} | {inf['iterations_mean']:.1f} | {inf['nfe_mean']:.0f} | "
-                         f"{info['control']['mode']}, n_envs={info.get('n_envs', 1)} |")
+                         f"{controller_text(info)} |")
         if "compare" in info:
             c = info["compare"]
             lines.append(f"\nSame seeds and noise, Picard vs sequential per call: median speed-up {c['speedup']:.2f}x, "
