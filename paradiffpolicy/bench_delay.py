@@ -58,14 +58,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class DelayBenchConfig:
-    phase: str = "success"  # success | report | cost | summary
+    phase: str = "success"  # success | report | cost | summary | policies
     task: str = "pusht_keypoints"
-    tasks: List[str] = field(default_factory=lambda: ["lift", "stack", "pusht_keypoints", "pusht_image"])  # summary only
+    tasks: List[str] = field(default_factory=lambda: ["lift", "stack", "pusht_keypoints", "pusht_image"])  # summary, policies
     sampler: str = "picard"  # a preset of conf/sampler
     sampler_overrides: List[str] = field(default_factory=list)  # e.g. [sampler.num_inference_steps=8]
     label: str = ""  # the runs' folder for this sampler (default: the preset's name)
     checkpoint: str = ""  # another policy of the task (default: the task's own checkpoint)
-    baseline: str = ""  # report only: pair this label's points against the naive and hard points of that label
+    baseline: str = ""  # report, policies: pair this label's points with the naive and hard points of that label
     methods: List[str] = field(default_factory=lambda: ["naive", "soft"])
     inpaint: str = "x0"
     delays: List[int] = field(default_factory=lambda: [0, 2, 4])
