@@ -107,8 +107,8 @@ class EvalConfig:
             check_backend(self.backend)
         if self.server:
             if self.compare or self.controller.inference_process or self.sampler.warm_start:
-                raise ValueError("server= runs every call on the server: compare, controller.inference_process and "
-                                 "sampler.warm_start need it empty")
+                raise ValueError("server= runs every call on the server: compare=true, controller.inference_process=true "
+                                 "and sampler.warm_start=true need a local policy")
             if ":" not in self.server:
                 raise ValueError(f"server={self.server!r} must be host:port")
 

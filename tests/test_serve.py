@@ -7,6 +7,7 @@ import ast
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -176,19 +177,25 @@ def test_bad_input_gets_its_status_naming_the_field_and_the_server_goes_on(serve
 
 
 def test_a_call_past_its_deadline_or_abandoned_costs_nothing_and_is_counted():
+    """Calls queued behind full batches: one whose deadline passes and one its client cancels are
+    dropped before they cost compute, and counted as expired."""
     policy = tiny_policy(steps=100)
-    server = PolicyServer(policy, {"default": SamplerConfig(name="sequential")}, ServerLimits(max_wait_ms=0))
+    server = PolicyServer(policy, {"default": SamplerConfig(name="sequential")}, ServerLimits(max_rows=16, max_batch=16, max_wait_ms=0))
     port = server.start()
     try:
         with RemotePolicy(f"127.0.0.1:{port}") as client:
-            slow = [client._stub.Predict.future(client.request(obs_rows(4), seed=i), timeout=30) for i in range(3)]
+            full = [client._stub.Predict.future(client.request(obs_rows(16), seed=i), timeout=60) for i in range(4)]
+            time.sleep(0.3)  # the first full batch is running, the others queued
             expired = client._stub.Predict.future(client.request(obs_rows(1), seed=9), timeout=0.05)
-            gone = client._stub.Predict.future(client.request(obs_rows(1), seed=10), timeout=30)
+            gone = client._stub.Predict.future(client.request(obs_rows(1), seed=10), timeout=60)
             gone.cancel()  # the client went away mid-call
             assert _status(expired.result)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert all(f.result().action_pred.shape[0] == 4 for f in slow)
+            assert all(f.result().action_pred.shape[0] == 16 for f in full)
+            after = client.predict(obs_rows(1), seed=11)  # the server goes on
+            assert after.action_pred.shape == (1, 16, 2)
             stats = client.stats()
-            assert stats.answered == 3 and stats.rows == 12 and stats.expired >= 1
+            # four full batches and the last call: the expired and the cancelled rows were never computed
+            assert stats.answered == 5 and stats.rows == 4 * 16 + 1 and stats.expired >= 1
     finally:
         server.stop(1)
 

@@ -290,6 +290,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         t0 = time.perf_counter()
         try:
             job = Job(self.parse(request), t0, context)
+            # the call ends (cancelled, deadline, client gone, or answered): a queued job is dropped
+            context.add_callback(lambda: setattr(job, "abandoned", True))
             future = self.batcher.submit(job)
         except BadRequest as e:
             self.counters.add(refused=1)
