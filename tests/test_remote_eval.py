@@ -238,13 +238,14 @@ def test_serve_benchmark_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_ray_serve_engine_with_two_replicas_plays_the_local_episodes(tmp_path):
+def test_the_ray_serve_engine_with_two_replicas_plays_the_local_episodes(tmp_path, monkeypatch):
     """``serve engine=ray ray.replicas=2`` on a local Ray cluster started in its own temporary
     directory: the front end is the same, the chunks come from Ray Serve replicas, and closed-loop
     episodes equal the local ones action for action."""
     pytest.importorskip("ray.serve")
     import ray
 
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster: no token file left in ~/.ray
     from paradiffpolicy.remote.ray_engine import RayEngine, RayOptions
 
     policy = tiny_policy(steps=10, obs_range=(0, 512), action_range=(0, 512))
