@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -90,6 +91,12 @@ class ActionPrefix:
             raise ValueError(f"prefix max_guidance={self.max_guidance} must be > 0")
         if self.mode == "trained" and ((self.weights != 0) & (self.weights != 1)).any():
             raise ValueError("prefix mode='trained' takes weights of 0 or 1 (committed or not), as the network was trained")
+
+    @cached_property
+    def channels(self) -> Tensor:
+        """The network's prefix input (B, T, Da + 1) of mode ``trained``, built once per call, not
+        per network evaluation."""
+        return prefix_channels(self.target, self.weights)
 
     def to(self, device) -> "ActionPrefix":
         return ActionPrefix(self.target.to(device, torch.float32), self.weights.to(device, torch.float32), self.mode,
@@ -154,7 +161,7 @@ class ActionPrefix:
                 raise ValueError("prefix mode 'trained' needs a network trained with the committed prefix as an input "
                                  "(policy.prefix_input=true, train prefix.max_delay > 0); this one has none: use join.method=hard")
             a, w = self._rows(rows)
-            out = model(x, table.timesteps[k], global_cond=cond, prefix=prefix_channels(a, w[..., 0]))
+            out = model(x, table.timesteps[k], global_cond=cond, prefix=self.channels[rows])
             x0, eps = table.predict_x0_eps(out, x, k)
             return self._moved(table, x0, eps, k, w * (a - x0))
         if self.mode != "guided":
