@@ -89,6 +89,18 @@ def available_backends() -> list[str]:
     return out
 
 
+def fastest_float32(device: str = "cpu") -> tuple[str, str]:
+    """The fastest float32 backend installed here for a closed loop, and why, from
+    ``benchmarks/results/backend-cost-*.md`` (both 2-core CPUs measured): ``openvino`` where it is
+    installed (the cheapest batch-1 and batched U-Net calls); else ``jit`` (ONNX Runtime's CPU kernels
+    scale poorly with Picard's batched windows). On a GPU ``jit``: the exported runtimes here are CPU ones."""
+    if str(device).startswith("cuda"):
+        return "jit", "on a GPU: the exported runtimes here run on the CPU"
+    if "openvino" in available_backends():
+        return "openvino", "installed, the fastest float32 backend measured on CPU (backend-cost-*.md)"
+    return "jit", "openvino is not installed (pip install -e \".[openvino]\"); jit is the fastest without it"
+
+
 def runtime_version(backend: str) -> str:
     """The version of the package that runs ``backend`` (torch for the PyTorch backends)."""
     return importlib.metadata.version(RUNTIME.get(backend, "torch"))

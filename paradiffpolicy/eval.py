@@ -30,7 +30,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from paradiffpolicy.backends import check_backend
+from paradiffpolicy.backends import check_backend, fastest_float32
 from paradiffpolicy.checkpoint import load_policy
 from paradiffpolicy.config import SamplerConfig, to_dict
 from paradiffpolicy.control.agent import InferenceLog, PolicyAgent
@@ -39,7 +39,7 @@ from paradiffpolicy.control.runner import PolicyRunner
 from paradiffpolicy.envs import TaskConfig, make_env
 from paradiffpolicy.errors import InferenceUnavailable
 from paradiffpolicy.measure import provenance
-from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, run_dir, sigterm_as_keyboard_interrupt, versions
+from paradiffpolicy.runtime import REPO_ROOT, cpu_model, exit_on_bad_input, resolve_device, run_dir, sigterm_as_keyboard_interrupt, versions
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ class EvalConfig:
     video: bool = False
     device: str = "cpu"
     # how the networks run (paradiffpolicy.backends): eager, jit, compile, onnxruntime, openvino, openvino-bf16;
-    # null: eager, or the backend a tuned preset (sampler=tuned) was timed on
+    # auto: the fastest float32 backend installed (controller=realtime's default; the tuned preset's
+    # own with sampler=tuned); null: eager, or the backend a tuned preset (sampler=tuned) was timed on
     backend: Optional[str] = None
     threads: int = 2
     output_dir: str = ""  # default: the Hydra run directory
@@ -98,15 +99,15 @@ class EvalConfig:
             raise ValueError(f"n_episodes={self.n_episodes} must be >= 1")
         if self.n_envs < 1 or (self.n_envs > 1 and self.controller.mode == "realtime"):
             raise ValueError(f"n_envs={self.n_envs} must be >= 1, and 1 with controller.mode={self.controller.mode!r}")
-        if self.compare and self.controller.inference_process:
+        if self.compare and self.controller.inference_process is True:
             raise ValueError("compare=true needs controller.inference_process=false (the reference sampler runs in-process)")
         if self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1")
         resolve_device(self.device)
-        if self.backend is not None:
+        if self.backend not in (None, "auto"):
             check_backend(self.backend)
         if self.server:
-            if self.compare or self.controller.inference_process or self.sampler.warm_start:
+            if self.compare or self.controller.inference_process is True or self.sampler.warm_start:
                 raise ValueError("server= runs every call on the server: compare=true, controller.inference_process=true "
                                  "and sampler.warm_start=true need a local policy")
             if ":" not in self.server:
@@ -114,6 +115,30 @@ class EvalConfig:
 
 
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+def choose_backend(cfg: EvalConfig) -> tuple[str | None, str]:
+    """The backend ``load_policy`` gets, and why (``backend=auto``: the fastest float32 one installed,
+    or the tuned preset's own)."""
+    if cfg.backend != "auto":
+        return cfg.backend, "as given" if cfg.backend else "the default"
+    if cfg.sampler.name == "tuned":
+        return None, "the backend sampler=tuned was timed on"
+    return fastest_float32(cfg.device)
+
+
+def choose_inference_process(cfg: EvalConfig) -> tuple[bool, str]:
+    """Whether the policy runs in a worker process, and why (``controller.inference_process`` null:
+    yes on the wall clock, so inference never shares the control loop's interpreter, unless the
+    calls go to a server or ``compare=true`` needs the reference sampler in-process)."""
+    given = cfg.controller.inference_process
+    if given is not None:
+        return given, "as given"
+    if cfg.controller.mode != "realtime":
+        return False, f"controller.mode={cfg.controller.mode} steps without a clock"
+    if cfg.server or cfg.compare:
+        return False, "server= infers remotely" if cfg.server else "compare=true runs the reference sampler in-process"
+    return True, "the control loop never waits on the policy's interpreter"
 
 
 def check_env_matches_policy(env, policy, task: str, checkpoint: str) -> None:
@@ -179,16 +204,23 @@ class Evaluator:
             self.policy = ServedPolicy(self.client, r.sampler)
             log.info("policy served by %s (%s)", cfg.server, self.policy.backend)
         else:
-            self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device, backend=cfg.backend)
+            backend, why_backend = choose_backend(cfg)
+            self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device, backend=backend)
+            if cfg.backend == "auto":
+                log.info("backend %s: %s", self.policy.backend, why_backend)
         self.env = make_env(cfg.task, render=cfg.video)
         self.extra_envs = [make_env(cfg.task) for _ in range(cfg.n_envs - 1)]
         check_env_matches_policy(self.env, self.policy, cfg.task.name, cfg.checkpoint)
         pc = self.policy.config
-        # the controller with its join resolved for this policy (auto: trained or naive)
-        self.controller = dataclasses.replace(cfg.controller, join=cfg.controller.join.for_policy(pc))
+        # the controller with its join (auto: trained or naive) and inference process resolved
+        in_process, why_process = choose_inference_process(cfg)
+        self.controller = dataclasses.replace(cfg.controller, join=cfg.controller.join.for_policy(pc), inference_process=in_process)
         if cfg.controller.mode != "fast" and cfg.controller.join.method == "auto":
             log.info("join %s: %s", self.controller.join.method, "the policy was trained with the committed prefix"
-                     if pc.prefix_input else "the policy was not trained with the committed prefix")
+                     if pc.prefix_input else "not trained with the committed prefix, and no inference-time join beats naive "
+                     "measurably (delay-summary.md)")
+        if cfg.controller.mode == "realtime" and cfg.controller.inference_process is None:
+            log.info("inference %s: %s", "in a worker process" if in_process else "in this process", why_process)
         self.schedule = None if cfg.controller.mode != "delay" else DelaySchedule(
             self.controller, pc.n_action_steps, pc.horizon - pc.executed_start, cfg.controller.hz or cfg.task.control_hz,
             cfg.task.hold)
@@ -210,7 +242,7 @@ class Evaluator:
         if cfg.compare:  # the sequential sampler of the same scheduler and steps, on the same backend
             reference = self.policy.make_sampler(SamplerConfig(name="sequential", scheduler=sampler.scheduler,
                                                                num_inference_steps=sampler.num_inference_steps))
-        in_worker = cfg.controller.mode == "realtime" and cfg.controller.inference_process  # the worker warms its own
+        in_worker = self.controller.mode == "realtime" and self.controller.inference_process  # the worker warms its own
         if backend != "eager" and not in_worker and not cfg.server:  # trace / compile / export (each sampler's shape) before the first timed call
             ready = sum(self.policy.warm_up(cfg.n_envs, s) for s in (self.policy.sampler, reference) if s is not None)
             log.info("%s backend ready after %.1f s", backend, ready)
@@ -355,7 +387,7 @@ def compose_eval_config(overrides: list[str]) -> EvalConfig:
     composition of ``conf/``), for commands that run evaluations themselves."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         return OmegaConf.to_object(compose(config_name="eval", overrides=overrides))
 
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import subprocess
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from paradiffpolicy.runtime import cpu_model, versions
+from paradiffpolicy.runtime import REPO_ROOT, cpu_model, versions
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def percentiles(values) -> dict[str, float]:
@@ -78,10 +76,10 @@ def max_abs_deviation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def git_revision() -> str | None:
     """The repository's commit (``+dirty`` with uncommitted changes), or None outside a checkout."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True,
                                text=True, timeout=10).stdout.strip()
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -16,9 +16,10 @@ import yaml
 
 from paradiffpolicy.backends import check_backend
 from paradiffpolicy.config import SamplerConfig, from_dict
+from paradiffpolicy.runtime import REPO_ROOT
 
 FILENAME = "sampler_tuned.json"
-CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+CONF = REPO_ROOT / "conf" / "sampler"
 
 
 def sampler_preset(name: str, **overrides) -> SamplerConfig:

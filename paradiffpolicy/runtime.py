@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+#: The repository checkout the package runs from: ``conf/`` (Hydra presets) and ``checkpoints/`` live here.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 def versions() -> dict[str, str | None]:
     """Versions of the interpreter and every package that changes results."""

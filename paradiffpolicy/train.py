@@ -115,7 +115,7 @@ class TrainConfig:
     init_from: Optional[str] = None
     # auxiliary target for a camera policy: a dataset array of simulator state that the encoded
     # observation must also predict through a linear head (training only; the exported policy never
-    # sees it), e.g. ``privileged.state`` from python -m paradiffpolicy.add_privileged_state
+    # sees it), e.g. ``privileged.state`` from python -m paradiffpolicy.data.add_privileged_state
     aux_state: Optional[str] = None
     aux_weight: float = 1.0
     prefix: PrefixTrainingConfig = field(default_factory=PrefixTrainingConfig)
@@ -272,7 +272,7 @@ class Trainer:
             return None, None
         if name not in buf.keys:
             raise ValueError(f"aux_state={name!r} is not an array of dataset {buf.path} (keys {buf.keys}); "
-                             "python -m paradiffpolicy.add_privileged_state adds privileged.state to an expert's store")
+                             "python -m paradiffpolicy.data.add_privileged_state adds privileged.state to an expert's store")
         if not self.policy.obs_encoder.has_images:
             raise ValueError(f"aux_state={name!r} trains an image encoder, but this policy has no camera feature")
         state = torch.from_numpy(np.asarray(buf[name], dtype=np.float32).reshape(self.n_steps, -1))

@@ -27,11 +27,11 @@ for stage in $stages; do
         python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$out/$machine-test_cuda.txt" 2>&1 || true
         tail -n 3 "$out/$machine-test_cuda.txt" ;;
     random)
-        python3 -m paradiffpolicy.bench_sampler device=cuda checkpoint=random "down_dims=[256,512,1024]" "windows=[8,16,32]" \
+        python3 -m paradiffpolicy.bench.sampler device=cuda checkpoint=random "down_dims=[256,512,1024]" "windows=[8,16,32]" \
             tols=[0.1] "inits=[copy,rollout]" "backends=[eager,compile]" trials=20 warmup=3 dev_samples=0 \
             machine="$machine" out="$out/$machine-random-paper.json" ;;
     lift)
-        python3 -m paradiffpolicy.bench_sampler device=cuda checkpoint=checkpoints/lift "windows=[8,16,32]" "tols=[0.1,0.01,0.005]" \
+        python3 -m paradiffpolicy.bench.sampler device=cuda checkpoint=checkpoints/lift "windows=[8,16,32]" "tols=[0.1,0.01,0.005]" \
             "inits=[rollout]" "backends=[eager,compile]" trials=20 warmup=3 dev_samples=128 machine="$machine" \
             out="$out/$machine-lift.json" ;;
     tune)  # the fastest setting within 1e-2 on this GPU, eager vs jit vs the same-backend sequential sampler

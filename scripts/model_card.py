@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
     ap.add_argument("--eval", action="append", default=[], help="eval_info.json (repeatable)")
-    ap.add_argument("--expert", help="python -m paradiffpolicy.eval_expert output")
+    ap.add_argument("--expert", help="python -m paradiffpolicy.data.eval_expert output")
     ap.add_argument("--collect", required=True, help="the exact collection command")
     ap.add_argument("--note", default="")
     ap.add_argument("--trained-alone", action="store_true", help="training had the machine to itself")
@@ -108,7 +108,7 @@ def main() -> None:
     if a.note:
         lines += ["", a.note]
     lines += ["", "Latencies above come from the evaluation run, which shared the CPU with other jobs when batched "
-              "(n_envs > 1): use `python -m paradiffpolicy.bench_sampler` numbers in `benchmarks/results/` for speed."]
+              "(n_envs > 1): use `python -m paradiffpolicy.bench.sampler` numbers in `benchmarks/results/` for speed."]
     (ck / "README.md").write_text("\n".join(lines) + "\n")
     print((ck / "README.md").read_text())
 

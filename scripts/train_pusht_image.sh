@@ -13,7 +13,7 @@ rc=$?; echo "stage 1 rc=$rc $(date +%T)" >> outputs/train-pusht_image.log
 [ -d outputs/train/pusht_image/step30000 ] || cp -r outputs/train/pusht_image/last outputs/train/pusht_image/step30000
 python -m paradiffpolicy.collect task=pusht_image n_episodes=600 seed=0 output=data/pusht_image_600.zarr progress=false \
   hydra.run.dir=outputs/collect/pusht_image_600 >> outputs/collect-pusht_image_600.log 2>&1 || exit
-[ -e data/pusht_image_600.zarr/data/privileged.state ] || python -m paradiffpolicy.add_privileged_state \
+[ -e data/pusht_image_600.zarr/data/privileged.state ] || python -m paradiffpolicy.data.add_privileged_state \
   store=data/pusht_image_600.zarr state_task=pusht_keypoints progress=false >> outputs/privileged-pusht_image_600.log 2>&1 || exit
 python -m paradiffpolicy.train $common dataset=data/pusht_image_600.zarr output_dir=outputs/train/pusht_image_aux \
   init_from=outputs/train/pusht_image/step30000 steps=10000 aux_state=privileged.state aux_weight=1.0 \

@@ -1,4 +1,4 @@
-"""python -m paradiffpolicy.bench_sampler: every variant is compared with the sequential sample and timed against
+"""python -m paradiffpolicy.bench.sampler: every variant is compared with the sequential sample and timed against
 each sequential reference in the same run."""
 
 import importlib
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_reports_deviation_and_speedups_for_every_variant(tmp_path):
     out = tmp_path / "bench.json"
-    report = importlib.import_module("paradiffpolicy.bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
+    report = importlib.import_module("paradiffpolicy.bench.sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
                             "trials=2", "warmup=1", "window=8", "tol=0.5", "inits=[copy,rollout]", "backends=[eager,jit]",
                             "threads=1", f"out={out}"])
     variants = report["variants"]
@@ -42,7 +42,7 @@ def test_bench_reports_deviation_and_speedups_for_every_variant(tmp_path):
 
 @pytest.mark.slow
 def test_bench_sweeps_tolerances_and_counts_deviating_samples(tmp_path):
-    report = importlib.import_module("paradiffpolicy.bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
+    report = importlib.import_module("paradiffpolicy.bench.sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
                             "trials=1", "warmup=0", "window=8", "tols=[0.0,2.0]", "dev_samples=16", "threads=1",
                             f"out={tmp_path / 'bench.json'}"])
     exact, loose = report["variants"]["picard-rollout-tol0"], report["variants"]["picard-rollout-tol2"]
@@ -56,7 +56,7 @@ def test_bench_sweeps_tolerances_and_counts_deviating_samples(tmp_path):
 
 @pytest.mark.slow
 def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
-    report = importlib.import_module("paradiffpolicy.bench_sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
+    report = importlib.import_module("paradiffpolicy.bench.sampler").main(["checkpoint=random", "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=20",
                             "trials=2", "warmup=1", "window=8", "tol=0.5", "inits=[copy]", "threads=1",
                             f"out={tmp_path / 'bench.json'}"])
     assert set(report["variants"]) == {"picard-copy"}
@@ -69,25 +69,25 @@ def test_bench_measures_deviation_without_a_jit_reference(tmp_path):
 def test_bench_uses_the_shipped_observations_and_says_so(tmp_path, capsys):
     """A fresh clone has no training data: the bench reads the observation windows shipped with the
     checkpoint (and refuses obs=dataset rather than fall back silently)."""
-    report = importlib.import_module("paradiffpolicy.bench_sampler").main(["checkpoint=checkpoints/pusht", "trials=1", "warmup=0", "window=8", "tol=0.1", "dev_samples=4",
+    report = importlib.import_module("paradiffpolicy.bench.sampler").main(["checkpoint=checkpoints/pusht", "trials=1", "warmup=0", "window=8", "tol=0.1", "dev_samples=4",
                             "threads=1", "num_inference_steps=10", "scheduler=ddim", f"out={tmp_path / 'b.json'}"])
     assert report["observations"].startswith("shipped sample checkpoints/pusht/observations.safetensors: 256 windows")
     assert "observations: shipped sample" in capsys.readouterr().err
     if not (ROOT / "data" / "pusht.zarr").exists():
         with pytest.raises(SystemExit, match="training data .* is not here"):
-            importlib.import_module("paradiffpolicy.bench_sampler").main(["checkpoint=checkpoints/pusht", "obs=dataset", "trials=1", "threads=1"])
+            importlib.import_module("paradiffpolicy.bench.sampler").main(["checkpoint=checkpoints/pusht", "obs=dataset", "trials=1", "threads=1"])
 
 
 def test_bench_rejects_unknown_keys():
     with pytest.raises(SystemExit, match="windw"):
-        importlib.import_module("paradiffpolicy.bench_sampler").main(["windw=8"])
+        importlib.import_module("paradiffpolicy.bench.sampler").main(["windw=8"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", [str(ROOT / "tests" / "fixtures" / "interop" / "dp_lowdim_tiny" / "latest.ckpt"),
                                         str(ROOT / "tests" / "fixtures" / "interop" / "lerobot_lowdim_tiny")])
 def test_bench_takes_foreign_checkpoints(tmp_path, checkpoint):
-    report = importlib.import_module("paradiffpolicy.bench_sampler").main([f"checkpoint={checkpoint}", "num_inference_steps=10", "trials=1", "warmup=0", "window=4",
+    report = importlib.import_module("paradiffpolicy.bench.sampler").main([f"checkpoint={checkpoint}", "num_inference_steps=10", "trials=1", "warmup=0", "window=4",
                             "tol=0.0", "dev_samples=4", "threads=1"])
     assert report["picard"]["max_abs_dev"] < 1e-5  # tol=0: the sequential sample
     assert report["observations"].startswith("uniform")
@@ -96,7 +96,7 @@ def test_bench_takes_foreign_checkpoints(tmp_path, checkpoint):
 @pytest.mark.slow
 def test_bench_times_the_image_encoder_apart(tmp_path):
     out = tmp_path / "img.json"
-    report = importlib.import_module("paradiffpolicy.bench_sampler").main(["checkpoint=random", "image_shape=[3,32,32]", "crop_shape=[28,28]", "obs_dim=2", "action_dim=2",
+    report = importlib.import_module("paradiffpolicy.bench.sampler").main(["checkpoint=random", "image_shape=[3,32,32]", "crop_shape=[28,28]", "obs_dim=2", "action_dim=2",
                             "down_dims=[16,32]", "diffusion_step_embed_dim=16", "num_inference_steps=8", "trials=2",
                             "warmup=0", "window=4", "tol=0.0", "dev_samples=3", "threads=1", "baselines=[ddim:4]", f"out={out}"])
     assert [f["name"] for f in report["features"]] == ["observation.state", "observation.image"]
@@ -143,10 +143,10 @@ def test_holm_adjusts_for_the_number_of_pairs():
 
 @pytest.mark.slow
 def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
-    """python -m paradiffpolicy.bench_delay on the shipped PushT keypoints policy, short episodes:
+    """python -m paradiffpolicy.bench.delay on the shipped PushT keypoints policy, short episodes:
     complete points are skipped on rerun; the report pairs every point with naive at the same d
     and with its own d = 0; the cost phase times every join on the shipped observations."""
-    from paradiffpolicy import bench_delay
+    from paradiffpolicy.bench import delay as bench_delay
 
     common = ["task=pusht_keypoints", "methods=[naive,soft]", "delays=[0,3]", "n_episodes=3", "n_envs=2", "max_steps=24",
               "threads=1", f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"]
@@ -218,10 +218,10 @@ def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
 
 @pytest.mark.slow
 def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
-    """python -m paradiffpolicy.bench_frontier end to end on the shipped PushT policy, three samplers, short
+    """python -m paradiffpolicy.bench.frontier end to end on the shipped PushT policy, three samplers, short
     episodes: complete settings are skipped on rerun, the report has success ± SE, its interval,
     wins/losses against DDPM-100 and latency; the summary joins reports and names missing ones."""
-    mod = importlib.import_module("paradiffpolicy.bench_frontier")
+    mod = importlib.import_module("paradiffpolicy.bench.frontier")
     common = ["task=pusht", "settings=[ddpm100,ddim8,paraddim10-p4]", "n_episodes=3", "n_envs=2", "max_steps=24", "threads=1",
               f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"]
     mod.main(["phase=success", *common])
@@ -273,13 +273,13 @@ def test_frontier_success_latency_report_on_the_same_seeds(tmp_path):
 
 @pytest.mark.slow
 def test_make_obs_sample_ships_held_out_windows(tmp_path):
-    """python -m paradiffpolicy.make_obs_sample: windows of To real observations from expert episodes on a
+    """python -m paradiffpolicy.data.make_obs_sample: windows of To real observations from expert episodes on a
     collection seed other than the training data's, with their source recorded."""
     import shutil
 
     from paradiffpolicy.data.obs_sample import load_observation_sample
 
-    mod = importlib.import_module("paradiffpolicy.make_obs_sample")
+    mod = importlib.import_module("paradiffpolicy.data.make_obs_sample")
     ck = tmp_path / "pusht"
     shutil.copytree(ROOT / "checkpoints" / "pusht", ck)
     (ck / "observations.safetensors").unlink()
@@ -305,7 +305,7 @@ def test_make_obs_sample_keeps_camera_frames(tmp_path):
     image = ROOT.parent / "shared" / "interop" / "lerobot_image_small"
     if not image.is_dir():
         pytest.skip("../shared/interop/lerobot_image_small is not here")
-    mod = importlib.import_module("paradiffpolicy.make_obs_sample")
+    mod = importlib.import_module("paradiffpolicy.data.make_obs_sample")
     ck = tmp_path / "pusht_image"
     convert(image, ck)
     mod.main(["task=pusht_image", f"checkpoint={ck}", "episodes=1", "windows=8"])
@@ -331,7 +331,7 @@ def test_compare_checkpoints_measures_the_weight_format_against_the_sampler(tmp_
     save_policy(policy, tmp_path / "f16", weights_dtype="float16")
     windows = torch.rand(4, 2, 5, generator=torch.Generator().manual_seed(1))
     save_observation_sample(tmp_path / "f16", {"observation.state": windows}, {"source": "4 random windows (test)"})
-    compare = importlib.import_module("paradiffpolicy.compare_checkpoints").main
+    compare = importlib.import_module("paradiffpolicy.bench.compare_checkpoints").main
     out = tmp_path / "cmp.json"
     report = compare([f"a={tmp_path / 'f16'}", f"b={tmp_path / 'f32'}", "threads=1", f"out={out}"])
     assert report["windows"] == 4 and (report["a_weights_dtype"], report["b_weights_dtype"]) == ("float16", "float32")
@@ -348,7 +348,7 @@ def test_compare_checkpoints_measures_the_weight_format_against_the_sampler(tmp_
 @pytest.mark.slow
 def test_eval_expert_scores_the_scripted_expert_on_the_evaluation_seeds(tmp_path):
     out = tmp_path / "expert.json"
-    report = importlib.import_module("paradiffpolicy.eval_expert").main(["task=pusht", "n_episodes=2", f"out={out}"])
+    report = importlib.import_module("paradiffpolicy.data.eval_expert").main(["task=pusht", "n_episodes=2", f"out={out}"])
     assert report["seeds"] == [10_000_000, 10_000_001]
     assert [r["seed"] for r in report["per_episode"]] == [10_000_000, 10_000_001]
     assert report["avg_max_reward"] > 0.9  # the expert pushes the T onto the goal
@@ -359,7 +359,7 @@ def test_eval_expert_scores_the_scripted_expert_on_the_evaluation_seeds(tmp_path
 @pytest.mark.slow
 @needs_backend("openvino")
 def test_backend_bench_names_the_fastest_sequential_and_measures_each_backends_deviation(tmp_path):
-    from paradiffpolicy.bench_backends import main
+    from paradiffpolicy.bench.backends import main
 
     r = main(["task=lift", "backends=[eager,openvino]", "threads=[1]", "batches=[1,4]", "trials=3", "warmup=1", f"out={tmp_path}"])
     m = r["by_threads"][0]

@@ -233,7 +233,7 @@ def test_pixel_demonstrations_train_an_image_policy_that_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_privileged_state_replays_the_store_and_trains_the_encoder_as_an_auxiliary_target(tmp_path):
-    """python -m paradiffpolicy.add_privileged_state replays a pixel store's expert attempts in the state task
+    """python -m paradiffpolicy.data.add_privileged_state replays a pixel store's expert attempts in the state task
     (row for row, actions and rewards exactly as stored; a store that does not replay is refused
     and left as it was); ``aux_state`` then adds a head on the encoded observation, saved with the
     run state and resumed, never exported."""
@@ -246,7 +246,7 @@ def test_privileged_state_replays_the_store_and_trains_the_encoder_as_an_auxilia
     from paradiffpolicy.models.vision import VisionConfig
     from paradiffpolicy.train import TrainConfig, Trainer
 
-    script = importlib.import_module("paradiffpolicy.add_privileged_state")
+    script = importlib.import_module("paradiffpolicy.data.add_privileged_state")
     task = from_dict(TaskConfig, OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / "pusht_image.yaml")), name="task")
     task.max_steps = 30
     store = tmp_path / "pusht_image.zarr"

@@ -446,7 +446,7 @@ def test_realtime_loop_script_writes_soak_rows_as_it_goes(tmp_path, pusht_ckpt):
     """The example control loop (PolicyRunner around a real PushT env at 10 Hz) with interval
     reporting: rows land in the JSONL while running; the report has memory and latency drift."""
     out = tmp_path / "soak.json"
-    cmd = [sys.executable, "-m", "paradiffpolicy.realtime_loop", f"checkpoint={pusht_ckpt}", "task=pusht",
+    cmd = [sys.executable, str(ROOT / "examples" / "realtime_loop.py"), f"checkpoint={pusht_ckpt}", "task=pusht",
            "ticks=25", "interval_s=0.5", f"out={out}",
            "sampler.scheduler=null", "sampler.num_inference_steps=null", "window=4"]  # the tiny checkpoint has 10 steps
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from paradiffpolicy import CheckpointError, DiffusionPolicy, SamplerConfig, load_policy, save_policy
+from paradiffpolicy import CheckpointError, SamplerConfig, load_policy, save_policy
 from paradiffpolicy.config import from_dict
 
 from conftest import tiny_policy

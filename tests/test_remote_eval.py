@@ -3,7 +3,6 @@ local policy (equal actions, fast mode), every controller runs remotely, and fau
 machinery (a server killed and restarted, an inference worker killed) are held through, counted,
 and never scored as policy failures."""
 
-import json
 import os
 import shutil
 import signal
@@ -220,9 +219,9 @@ def test_a_client_killed_mid_call_costs_the_server_nothing():
 
 @pytest.mark.slow
 def test_serve_benchmark_runs_end_to_end(tmp_path):
-    """python -m paradiffpolicy.bench_serve with tiny settings: every call answered (none lost),
+    """python -m paradiffpolicy.bench.serve with tiny settings: every call answered (none lost),
     batched and unbatched servers, plaintext and TLS, the local reference, JSON + Markdown + plot."""
-    from paradiffpolicy import bench_serve
+    from paradiffpolicy.bench import serve as bench_serve
     from paradiffpolicy.data.obs_sample import save_observation_sample
 
     save_policy(tiny_policy(steps=10), tmp_path / "ck")

@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 
@@ -45,8 +45,9 @@ class ControllerConfig:
     mode: str = "fast"
     hz: float = 0.0  # 0: the task's control rate
     late_tolerance: float = 0.5  # a tick that starts later than this fraction of a period is late
-    # realtime only: run the policy in a worker process (see control/worker.py), not a thread
-    inference_process: bool = False
+    # realtime only: run the policy in a worker process (see control/worker.py), not a thread; null:
+    # yes on the wall clock unless eval's server= or compare=true needs otherwise (eval.choose_inference_process)
+    inference_process: Optional[bool] = None
     # delay only: the ticks d each call takes; or, when delay_ms is given, d = ceil(ms * hz / 1000)
     # for a latency drawn per call from delay_ms (a measured distribution), seeded by the episode
     delay: int = 0
@@ -69,7 +70,7 @@ class ControllerConfig:
             raise ValueError(f"controller.hz={self.hz} must be >= 0 (0 = the task's rate)")
         if self.late_tolerance < 0:
             raise ValueError(f"controller.late_tolerance={self.late_tolerance} must be >= 0")
-        if self.inference_process and self.mode != "realtime":
+        if self.inference_process is True and self.mode != "realtime":
             raise ValueError("controller.inference_process=true needs controller.mode=realtime")
         if self.delay < 0 or self.execute < 0:
             raise ValueError(f"controller.delay={self.delay} and controller.execute={self.execute} must be >= 0")

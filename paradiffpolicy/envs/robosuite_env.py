@@ -4,8 +4,6 @@ headless with ``MUJOCO_GL=osmesa``; frames are returned upright, uint8 (H, W, 3)
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 
 import numpy as np
@@ -13,18 +11,39 @@ import numpy as np
 from paradiffpolicy.envs.base import PolicyEnv, StepResult, TaskConfig
 
 
-def _quiet_import():
-    # robosuite logs warnings about optional extras at import; they are not actionable here
-    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()):
-        import robosuite
-    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
+#: robosuite's start-up warnings that concern no user of this package, matched by their beginning:
+#: the private macro file (its defaults are the settings we use) and optional robots we never build
+#: (``robosuite_models``, GR1's mink IK). Any other robosuite warning still shows.
+STARTUP_NOISE = (
+    "No private macro file found!",
+    "It is recommended to use a private macro file",
+    "To setup, run: python ",
+    "Could not import robosuite_models.",
+    "Could not load the mink-based whole-body IK.",
+)
+
+
+class DropStartupNoise(logging.Filter):
+    """Drops exactly :data:`STARTUP_NOISE` from robosuite's logger (before its handlers and Hydra's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(STARTUP_NOISE)
+
+
+def import_robosuite():
+    """``import robosuite`` without its start-up noise: the filter sits on the ``robosuite_logs``
+    logger itself, which robosuite's own console handler and Hydra's propagation both go through."""
+    logger = logging.getLogger("robosuite_logs")
+    if not any(isinstance(f, DropStartupNoise) for f in logger.filters):
+        logger.addFilter(DropStartupNoise())
+    import robosuite
+
     return robosuite
 
 
 class RobosuiteEnv(PolicyEnv):
     def __init__(self, task: TaskConfig, render: bool = False, render_size: int = 256):
-        suite = _quiet_import()
+        suite = import_robosuite()
         self.task = task
         self.render_size = render_size
         self._render = render

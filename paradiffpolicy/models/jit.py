@@ -4,7 +4,7 @@ A batch-1 call of the small Diffusion Policy U-Net on a CPU spends much of its t
 (module calls, FiLM reshapes); a traced graph removes most of that, with bitwise-equal outputs. It
 helps the sequential sampler (many batch-1 calls) more than Picard (few batched calls), so a
 speed-up is only honest against a sequential sampler on the same backend
-(``python -m paradiffpolicy.bench_sampler backends=[eager,jit]``; measurements in ``benchmarks/README.md``).
+(``python -m paradiffpolicy.bench.sampler backends=[eager,jit]``; measurements in ``benchmarks/README.md``).
 
 The traced graph shares the module's parameters (in-place updates and ``load_state_dict`` are
 seen); it is rebuilt per device because tracing records the device of tensors created inside

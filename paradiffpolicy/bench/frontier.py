@@ -1,10 +1,10 @@
 """Success × latency for every sampler a user would consider, on the same episodes.
 
-    python -m paradiffpolicy.bench_frontier phase=success task=lift       # closed-loop episodes (hours; resumable)
-    python -m paradiffpolicy.bench_frontier phase=latency task=lift       # batch-1 latency, run alone
-    python -m paradiffpolicy.bench_frontier phase=report task=lift        # JSON + Markdown + plot
-    python -m paradiffpolicy.bench_frontier phase=summary tasks=[lift,stack,pusht_keypoints]  # one table, all tasks
-    python -m paradiffpolicy.bench_frontier phase=pooled task=stack "pooled_runs=[runs/a,runs/b]"  # seed sets pooled
+    python -m paradiffpolicy.bench.frontier phase=success task=lift       # closed-loop episodes (hours; resumable)
+    python -m paradiffpolicy.bench.frontier phase=latency task=lift       # batch-1 latency, run alone
+    python -m paradiffpolicy.bench.frontier phase=report task=lift        # JSON + Markdown + plot
+    python -m paradiffpolicy.bench.frontier phase=summary tasks=[lift,stack,pusht_keypoints]  # one table, all tasks
+    python -m paradiffpolicy.bench.frontier phase=pooled task=stack "pooled_runs=[runs/a,runs/b]"  # seed sets pooled
 
 ``success`` runs ``paradiffpolicy.eval`` once per sampler setting (``n_episodes`` fixed seeds, the
 same for every setting; ``n_envs`` environments batched for throughput, which changes no episode)
@@ -39,11 +39,10 @@ from paradiffpolicy.data.obs_sample import load_observation_sample
 from paradiffpolicy.eval import run_complete
 from paradiffpolicy.measure import interleaved, percentiles, provenance
 from paradiffpolicy.presets import LABELS, SETTINGS, named_sampler
-from paradiffpolicy.runtime import cpu_model
+from paradiffpolicy.runtime import REPO_ROOT, cpu_model
 from paradiffpolicy.success_stats import (finish_success_plot, holm, new_success_plot, paired, success_cell,
                                           success_summary, wilson_interval, write_report)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class FrontierConfig:
@@ -96,7 +95,7 @@ def sampler_config(cfg: FrontierConfig, name: str) -> SamplerConfig:
 
 
 def checkpoint_of(task: str) -> Path:
-    return ROOT / "checkpoints" / task
+    return REPO_ROOT / "checkpoints" / task
 
 
 def success_phase(cfg: FrontierConfig) -> None:
@@ -117,7 +116,7 @@ def latency_phase(cfg: FrontierConfig) -> dict:
     policy = load_policy(ckpt, sampler=SamplerConfig(name="sequential"))
     sample = load_observation_sample(ckpt)
     if sample is None:
-        raise SystemExit(f"{ckpt} has no observation sample ({ckpt}/observations.safetensors); see python -m paradiffpolicy.make_obs_sample")
+        raise SystemExit(f"{ckpt} has no observation sample ({ckpt}/observations.safetensors); see python -m paradiffpolicy.data.make_obs_sample")
     obs_all, obs_meta = sample
     samplers = {name: policy.make_sampler(sampler_config(cfg, name)) for name in cfg.settings}
     for b in cfg.backends:
@@ -146,7 +145,7 @@ def latency_phase(cfg: FrontierConfig) -> dict:
         best = min(cfg.backends, key=lambda b: by_backend[b]["latency_ms"]["p50"])
         settings[n] = {**by_backend[best], "backend": best, "by_backend": by_backend}
     result = {
-        "task": cfg.task, "checkpoint": str(ckpt.relative_to(ROOT)), "backends": list(cfg.backends), "batch": 1,
+        "task": cfg.task, "checkpoint": str(ckpt.relative_to(REPO_ROOT)), "backends": list(cfg.backends), "batch": 1,
         "trials": cfg.trials, "observations": obs_meta, "cpu": cpu_model(), "threads": cfg.threads,
         "provenance": provenance(cfg.threads, backends=list(cfg.backends)),
         "settings": settings,

@@ -1,6 +1,6 @@
 """Score a scripted expert on the evaluation seeds (the same initial states the policies see).
 
-    python -m paradiffpolicy.eval_expert task=pusht n_episodes=50 out=checkpoints/pusht/expert_eval.json
+    python -m paradiffpolicy.data.eval_expert task=pusht n_episodes=50 out=checkpoints/pusht/expert_eval.json
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from paradiffpolicy.control.controller import Episode
 from paradiffpolicy.data.experts import make_expert
 from paradiffpolicy.envs import make_env
 import paradiffpolicy.eval  # noqa: F401 - registers the eval schema with Hydra
+from paradiffpolicy.runtime import REPO_ROOT
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Args:
 
 def main(argv: list[str]) -> dict:
     args, rest = script_arguments(Args, argv)
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[f"task={args.task}", *rest])
     task = OmegaConf.to_object(cfg).task
     env = make_env(task)

@@ -1,7 +1,7 @@
 """Sequential vs Picard sampling latency, side by side, interleaved, in one run.
 
-    python -m paradiffpolicy.bench_sampler checkpoint=random window=16 tol=0.1 out=benchmarks/results/cpu-2core.json
-    python -m paradiffpolicy.bench_sampler checkpoint=checkpoints/lift device=cuda
+    python -m paradiffpolicy.bench.sampler checkpoint=random window=16 tol=0.1 out=benchmarks/results/cpu-2core.json
+    python -m paradiffpolicy.bench.sampler checkpoint=checkpoints/lift device=cuda
 
 Overrides are Hydra-style ``key=value`` (see ``BenchConfig``). Each trial draws a fresh observation
 and noise, then times the sequential sampler and every Picard variant on exactly that input, in an
@@ -123,7 +123,7 @@ def observation_source(cfg: BenchConfig, policy: DiffusionPolicy, gen: torch.Gen
     pc = policy.config
     sample = None if cfg.checkpoint == "random" else load_observation_sample(cfg.checkpoint)
     if cfg.obs == "sample" and sample is None:
-        raise SystemExit(f"obs=sample: {cfg.checkpoint} ships no observations.safetensors (python -m paradiffpolicy.make_obs_sample)")
+        raise SystemExit(f"obs=sample: {cfg.checkpoint} ships no observations.safetensors (python -m paradiffpolicy.data.make_obs_sample)")
     if cfg.obs in ("auto", "sample") and sample is not None:
         windows, source = sample
 

@@ -1,6 +1,6 @@
 """Add the simulator's state to a camera store collected by a scripted expert, for training only.
 
-    python -m paradiffpolicy.add_privileged_state store=data/pusht_image_600.zarr state_task=pusht_keypoints [task.KEY=VALUE ...]
+    python -m paradiffpolicy.data.add_privileged_state store=data/pusht_image_600.zarr state_task=pusht_keypoints [task.KEY=VALUE ...]
 
 A camera policy learns to read the scene from pixels; with few training steps (a CPU) its image
 encoder is what stays weak. The simulator knows the scene exactly, so a trainer can use it as an
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_dir
@@ -27,7 +26,7 @@ from paradiffpolicy.collect import SEED_STRIDE, run_expert_episode  # noqa: E402
 from paradiffpolicy.config import script_arguments
 from paradiffpolicy.data.replay_buffer import ReplayBuffer, ReplayBufferError
 from paradiffpolicy.envs import make_env
-from paradiffpolicy.runtime import exit_on_bad_input
+from paradiffpolicy.runtime import REPO_ROOT, exit_on_bad_input
 
 KEY = "privileged.state"
 
@@ -81,7 +80,7 @@ def main(argv: list[str]) -> np.ndarray:
     buf = ReplayBuffer.open(args.store, mode="a")
     if "max_steps" in buf.attrs:  # stores from before collect recorded it: pass task.max_steps=... if not the default
         rest.insert(0, f"task.max_steps={buf.attrs['max_steps']}")
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         task = OmegaConf.to_object(compose(config_name="collect", overrides=[f"task={args.state_task}", *rest])).task
     states = replay_states(buf, task, args.progress)
     buf.set_array(KEY, states)

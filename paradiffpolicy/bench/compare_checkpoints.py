@@ -1,6 +1,6 @@
 """How far two checkpoints of one policy act apart, against how far the samplers we ship act apart.
 
-    python -m paradiffpolicy.compare_checkpoints a=checkpoints/pusht_image b=outputs/pusht_image_f32
+    python -m paradiffpolicy.bench.compare_checkpoints a=checkpoints/pusht_image b=outputs/pusht_image_f32
 
 Typical use: ``a`` the float16 export, ``b`` the same EMA exported in float32 (``train ...
 export_dtype=float32`` on the finished run re-exports it). Both checkpoints get the same
@@ -62,7 +62,7 @@ def compare(cfg: CompareConfig) -> dict:
         raise SystemExit(f"{cfg.a} and {cfg.b} are different policies (configs differ); nothing to compare")
     sample = load_observation_sample(cfg.a) or load_observation_sample(cfg.b)
     if sample is None:
-        raise SystemExit(f"neither {cfg.a} nor {cfg.b} has observations.safetensors; see python -m paradiffpolicy.make_obs_sample")
+        raise SystemExit(f"neither {cfg.a} nor {cfg.b} has observations.safetensors; see python -m paradiffpolicy.data.make_obs_sample")
     obs_all, obs_meta = sample
     k = min(cfg.windows, next(iter(obs_all.values())).shape[0])
     sequential = SamplerConfig(name="sequential")

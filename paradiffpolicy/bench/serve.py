@@ -1,7 +1,7 @@
 """The policy server under load: latency and throughput against concurrent clients.
 
-    python -m paradiffpolicy.bench_serve task=lift                      # run it alone on the machine
-    python -m paradiffpolicy.bench_serve task=pusht_image clients=[1,8] calls=100
+    python -m paradiffpolicy.bench.serve task=lift                      # run it alone on the machine
+    python -m paradiffpolicy.bench.serve task=pusht_image clients=[1,8] calls=100
 
 For each server setting (``max_batches``: batched, and 1 = one request per network call; ``tls``:
 plaintext and TLS with a certificate made for the run) a ``python -m paradiffpolicy.serve``
@@ -18,7 +18,6 @@ network calls, so the numbers are what one machine serving itself gives, a floor
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import subprocess
@@ -39,8 +38,8 @@ from paradiffpolicy.measure import percentiles, provenance
 from paradiffpolicy.presets import LABELS, named_sampler
 from paradiffpolicy.remote.certificates import CertificateFiles, make_certificates
 from paradiffpolicy.success_stats import write_report
+from paradiffpolicy.runtime import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -72,7 +71,7 @@ class ServeBenchConfig:
 
     @property
     def checkpoint_path(self) -> str:
-        return self.checkpoint or str(ROOT / "checkpoints" / self.task)
+        return self.checkpoint or str(REPO_ROOT / "checkpoints" / self.task)
 
 
 def start_server(cfg: ServeBenchConfig, max_batch: int, tls: CertificateFiles | None, token: str, port: int) -> subprocess.Popen:
@@ -82,7 +81,7 @@ def start_server(cfg: ServeBenchConfig, max_batch: int, tls: CertificateFiles | 
             "limits.max_rows=1", "hydra.run.dir=" + tempfile.mkdtemp(prefix="bench_serve_")]
     if tls is not None:
         args += [f"tls.cert={tls.server_cert}", f"tls.key={tls.server_key}"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PARADIFFPOLICY_TOKEN": token, "OMP_NUM_THREADS": str(cfg.threads)})
     for line in proc.stdout:
         if line.startswith("serving"):

@@ -1,9 +1,9 @@
 """A robot-style control loop: robosuite at 20 Hz on the wall clock, driven by PolicyRunner.
 
-    python -m paradiffpolicy.realtime_loop seconds=60        # Lift, ParaDDIM-16 p=4, worker process
-    python -m paradiffpolicy.realtime_loop seconds=60 sampler.scheduler=null sampler.num_inference_steps=null window=8 tol=0.1
+    python examples/realtime_loop.py seconds=60        # Lift, ParaDDIM-16 p=4, worker process
+    python examples/realtime_loop.py seconds=60 sampler.scheduler=null sampler.num_inference_steps=null window=8 tol=0.1
     # soak: 20,000 ticks, one row of memory and latency every 60 s, appended as it goes
-    python -m paradiffpolicy.realtime_loop ticks=20000 interval_s=60 out=benchmarks/results/cpu-2core-soak.json
+    python examples/realtime_loop.py ticks=20000 interval_s=60 out=benchmarks/results/cpu-2core-soak.json
 
 Episodes restart when they end; each is ``control.controller.run_realtime`` (what ``eval
 controller=realtime`` runs), the last one stopped when the tick or time budget is spent. Prints
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> dict:
     t0 = time.perf_counter()
     soak = {"next": t0 + cfg.interval_s, "calls": 0, "misses": 0, "done_ticks": 0}  # done_ticks: finished episodes
 
-    def report(now: float, current) -> None:
+    def soak_row(now: float, current) -> None:
         """One soak row: memory, and the latencies and misses of the calls since the last row."""
         lat = [ms for e in episodes for ms in e.inference.latency_ms] + list(runner.log.latency_ms)
         misses = sum(e.deadline_misses for e in episodes) + runner.deadline_misses
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> dict:
     def after_tick(current) -> bool:
         now = time.perf_counter()
         if cfg.interval_s > 0 and now >= soak["next"]:
-            report(now, current)
+            soak_row(now, current)
         return spent(soak["done_ticks"] + current.length, now)
 
     with PolicyRunner(policy, hz=hz, hold=cfg.task.hold, budget_s=cfg.budget_s, warm_start=cfg.sampler.warm_start,

@@ -1,7 +1,7 @@
 """Ship real observation windows with a checkpoint (``<checkpoint>/observations.safetensors``).
 
-    python -m paradiffpolicy.make_obs_sample task=lift                    # checkpoint=checkpoints/lift
-    python -m paradiffpolicy.make_obs_sample task=pusht_keypoints windows=256 seed=7
+    python -m paradiffpolicy.data.make_obs_sample task=lift                    # checkpoint=checkpoints/lift
+    python -m paradiffpolicy.data.make_obs_sample task=pusht_keypoints windows=256 seed=7
 
 Runs the task's scripted expert on collection seeds ``seed * 1e6 + attempt`` (``seed`` other than
 the training data's, 0 by default, so no window comes from a training episode) and keeps
@@ -25,8 +25,8 @@ from paradiffpolicy.config import from_dict
 from paradiffpolicy.data.obs_sample import save_observation_sample
 from paradiffpolicy.envs import make_env
 from paradiffpolicy.envs.base import TaskConfig
+from paradiffpolicy.runtime import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -50,10 +50,10 @@ def main(argv: list[str]) -> Path:
         cfg = from_dict(SampleConfig, OmegaConf.to_container(OmegaConf.from_dotlist(argv)), name="override")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    ckpt = Path(cfg.checkpoint or ROOT / "checkpoints" / cfg.task)
+    ckpt = Path(cfg.checkpoint or REPO_ROOT / "checkpoints" / cfg.task)
     policy = load_policy(ckpt)
     to = policy.config.n_obs_steps
-    task = from_dict(TaskConfig, OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / f"{cfg.task}.yaml")), name="task")
+    task = from_dict(TaskConfig, OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf" / "task" / f"{cfg.task}.yaml")), name="task")
     env = make_env(task)
     episodes, seeds, attempt = [], [], 0
     try:
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> Path:
                                         .astype(np.uint8 if f.is_image else np.float32)) for f in policy.features}
     source = {"source": f"{len(picks)} windows from {len(episodes)} held-out scripted-expert episodes of task {cfg.task}",
               "task": cfg.task, "expert": task.expert, "episode_seeds": seeds, "held_out": True,
-              "training_collection_seed": cfg.training_seed, "command": "python -m paradiffpolicy.make_obs_sample " + " ".join(argv)}
+              "training_collection_seed": cfg.training_seed, "command": "python -m paradiffpolicy.data.make_obs_sample " + " ".join(argv)}
     path = save_observation_sample(ckpt, windows, source)
     print(f"{path}: {source['source']}")
     return path

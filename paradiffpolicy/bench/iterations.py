@@ -1,8 +1,8 @@
 """How many Picard iterations each window update takes, against the ⌈N/p⌉ floor, and what the
 sample gives up for them.
 
-    python -m paradiffpolicy.bench_iterations task=lift
-    python -m paradiffpolicy.bench_iterations task=pusht_keypoints "windows=[8,16]" "tols=[0.005,0.1]"
+    python -m paradiffpolicy.bench.iterations task=lift
+    python -m paradiffpolicy.bench.iterations task=pusht_keypoints "windows=[8,16]" "tols=[0.005,0.1]"
 
 On the checkpoint's shipped held-out observation windows, with one noise draw per window, every
 combination of window ``p``, tolerance ``τ``, window update (``sampler.update``: ParaDiGMS' running
@@ -27,8 +27,8 @@ import torch
 
 from paradiffpolicy.config import UPDATES, SamplerConfig, require_list
 from paradiffpolicy.measure import max_abs_deviation, provenance
+from paradiffpolicy.runtime import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -63,11 +63,11 @@ def run(cfg: IterationBenchConfig) -> dict:
     from paradiffpolicy.success_stats import write_report
 
     torch.set_num_threads(1)
-    checkpoint = ROOT / "checkpoints" / cfg.task
+    checkpoint = REPO_ROOT / "checkpoints" / cfg.task
     policy = load_policy(checkpoint, backend=cfg.backend)
     sample = load_observation_sample(checkpoint)
     if sample is None:
-        raise SystemExit(f"{checkpoint} ships no observations.safetensors (python -m paradiffpolicy.make_obs_sample)")
+        raise SystemExit(f"{checkpoint} ships no observations.safetensors (python -m paradiffpolicy.data.make_obs_sample)")
     windows, source = sample
     total = next(iter(windows.values())).shape[0]
     pick = torch.from_numpy(np.linspace(0, total - 1, min(cfg.n_windows, total)).round().astype(np.int64))
@@ -76,7 +76,7 @@ def run(cfg: IterationBenchConfig) -> dict:
     noise = policy.draw_noise(len(pick), torch.Generator().manual_seed(cfg.seed))
     ref = policy.sample_from_condition(cond, noise, sampler=policy.make_sampler(SamplerConfig(name="sequential")))
     n = policy.config.scheduler.num_inference_steps
-    result = {"task": cfg.task, "checkpoint": str(checkpoint.relative_to(ROOT)), "observations": source.get("source"),
+    result = {"task": cfg.task, "checkpoint": str(checkpoint.relative_to(REPO_ROOT)), "observations": source.get("source"),
               "n_windows": len(pick), "num_steps": n, "within": cfg.within, "backend": cfg.backend,
               "provenance": provenance(1, backends=[cfg.backend]), "rows": []}
     stem = Path(cfg.out) / f"iterations-{cfg.task}"
@@ -106,7 +106,7 @@ def markdown(r: dict) -> str:
     lines = [f"# Picard iterations per window update: `{r['task']}`", "",
              f"{r['n_windows']} held-out observation windows ({r['observations']}), one noise draw each; N = {r['num_steps']}; "
              f"backend {r['backend']}; git {prov['git']}. Deviation: max |a - a_seq| over the chunk (normalised units) "
-             f"against the sequential sample on the same noise. Written by `python -m paradiffpolicy.bench_iterations`.", "",
+             f"against the sequential sample on the same noise. Written by `python -m paradiffpolicy.bench.iterations`.", "",
              "| p | τ | update | Anderson | iterations mean (max) | floor ⌈N/p⌉ | dev max | dev p99 | within " + f"{r['within']:g} |",
              "|---|---|---|---|---|---|---|---|---|"]
     for w in r["rows"]:

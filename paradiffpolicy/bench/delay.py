@@ -1,13 +1,13 @@
 """Success against inference delay: how each way of joining chunks holds up when a call spans ticks.
 
-    python -m paradiffpolicy.bench_delay task=pusht_keypoints                       # closed loop (resumable)
-    python -m paradiffpolicy.bench_delay task=pusht_keypoints delays=[1,3,6] n_episodes=50
-    python -m paradiffpolicy.bench_delay phase=cost task=pusht_keypoints            # per-call cost of each join, run alone
-    python -m paradiffpolicy.bench_delay phase=report task=pusht_keypoints          # JSON + Markdown + plot
-    python -m paradiffpolicy.bench_delay phase=summary tasks=[lift,stack]           # the tasks' reports side by side
-    python -m paradiffpolicy.bench_delay task=pusht_keypoints checkpoint=<trained with the prefix> \
+    python -m paradiffpolicy.bench.delay task=pusht_keypoints                       # closed loop (resumable)
+    python -m paradiffpolicy.bench.delay task=pusht_keypoints delays=[1,3,6] n_episodes=50
+    python -m paradiffpolicy.bench.delay phase=cost task=pusht_keypoints            # per-call cost of each join, run alone
+    python -m paradiffpolicy.bench.delay phase=report task=pusht_keypoints          # JSON + Markdown + plot
+    python -m paradiffpolicy.bench.delay phase=summary tasks=[lift,stack]           # the tasks' reports side by side
+    python -m paradiffpolicy.bench.delay task=pusht_keypoints checkpoint=<trained with the prefix> \
         label=picard-trained methods=[trained,naive] baseline=picard             # another policy, paired against picard's
-    python -m paradiffpolicy.bench_delay phase=policies label=picard-trained baseline=picard tasks=[lift,pusht_keypoints]
+    python -m paradiffpolicy.bench.delay phase=policies label=picard-trained baseline=picard tasks=[lift,pusht_keypoints]
 
 ``success`` runs ``paradiffpolicy.eval controller=delay`` once per (join method, delay d) on the
 same ``n_episodes`` seeds, into ``<runs>/<task>/<sampler label>/<method>/d<d>/``, skipping points
@@ -49,11 +49,10 @@ import numpy as np
 
 from paradiffpolicy.config import from_argv
 from paradiffpolicy.control.join import JOIN_METHODS
-from paradiffpolicy.runtime import cpu_model, versions
+from paradiffpolicy.runtime import REPO_ROOT, cpu_model, versions
 from paradiffpolicy.success_stats import (finish_success_plot, holm, new_success_plot, paired, sign_test, success_cell,
                                           success_summary, write_report)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -198,7 +197,7 @@ def cost_phase(cfg: DelayBenchConfig) -> dict:
 
     torch.set_num_threads(cfg.threads)
     sampler_cfg = compose_eval_config([f"task={cfg.task}", f"sampler={cfg.sampler}", *cfg.sampler_overrides]).sampler
-    ckpt = ROOT / "checkpoints" / cfg.task
+    ckpt = REPO_ROOT / "checkpoints" / cfg.task
     policy = load_policy(ckpt, sampler=sampler_cfg, backend=cfg.backend)
     reference = policy.make_sampler(dataclasses.replace(sampler_cfg, name="sequential"))
     sample = load_observation_sample(ckpt)

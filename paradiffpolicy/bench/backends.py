@@ -1,7 +1,7 @@
 """What a network call and a whole policy call cost on each backend, on this machine.
 
-    python -m paradiffpolicy.bench_backends task=lift
-    python -m paradiffpolicy.bench_backends task=pusht_image "threads=[1,2]" trials=20
+    python -m paradiffpolicy.bench.backends task=lift
+    python -m paradiffpolicy.bench.backends task=pusht_image "threads=[1,2]" trials=20
 
 Two measurements per torch thread count, each interleaved across backends (``paradiffpolicy.measure``):
 
@@ -30,8 +30,8 @@ import torch
 from paradiffpolicy.config import require_list
 from paradiffpolicy.sampling import SamplerNoise
 from paradiffpolicy.measure import interleaved, max_abs_deviation, network_costs, percentiles, provenance, ratios
+from paradiffpolicy.runtime import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -134,13 +134,13 @@ def run(cfg: BackendBenchConfig) -> dict:
     from paradiffpolicy.checkpoint import load_policy
     from paradiffpolicy.data.obs_sample import load_observation_sample
 
-    ckpt = ROOT / "checkpoints" / cfg.task
+    ckpt = REPO_ROOT / "checkpoints" / cfg.task
     policy = load_policy(ckpt)
     sample = load_observation_sample(ckpt)
     if sample is None:
         raise SystemExit(f"error: {ckpt} ships no observation sample ({ckpt}/observations.safetensors)")
     windows, source = sample
-    result = {"task": cfg.task, "checkpoint": str(ckpt.relative_to(ROOT)), "observations": source,
+    result = {"task": cfg.task, "checkpoint": str(ckpt.relative_to(REPO_ROOT)), "observations": source,
               "trials": cfg.trials, "batches": list(cfg.batches),
               "provenance": provenance(list(cfg.threads), backends=list(cfg.backends)),
               "by_threads": [measure(cfg, t, policy, windows) for t in cfg.threads]}
@@ -158,7 +158,7 @@ def markdown(r: dict) -> str:
              + ", ".join(f"{b} {v}" for b, v in prov["backends"].items() if b in EXPORTED)
              + f"; git {prov['git']}. Interleaved across backends, median (p5-p95) ms; "
              f"policy calls: {r['trials']} trials at batch 1 on the shipped observation windows, encoder included. "
-             "Written by `python -m paradiffpolicy.bench_backends`.", ""]
+             "Written by `python -m paradiffpolicy.bench.backends`.", ""]
     for m in r["by_threads"]:
         t = m["threads"]
         backends = list(m["network_ms"])
