@@ -18,7 +18,6 @@ import torch
 from paradiffpolicy.runtime import REPO_ROOT, cpu_model, versions
 
 
-
 def percentiles(values) -> dict[str, float]:
     """``{"p5", "p50", "p95", "min", "max", "n"}`` of a list of numbers (median, the 90% spread, extremes)."""
     a = np.asarray(values, dtype=float)
@@ -42,6 +41,14 @@ def interleaved(calls: dict[str, Callable[[int], Any]], trials: int, warmup: int
             if trial >= warmup:
                 out[name].append((time.perf_counter() - t0) * 1e3)
     return out
+
+
+def wall_seconds(run: Callable[[], Any]) -> float:
+    """Seconds ``run()`` takes on the wall clock: a whole load of concurrent calls, whose own
+    latencies overlap (throughput = calls answered / this)."""
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
 
 
 def network_costs(policy, backends: list[str], batches: list[int], cond: torch.Tensor, trials: int, warmup: int = 1,

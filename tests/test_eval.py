@@ -291,6 +291,39 @@ def test_hydra_composes_groups():
     assert (cfg.sampler.window, cfg.sampler.tol) == (4, 0.03)
 
 
+def test_controller_realtime_alone_is_the_recommended_setting():
+    """``controller=realtime`` with no other flag: a worker process, the fastest installed float32
+    backend, one thread, frozen_x0, the policy's own join; each overridable, and the worker stays
+    off where it cannot apply (a server, compare=true)."""
+    from paradiffpolicy.backends import fastest_float32
+    from paradiffpolicy.eval import choose_backend, choose_inference_process
+
+    cfg = _compose("task=pusht_image", "controller=realtime")
+    assert (cfg.backend, cfg.threads, cfg.sampler.update, cfg.controller.join.method) == ("auto", 1, "frozen_x0", "auto")
+    assert choose_backend(cfg) == fastest_float32("cpu") and choose_backend(cfg)[0] in ("openvino", "jit")
+    assert choose_inference_process(cfg)[0] is True
+    assert choose_inference_process(_compose("controller=realtime", "server=127.0.0.1:1"))[0] is False
+    assert choose_inference_process(_compose("controller=realtime", "compare=true"))[0] is False
+    assert choose_inference_process(_compose("controller=delay"))[0] is False
+    mine = _compose("controller=realtime", "backend=jit", "threads=2", "sampler.update=picard", "controller.inference_process=false")
+    assert (choose_backend(mine)[0], mine.threads, mine.sampler.update, choose_inference_process(mine)[0]) == ("jit", 2, "picard", False)
+    assert choose_backend(_compose("controller=realtime", "sampler=tuned"))[0] is None  # the tuned preset's own backend
+    fast = _compose()
+    assert (fast.backend, fast.threads, fast.sampler.update) == (None, 2, "picard")  # other modes unchanged
+
+
+def test_robosuite_starts_quietly_and_keeps_its_other_warnings():
+    """robosuite's start-up lines about its private macro file and optional robots are dropped by
+    message; any other robosuite warning still shows."""
+    code = ("from paradiffpolicy.envs.robosuite_env import import_robosuite; import_robosuite(); "
+            "from robosuite.utils.log_utils import ROBOSUITE_DEFAULT_LOGGER as log; log.warning('a warning that matters')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout + run.stderr
+    assert "a warning that matters" in out
+    assert not any(w in out for w in ("macro", "robosuite_models", "mink")), out
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["sampler.window=0"], "sampler.window"),
     (["sampler.tol=-1"], "sampler.tol"),

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from paradiffpolicy.config import from_argv, require_list
-from paradiffpolicy.measure import percentiles, provenance
+from paradiffpolicy.measure import interleaved, percentiles, provenance, wall_seconds
 from paradiffpolicy.presets import LABELS, named_sampler
 from paradiffpolicy.remote.certificates import CertificateFiles, make_certificates
 from paradiffpolicy.success_stats import write_report
@@ -121,12 +120,14 @@ def load_client(client, observations: list[dict], sampler: str, n_clients: int, 
                     statuses[e.code().name] = statuses.get(e.code().name, 0) + 1
 
     threads = [threading.Thread(target=run, args=(c,)) for c in range(n_clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+
+    def load() -> None:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    wall = wall_seconds(load)
     answered = len(latencies)
     return {"clients": n_clients, "calls": n_clients * calls, "answered": answered, "refused": statuses,
             "lost": n_clients * calls - answered - sum(statuses.values()), "wall_s": wall,
@@ -140,19 +141,16 @@ def local_reference(cfg: ServeBenchConfig, observations: list[dict]) -> dict[str
 
     torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.checkpoint_path, backend=cfg.backend)
-    out = {}
-    for name in cfg.samplers:
-        sampler = policy.make_sampler(named_sampler(name))
+    samplers = {name: policy.make_sampler(named_sampler(name)) for name in cfg.samplers}
+    for sampler in samplers.values():
         policy.warm_up(1, sampler)
-        ms = []
-        for i in range(cfg.local_calls):
-            obs = {k: torch.from_numpy(v) for k, v in observations[i % len(observations)].items()}
-            noise = policy.draw_noise(1, torch.Generator().manual_seed(cfg.seed + i), sampler)
-            t0 = time.perf_counter()
-            policy.predict_action(obs, noise=noise, sampler=sampler)
-            ms.append((time.perf_counter() - t0) * 1e3)
-        out[name] = {**percentiles(ms), "throughput": 1e3 / float(np.median(ms))}
-    return out
+    obs = [{k: torch.from_numpy(v) for k, v in o.items()} for o in observations]
+    noise = {name: [policy.draw_noise(1, torch.Generator().manual_seed(cfg.seed + i), s) for i in range(cfg.local_calls)]
+             for name, s in samplers.items()}
+    calls = {name: (lambda i, name=name, s=s: policy.predict_action(obs[i % len(obs)], noise=noise[name][i], sampler=s))
+             for name, s in samplers.items()}
+    ms = interleaved(calls, trials=cfg.local_calls, warmup=0)
+    return {name: {**percentiles(ms[name]), "throughput": 1e3 / float(np.median(ms[name]))} for name in samplers}
 
 
 def run(cfg: ServeBenchConfig) -> dict:

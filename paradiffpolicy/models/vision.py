@@ -1,7 +1,10 @@
 """RGB encoder of Diffusion Policy as LeRobot builds it, under LeRobot's parameter names.
 
 ``image (N, 3, H, W), normalised → [centre crop] → ResNet trunk (up to layer4, or fewer stages) →
-SpatialSoftmax keypoints (K, 2) → Linear(2K, 2K) → ReLU → (N, 2K)``.
+SpatialSoftmax keypoints (K, 2) → Linear(2K, 2K) → ReLU → (N, 2K)`` (LeRobot, and robomimic's
+``VisualCore`` that diffusion_policy's hybrid image policy uses). ``pool="avgpool"`` is
+diffusion_policy's ``MultiImageObsEncoder`` instead: ``[centre crop] → [ImageNet mean / std] →
+ResNet trunk → global average pool → (N, 8·width)``, no projection.
 
 The trunk is torchvision's ResNet-18/34 (He et al. 2016) without avgpool and fc, written here so
 nothing imports torchvision (its wheel here is a CUDA build that does not import with CPU torch).
@@ -26,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 BACKBONES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+POOLS = ("spatial_softmax", "avgpool")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's
 
 
 @dataclass
@@ -45,6 +50,12 @@ class VisionConfig:
     # training-time augmentation only; inference always takes the centre crop
     crop_is_random: bool = True
     use_separate_rgb_encoder_per_camera: bool = False
+    # how the trunk's map becomes features: ``spatial_softmax`` (keypoints, Linear, ReLU: LeRobot,
+    # robomimic) or ``avgpool`` (diffusion_policy's MultiImageObsEncoder: the 8·width channels as they are)
+    pool: str = "spatial_softmax"
+    # diffusion_policy's MultiImageObsEncoder ``imagenet_norm``: ImageNet mean / std applied to the
+    # crop after the feature's own normaliser (it normalises twice; that is what it runs)
+    imagenet_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.vision_backbone not in BACKBONES:
@@ -57,9 +68,13 @@ class VisionConfig:
             raise ValueError(f"policy.vision.spatial_softmax_num_keypoints={self.spatial_softmax_num_keypoints} must be >= 1")
         if self.crop_shape is not None and (len(self.crop_shape) != 2 or min(self.crop_shape) < 1):
             raise ValueError(f"policy.vision.crop_shape={self.crop_shape} must be [H, W] or null")
+        if self.pool not in POOLS:
+            raise ValueError(f"policy.vision.pool={self.pool!r} is unknown; expected one of {POOLS}")
 
     @property
     def feature_dim(self) -> int:
+        if self.pool == "avgpool":
+            return self.backbone_width * 2 ** (self.backbone_stages - 1)
         return 2 * self.spatial_softmax_num_keypoints
 
 
@@ -146,19 +161,29 @@ class RgbEncoder(nn.Module):
         if self.crop is not None and (self.crop[0] > image_shape[1] or self.crop[1] > image_shape[2]):
             raise ValueError(f"policy.vision.crop_shape={list(self.crop)} is larger than the image {list(image_shape[1:])}")
         self.crop_is_random = cfg.crop_is_random
+        self.avgpool = cfg.pool == "avgpool"
+        if cfg.imagenet_norm:  # constants, not weights: left out of the state dict
+            self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.imagenet_norm = cfg.imagenet_norm
         self.backbone = resnet_trunk(cfg.vision_backbone, cfg.use_group_norm, cfg.backbone_width, cfg.backbone_stages)
-        h, w = self.crop or image_shape[1:]
-        with torch.no_grad():
-            fmap = self.backbone.eval()(torch.zeros(1, 3, h, w)).shape[1:]
-        self.pool = SpatialSoftmax(tuple(fmap), cfg.spatial_softmax_num_keypoints)
-        self.out = nn.Linear(cfg.feature_dim, cfg.feature_dim)
-        self.relu = nn.ReLU()
+        if not self.avgpool:
+            h, w = self.crop or image_shape[1:]
+            with torch.no_grad():
+                fmap = self.backbone.eval()(torch.zeros(1, 3, h, w)).shape[1:]
+            self.pool = SpatialSoftmax(tuple(fmap), cfg.spatial_softmax_num_keypoints)
+            self.out = nn.Linear(cfg.feature_dim, cfg.feature_dim)
+            self.relu = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.crop is not None:
             x = random_crop(x, self.crop) if (self.training and self.crop_is_random) else center_crop(x, self.crop)
+        if self.imagenet_norm:
+            x = (x - self.imagenet_mean) / self.imagenet_std
         # NHWC: PyTorch's CPU max-pooling and convolutions run it ~1.5x faster (trunk forward and
         # backward at batch 128, 2 threads); same values up to float rounding
         x = x.contiguous(memory_format=torch.channels_last)
+        if self.avgpool:
+            return self.backbone(x).mean(dim=(2, 3))
         x = torch.flatten(self.pool(self.backbone(x)), start_dim=1)
         return self.relu(self.out(x))
