@@ -20,7 +20,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 from pathlib import Path
 
 import hydra
@@ -91,6 +91,10 @@ class EvalConfig:
     # the server's policy and samplers (checkpoint, sampler and backend are then the server's)
     server: str = ""
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    # LeRobot's rename_map: {the task's feature name: the policy's}, for a checkpoint whose inputs
+    # have other names, e.g. a diffusion_policy camera policy on task=pusht_image:
+    # +rename_map="{observation.image: image, observation.state: agent_pos}" (Hydra adds keys with +)
+    rename_map: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Validate once, at construction (the nested configs validated themselves); ``ValueError``
@@ -106,6 +110,14 @@ class EvalConfig:
         resolve_device(self.device)
         if self.backend not in (None, "auto"):
             check_backend(self.backend)
+        if self.rename_map:
+            unknown = sorted(set(self.rename_map) - set(self.task.features))
+            if unknown:
+                raise ValueError(f"rename_map names {unknown}, which task {self.task.name} does not give; its features are "
+                                 f"{sorted(self.task.features) or ['observation.state (one flat vector: nothing to rename)']}")
+            renamed = [self.rename_map.get(k, k) for k in self.task.features]
+            if len(set(renamed)) != len(renamed):
+                raise ValueError(f"rename_map={dict(self.rename_map)} gives two features one name: {renamed}")
         if self.server:
             if self.compare or self.controller.inference_process is True or self.sampler.warm_start:
                 raise ValueError("server= runs every call on the server: compare=true, controller.inference_process=true "
@@ -141,6 +153,13 @@ def choose_inference_process(cfg: EvalConfig) -> tuple[bool, str]:
     return True, "the control loop never waits on the policy's interpreter"
 
 
+def renamed_task(task: TaskConfig, rename_map: dict[str, str]) -> TaskConfig:
+    """``task`` with its features renamed to the policy's names (LeRobot's ``rename_map``)."""
+    if not rename_map:
+        return task
+    return dataclasses.replace(task, features={rename_map.get(k, k): v for k, v in task.features.items()})
+
+
 def check_env_matches_policy(env, policy, task: str, checkpoint: str) -> None:
     """The task's observations must be the policy's features (names and shapes; images as
     (H, W, 3) frames for (3, H, W) features) and its actions the policy's size."""
@@ -149,9 +168,14 @@ def check_env_matches_policy(env, policy, task: str, checkpoint: str) -> None:
     if len(want) == 1 and len(got) == 1 and not policy.features[0].is_image:
         got = {next(iter(want)): next(iter(got.values()))}  # one flat vector: its name does not matter
     if got != want or env.action_dim != policy.config.action_dim:
+        hint = ""
+        pairs = {g: next((w for w, ws in want.items() if ws == gs), None) for g, gs in got.items()}
+        if set(got) != set(want) and sorted(got.values()) == sorted(want.values()) and len(set(pairs.values())) == len(pairs):
+            hint = ("; the shapes agree, so these may be the same inputs under other names: "
+                    f"+rename_map='{{{', '.join(f'{g}: {w}' for g, w in pairs.items() if g != w)}}}'")
         raise ValueError(
             f"checkpoint {checkpoint} expects observations {want} and action_dim={policy.config.action_dim}; "
-            f"task {task} gives {got} and action_dim={env.action_dim}"
+            f"task {task} gives {got} and action_dim={env.action_dim}{hint}"
         )
 
 
@@ -208,8 +232,9 @@ class Evaluator:
             self.policy = load_policy(cfg.checkpoint, sampler=cfg.sampler, device=cfg.device, backend=backend)
             if cfg.backend == "auto":
                 log.info("backend %s: %s", self.policy.backend, why_backend)
-        self.env = make_env(cfg.task, render=cfg.video)
-        self.extra_envs = [make_env(cfg.task) for _ in range(cfg.n_envs - 1)]
+        task = renamed_task(cfg.task, cfg.rename_map)
+        self.env = make_env(task, render=cfg.video)
+        self.extra_envs = [make_env(task) for _ in range(cfg.n_envs - 1)]
         check_env_matches_policy(self.env, self.policy, cfg.task.name, cfg.checkpoint)
         pc = self.policy.config
         # the controller with its join (auto: trained or naive) and inference process resolved

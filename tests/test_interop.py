@@ -28,10 +28,47 @@ IMAGE = SHARED / "lerobot_image_small"
 needs_image = pytest.mark.skipif(not IMAGE.is_dir() and not os.environ.get("CI"),
                                  reason="../shared/interop/lerobot_image_small is not here")
 
+DP_IMAGES = ("dp_hybrid_image_small", "dp_image_small")  # their checkpoints are stored as latest.ckpt.xz
+# like needs_image: a skip without ../shared on a developer's machine, a failure under CI
+needs_dp_images = pytest.mark.skipif(not all((SHARED / n).is_dir() for n in DP_IMAGES) and not os.environ.get("CI"),
+                                     reason="../shared/interop/dp_*_image_small are not here")
+
+
+def decompressed(name: str) -> Path:
+    """The fixture's ``latest.ckpt``, decompressed once into the cache (keyed by the .xz file's size
+    and time; written under a temporary name, then moved, so parallel workers never read half a file)."""
+    import lzma
+
+    from paradiffpolicy.backends import cache_dir
+
+    src = SHARED / name / "latest.ckpt.xz"
+    stat = src.stat()
+    out = cache_dir() / "fixtures" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}" / "latest.ckpt"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        with lzma.open(src) as f, open(tmp, "wb") as g:
+            shutil.copyfileobj(f, g)
+        os.replace(tmp, out)
+    return out
+
+
+class Lazy:
+    """A fixture path computed on first use (the image checkpoints need decompressing)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __fspath__(self):
+        return str(decompressed(self.name))
+
+
 FIXTURES = {
     "lerobot_lowdim_tiny": (LOWDIM, LOWDIM),
     "dp_lowdim_tiny": (DP / "latest.ckpt", DP),
     "lerobot_image_small": (IMAGE, IMAGE),
+    "dp_hybrid_image_small": (Lazy("dp_hybrid_image_small"), SHARED / "dp_hybrid_image_small"),
+    "dp_image_small": (Lazy("dp_image_small"), SHARED / "dp_image_small"),
 }
 TOL = 1e-5  # normalised units; the fixtures' README measured 5.3e-6 for an independent float32 loop
 
@@ -41,16 +78,18 @@ def reference(name):
 
 
 def observations(name, ref):
-    if name.startswith("dp"):
+    if "obs" in ref:
         return ref["obs"]
     return {k[4:]: v for k, v in ref.items() if k.startswith("obs.") and not k.endswith("uint8_hwc")}
 
 
 def fixture_params(*, rollout=False):
-    """The fixtures as test parameters; ``rollout``: the test runs the image policy's whole
-    100-step sample (seconds through its ResNet), which puts that case in the slow tier (cameras)."""
+    """The fixtures as test parameters; ``rollout``: the test runs the LeRobot image policy's whole
+    100-step sample (seconds through its U-Net), which puts that case in the slow tier (cameras);
+    the diffusion_policy image fixtures' smaller U-Nets stay in the default tier."""
     image = [needs_image, pytest.mark.slow] if rollout else [needs_image]
-    return [pytest.param(n, marks=image) if n == "lerobot_image_small" else n for n in FIXTURES]
+    return [pytest.param(n, marks=image) if n == "lerobot_image_small" else
+            pytest.param(n, marks=[needs_dp_images]) if n in DP_IMAGES else n for n in FIXTURES]
 
 
 def run(name, sampler, obs=None, z_key="noise.z", backend=None):
@@ -83,9 +122,11 @@ def test_encoder_and_normalisers_match_upstream(name):
     normalised = policy.obs_encoder.normalize(obs)
     for key, value in ref.items():
         if key.startswith("debug.normalized."):
-            feature = "observation.state" if name.startswith("dp") else key[len("debug.normalized."):]
+            feature = "observation.state" if name == "dp_lowdim_tiny" else key[len("debug.normalized."):]
             torch.testing.assert_close(normalised[feature], value, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(policy.obs_encoder(obs), ref["debug.global_cond"], rtol=1e-5, atol=2e-6)
+    # float32 rounding through the ResNet: relative to the features' size (the DP image fixtures' reach ~5)
+    scale = float(ref["debug.global_cond"].abs().max())
+    torch.testing.assert_close(policy.obs_encoder(obs), ref["debug.global_cond"], rtol=1e-5, atol=max(2e-6, 2e-6 * scale))
 
 
 @pytest.mark.parametrize("name", fixture_params())
@@ -188,7 +229,8 @@ def test_convert_cli(tmp_path):
 def test_loading_needs_no_upstream_package():
     """In a fresh interpreter where importing dill, lerobot, diffusion_policy, torchvision or
     diffusers fails, every fixture still loads and samples."""
-    paths = [str(LOWDIM), str(DP / "latest.ckpt")] + ([str(IMAGE)] if IMAGE.is_dir() else [])
+    paths = [str(LOWDIM), str(DP / "latest.ckpt")] + ([str(IMAGE)] if IMAGE.is_dir() else []) + \
+        [str(decompressed(n)) for n in DP_IMAGES if (SHARED / n).is_dir()]
     code = f"""
 import sys
 class Block:
@@ -257,6 +299,44 @@ def test_dp_uses_ema_weights_when_the_config_says_so(tmp_path):
     seq = SamplerConfig(name="sequential")
     model_info = load_policy(tmp_path / "m.ckpt", sampler=seq).predict_action(ref["obs"], noise=noise)
     assert (model_info.action_pred_normalized - ref["sample"]).abs().max() > 0.1  # README: up to 1.3 apart
+
+
+def _dp_image_payload(name):
+    from paradiffpolicy.interop.diffusion_policy import resolve_interpolations
+    from paradiffpolicy.interop.safe_pickle import read_torch_zip, to_plain
+
+    src = read_torch_zip(decompressed(name))
+    return resolve_interpolations(to_plain(src["cfg"])), src["state_dicts"]["ema_model" if name == "dp_image_small" else "model"]
+
+
+@needs_dp_images
+@pytest.mark.parametrize("name,edit,match", [
+    ("dp_image_small", lambda c, s: c["policy"].update(_target_="x.DiffusionTransformerHybridImagePolicy"),
+     "DiffusionTransformerHybridImagePolicy' is not supported"),
+    ("dp_image_small", lambda c, s: c["policy"]["obs_encoder"]["rgb_model"].update(name="resnet50"), "name='resnet50'"),
+    ("dp_image_small", lambda c, s: c["policy"]["obs_encoder"].update(resize_shape=[120, 120]), "obs_encoder.resize_shape"),
+    ("dp_image_small", lambda c, s: c["policy"]["obs_encoder"].update(share_rgb_model=True), "share_rgb_model"),
+    ("dp_image_small", lambda c, s: s.pop("obs_encoder.key_model_map.image.layer4.1.bn2.bias"), "layer4.1.bn2.bias"),
+    ("dp_image_small", lambda c, s: s.update({"obs_encoder.key_model_map.image.fc.weight": torch.ones(2, 2)}), "fc.weight"),
+    ("dp_hybrid_image_small", lambda c, s: c["policy"].update(eval_fixed_crop=False), "eval_fixed_crop=false"),
+    ("dp_hybrid_image_small", lambda c, s: s.update({"obs_encoder.obs_nets.image.pool.temperature": torch.full((1,), 2.0)}),
+     "temperature"),
+    ("dp_hybrid_image_small", lambda c, s: s.update({"obs_encoder.obs_nets.image.nets.0.nets.0.weight": torch.zeros(64, 3, 7, 7)}),
+     "is not an alias"),
+    ("dp_hybrid_image_small", lambda c, s: c["policy"]["shape_meta"]["obs"]["image"].update(type="depth"), "type='depth'"),
+])
+def test_dp_image_variants_we_do_not_run_are_refused_by_name(name, edit, match, tmp_path):
+    """Another policy class or backbone, a resize, a shared camera model, a missing or unknown
+    tensor, a random evaluation crop, a temperature, a broken alias: refused, naming the key."""
+    from omegaconf import OmegaConf
+
+    cfg, state = _dp_image_payload(name)
+    state = dict(state)
+    edit(cfg, state)
+    torch.save({"cfg": OmegaConf.create(cfg), "state_dicts": {"ema_model" if name == "dp_image_small" else "model": state}},
+               tmp_path / "latest.ckpt")
+    with pytest.raises(CheckpointError, match=match):
+        load_policy(tmp_path / "latest.ckpt")
 
 
 def test_dp_interpolations_resolve_by_arithmetic_only():
@@ -376,6 +456,25 @@ def test_image_policy_runs_in_the_closed_loop(tmp_path):
         inf = info["inference"]  # the latency split: the ResNet encoder once per call, then the sampler
         # each part of a call within the whole call (no timing comparison between runs)
         assert max(inf["encoder_ms"]["p50"], inf["sampling_ms"]["p50"]) <= inf["latency_ms"]["max"]
+
+
+@pytest.mark.slow
+@needs_dp_images
+def test_dp_camera_checkpoint_runs_in_the_closed_loop_with_a_rename_map(tmp_path):
+    """``eval checkpoint=<hybrid .ckpt> task=pusht_image`` with LeRobot's rename map (random weights:
+    it must run, not succeed); without the map it is refused with both key lists and the map to give."""
+    ckpt = str(decompressed("dp_hybrid_image_small"))
+    cmd = [sys.executable, "-m", "paradiffpolicy.eval", "task=pusht_image", f"checkpoint={ckpt}", "n_episodes=1",
+           "task.max_steps=16", "progress=false", "sampler.scheduler=ddim", "sampler.num_inference_steps=4"]
+    r = subprocess.run([*cmd, "+rename_map={observation.image: image, observation.state: agent_pos}", f"output_dir={tmp_path}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((tmp_path / "eval_info.json").read_text())
+    assert info["control"]["steps"] == 16 and info["per_episode"][0]["failure_reason"] == "time limit"
+    bad = subprocess.run([*cmd, f"output_dir={tmp_path / 'bad'}"], capture_output=True, text=True)
+    out = bad.stderr + bad.stdout
+    assert bad.returncode != 0 and "'image': (96, 96, 3), 'agent_pos': (2,)" in out and "'observation.image'" in out
+    assert "+rename_map='{observation.image: image, observation.state: agent_pos}'" in out
 
 
 @pytest.mark.slow

@@ -280,6 +280,23 @@ def _hybrid_encoder_key(rest: str, prefix: str) -> str | None:
 _TORCHVISION_TRUNK = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
 
 
+def upstream_name(key: str, pcfg: PolicyConfig, kind: str) -> str:
+    """The diffusion_policy name of one of our parameters (for errors about missing tensors)."""
+    inverse = {v: k for k, v in _camera_map(pcfg).items()}
+    for prefix, cam in inverse.items():
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            if kind == HYBRID_POLICY:
+                for ours, theirs in (("backbone.", "backbone.nets."), ("pool.nets.", "pool.nets."), ("out.", "nets.3.")):
+                    if rest.startswith(ours):
+                        return f"obs_encoder.obs_nets.{cam}.{theirs}{rest[len(ours):]}"
+            elif rest.startswith("backbone."):
+                index, tail = rest[len("backbone."):].split(".", 1)
+                layer = {v: k for k, v in _TORCHVISION_TRUNK.items()}.get(index, index)
+                return f"obs_encoder.key_model_map.{cam}.{layer}.{tail}"
+    return key
+
+
 def map_state_dict(source: dict, where: str, pcfg: PolicyConfig | None = None) -> dict:
     """diffusion_policy policy state dict → ours (see the module docstring); unknown keys named."""
     import torch
@@ -358,8 +375,16 @@ def load(path: Path):
     if key not in states:
         raise UnsupportedCheckpoint(f"{where}: training.use_ema={use_ema} but state_dicts has no {key!r} (has {sorted(states)})")
     pcfg = policy_config(cfg, where, states[key])
+    mapped = map_state_dict(states[key], where, pcfg)
+    from paradiffpolicy.policy import DiffusionPolicy
+
+    missing = sorted(set(DiffusionPolicy(pcfg).state_dict()) - set(mapped))
+    if missing:
+        names = [upstream_name(k, pcfg, kind) for k in missing]
+        raise UnsupportedCheckpoint(f"{where}: state_dicts.{key} lacks {names[:8]}{' ...' if len(names) > 8 else ''} "
+                                    f"(needed by {cfg['policy']['_target_'].rsplit('.', 1)[-1]})")
     metadata = {"source_format": "diffusion_policy", "source": where, "source_workspace": cfg.get("_target_"),
                 "source_policy": cfg["policy"]["_target_"], "weights": key,
                 "source_obs_keys": ["obs"] if kind == LOWDIM_POLICY else [f.name for f in pcfg.features()],
                 "task": cfg.get("task", {}).get("name") if isinstance(cfg.get("task"), dict) else None}
-    return pcfg, map_state_dict(states[key], where, pcfg), metadata
+    return pcfg, mapped, metadata
