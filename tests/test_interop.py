@@ -18,6 +18,7 @@ from paradiffpolicy import CheckpointError, SamplerConfig, load_policy
 from paradiffpolicy.convert import convert
 from paradiffpolicy.sampling import SamplerNoise
 
+ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).parent / "fixtures" / "interop"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "interop"
 LOWDIM = HERE / "lerobot_lowdim_tiny"
@@ -387,6 +388,97 @@ def test_lerobot_unsupported_and_corrupted_are_named(tmp_path):
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
         load_policy(folder)
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("resize_shape", [64, 64], "resize_shape=\\[64, 64\\] is not supported"),
+    ("crop_ratio", 0.9, "crop_ratio=0.9 is not supported"),
+    ("use_peft", True, "use_peft=True is not supported"),
+    ("image_resize_mode", "bilinear", "option\\(s\\) image_resize_mode='bilinear' unknown to this reader"),
+])
+def test_lerobot_options_that_change_the_policy_are_refused_by_name(tmp_path, option, value, match):
+    folder = copy_folder(LOWDIM, tmp_path / "p")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, option: value}))
+    with pytest.raises(CheckpointError, match=match):
+        load_policy(folder)
+
+
+def test_lerobot_training_options_are_recorded_not_dropped(tmp_path):
+    """Options only LeRobot's trainer reads load, and are kept in the metadata (and in a conversion)."""
+    folder = copy_folder(LOWDIM, tmp_path / "p")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "optimizer_lr": 3e-4, "pretrained_backbone_weights": "ResNet18_Weights.IMAGENET1K_V1"}))
+    meta = load_policy(folder).metadata["source_training_options"]
+    assert meta["optimizer_lr"] == 3e-4 and meta["pretrained_backbone_weights"] == "ResNet18_Weights.IMAGENET1K_V1"
+
+
+@pytest.mark.parametrize("name", [n for n in fixture_params(rollout=True) if "lerobot" in str(n)])
+def test_export_of_a_lerobot_folder_writes_it_back(name, tmp_path):
+    """LeRobot → ours → LeRobot: the same weights, processor files and config (but for our choices:
+    push_to_hub false), the stats the modes use, and bitwise the same sample."""
+    from paradiffpolicy.convert import export
+
+    src = FIXTURES[name][0]
+    out = export(src, tmp_path / "lr")
+    assert out["check_max_abs_diff"] == 0.0
+    theirs, ours = json.loads((src / "config.json").read_text()), json.loads((tmp_path / "lr" / "config.json").read_text())
+    assert list(theirs) == list(ours) and {k for k in theirs if theirs[k] != ours[k]} == {"push_to_hub"}
+    for f in ("policy_preprocessor.json", "policy_postprocessor.json"):
+        assert json.loads((src / f).read_text()) == json.loads((tmp_path / "lr" / f).read_text())
+    w_theirs, w_ours = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "lr" / "model.safetensors"))
+    assert w_theirs.keys() == w_ours.keys() and all(torch.equal(w_theirs[k], w_ours[k]) for k in w_theirs)
+    s_ours = load_file(str(tmp_path / "lr" / "policy_preprocessor_step_3_normalizer_processor.safetensors"))
+    s_theirs = load_file(str(src / "policy_preprocessor_step_3_normalizer_processor.safetensors"))
+    assert s_ours and all(torch.equal(v, s_theirs[k]) for k, v in s_ours.items())
+    _, ref, _, direct = run(name, SamplerConfig(name="sequential"))
+    again = load_policy(tmp_path / "lr", sampler=SamplerConfig(name="sequential"))
+    info = again.predict_action(observations(name, ref), noise=SamplerNoise(ref["noise.x_T"], ref["noise.z"]))
+    assert torch.equal(info.action_pred_normalized, direct.action_pred_normalized)
+
+
+@pytest.mark.parametrize("task", ["lift", pytest.param("pusht_keypoints", marks=pytest.mark.slow),
+                                  pytest.param("stack", marks=pytest.mark.slow)])
+def test_export_of_our_policy_round_trips(task, tmp_path):
+    """Ours → LeRobot → ours: every network weight bitwise; the affine statistics become LeRobot's
+    MIN_MAX range, the same map up to float rounding, so the sample agrees within 1e-5 (normalised)."""
+    from paradiffpolicy.convert import export
+    from paradiffpolicy.data.obs_sample import load_observation_sample
+
+    src = ROOT / "checkpoints" / task
+    out = export(src, tmp_path / "lr")
+    seq = SamplerConfig(name="sequential")
+    a, b = load_policy(src, sampler=seq), load_policy(tmp_path / "lr", sampler=seq)
+    assert b.metadata["source_format"] == "lerobot"
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k].float(), sb[k]) for k in sa if k.startswith("model."))
+    windows, _ = load_observation_sample(src)
+    obs = {k: v[:8] for k, v in windows.items()}
+    noise = a.draw_noise(8, torch.Generator().manual_seed(0))
+    dev = (a.predict_action(obs, noise=noise).action_pred_normalized - b.predict_action(obs, noise=noise).action_pred_normalized)
+    assert float(dev.abs().max()) < 1e-5 and out["check_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("src,match", [
+    ("checkpoints/lift_prefix", "prefix_input=true"),
+    ("checkpoints/pusht_image", "LeRobot conditions on observation.state, the cameras"),
+])
+def test_export_refuses_what_lerobot_cannot_express(src, match, tmp_path):
+    from paradiffpolicy.convert import export
+
+    with pytest.raises(CheckpointError, match=match):
+        export(ROOT / src, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_export_cli(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "paradiffpolicy.convert", str(LOWDIM), str(tmp_path / "lr"), "format=lerobot"],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "(LeRobot folder)" in ok.stdout, ok.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "paradiffpolicy.convert", str(ROOT / "checkpoints" / "lift_prefix"), str(tmp_path / "x"),
+                          "format=lerobot"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "prefix_input=true" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_lerobot_legacy_layout_with_buffers_in_the_weights(tmp_path):

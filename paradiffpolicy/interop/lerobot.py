@@ -44,6 +44,21 @@ LEGACY_MODES = {"MIN_MAX": "min_max_legacy", "MEAN_STD": "mean_std", "IDENTITY":
 ORDER = {"state": 0, "image": 1, "env_state": 2}
 STATS = {"min_max": ("min", "max"), "min_max_legacy": ("min", "max"), "mean_std": ("mean", "std"), "identity": ()}
 PREPROCESSOR, POSTPROCESSOR = "policy_preprocessor.json", "policy_postprocessor.json"
+# Every DiffusionConfig option LeRobot 0.6 writes, by what we do with it; an option outside these is
+# refused by name (a newer LeRobot's option may change what the policy computes).
+USED = {"type", "n_obs_steps", "input_features", "output_features", "horizon", "n_action_steps", "normalization_mapping",
+        "vision_backbone", "crop_shape", "crop_is_random", "use_group_norm", "spatial_softmax_num_keypoints",
+        "use_separate_rgb_encoder_per_camera", "down_dims", "kernel_size", "n_groups", "diffusion_step_embed_dim",
+        "use_film_scale_modulation", "noise_scheduler_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+        "prediction_type", "clip_sample", "clip_sample_range", "num_inference_steps"}
+# options that change the computation, supported only at the value that leaves it as implemented here
+MUST_EQUAL = {"resize_shape": None, "crop_ratio": 1.0, "use_peft": False}
+# read by LeRobot's trainer, hub upload or device placement only: what the policy computes does not
+# depend on them (pretrained_backbone_weights only initialises the trunk: the file holds its weights)
+NOT_INFERENCE = {"device", "use_amp", "push_to_hub", "repo_id", "private", "tags", "license", "pretrained_path",
+                 "pretrained_revision", "drop_n_last_frames", "pretrained_backbone_weights", "gradient_checkpointing",
+                 "compile_model", "compile_mode", "do_mask_loss_for_padding", "optimizer_lr", "optimizer_betas", "optimizer_eps",
+                 "optimizer_weight_decay", "scheduler_name", "scheduler_warmup_steps"}
 
 
 def _read_json(path: Path) -> dict:
@@ -75,9 +90,13 @@ def _normalizer_step(doc: dict, registry: str, path: Path) -> dict:
 def policy_config(cfg: dict, norm_map: dict, legacy: bool, where: str) -> PolicyConfig:
     if cfg.get("type") != "diffusion":
         raise UnsupportedCheckpoint(f"{where}: LeRobot policy type {cfg.get('type')!r} is not supported (only 'diffusion')")
-    for key, ok in (("resize_shape", None), ("crop_ratio", 1.0)):
+    for key, ok in MUST_EQUAL.items():
         if key in cfg and cfg[key] != ok:
             raise UnsupportedCheckpoint(f"{where}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
+    unknown = sorted(set(cfg) - USED - set(MUST_EQUAL) - NOT_INFERENCE)
+    if unknown:
+        raise UnsupportedCheckpoint(f"{where}: LeRobot option(s) {', '.join(f'{k}={cfg[k]!r}' for k in unknown)} unknown to this "
+                                    "reader (LeRobot 0.6's DiffusionConfig); refusing rather than ignoring what may change the policy")
     if cfg.get("vision_backbone", "resnet18") not in BACKBONES:
         raise UnsupportedCheckpoint(f"{where}: vision_backbone={cfg.get('vision_backbone')!r} is not supported ({tuple(BACKBONES)})")
     modes = LEGACY_MODES if legacy else MODES
@@ -223,5 +242,6 @@ def load(path: Path):
         raise UnsupportedCheckpoint(f"{where}: normaliser eps={eps} is not supported ({LEROBOT_EPS})")
     state = {**net, **_stats_for(pcfg, get, where)}
     metadata = {"source_format": layout, "source": where, "source_policy": cfg.get("type"),
-                "source_config": {k: cfg.get(k) for k in ("normalization_mapping", "input_features", "output_features")}}
+                "source_config": {k: cfg.get(k) for k in ("normalization_mapping", "input_features", "output_features")},
+                "source_training_options": {k: cfg[k] for k in sorted(NOT_INFERENCE & set(cfg))}}
     return pcfg, state, metadata

@@ -1,0 +1,196 @@
+"""Our policies → a LeRobot 0.6 ``save_pretrained`` folder of a ``DiffusionPolicy`` (``type: diffusion``).
+
+The inverse of :mod:`paradiffpolicy.interop.lerobot`, field by field (``docs/lerobot-export.md``):
+
+* ``config.json``: LeRobot's ``DiffusionConfig`` with our architecture, scheduler and features, and
+  LeRobot's own defaults for what only its trainer reads (optimiser, LR schedule, loss masking);
+* ``model.safetensors``: the U-Net under ``diffusion.unet.*`` (LeRobot's block names) and each
+  camera encoder under ``diffusion.rgb_encoder[.j].*``, float32;
+* ``policy_preprocessor.json`` / ``policy_postprocessor.json`` and their normaliser statistics
+  (``<feature>.<stat>``), the pipelines LeRobot's ``make_pre_post_processors`` builds.
+
+What LeRobot cannot express is refused, naming it: our committed-prefix input, a narrower or shorter
+ResNet trunk, diffusion_policy's average-pool encoder and ImageNet normalisation, features that are
+not LeRobot's (``observation.state``, cameras, ``observation.environment_state``, in that order), a
+chunk that does not start at ``n_obs_steps - 1``, a scheduler setting diffusers' defaults do not give.
+
+Normalisation: LeRobot normalises per feature *type*. Our ``affine`` statistics (diffusion_policy's
+``limits`` fit, ``y = x·scale + offset``) are written as the MIN_MAX range that gives the same map,
+``min = -(1 + offset)/scale``, ``max = min + 2/scale``: the same function up to float rounding (LeRobot
+computes ``2(x - min)/(max - min) - 1``). Statistics a mode does not use are not invented.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from paradiffpolicy.interop.diffusion_policy import UnsupportedCheckpoint
+from paradiffpolicy.interop.lerobot import POSTPROCESSOR, PREPROCESSOR
+
+LEROBOT_VERSION = "0.6"
+TYPES = {"state": "STATE", "image": "VISUAL", "env_state": "ENV"}
+MODES = {"affine": "MIN_MAX", "min_max": "MIN_MAX", "mean_std": "MEAN_STD", "identity": "IDENTITY"}
+PRE_STATS = "policy_preprocessor_step_3_normalizer_processor.safetensors"
+POST_STATS = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+# what LeRobot's trainer reads and inference never does: its DiffusionConfig defaults
+TRAINING_DEFAULTS = {
+    "device": "cpu", "use_amp": False, "use_peft": False, "push_to_hub": False, "repo_id": None, "private": None, "tags": None,
+    "license": None, "pretrained_path": None, "pretrained_revision": None, "gradient_checkpointing": False,
+    "compile_model": False, "compile_mode": "reduce-overhead", "do_mask_loss_for_padding": False, "optimizer_lr": 1e-4,
+    "optimizer_betas": [0.95, 0.999], "optimizer_eps": 1e-8, "optimizer_weight_decay": 1e-6, "scheduler_name": "cosine",
+    "scheduler_warmup_steps": 500,
+}
+_BLOCK = re.compile(r"^(.*_modules\.\d+(?:\.\d+)?)\.blocks\.([01])\.")
+_SAMPLE = re.compile(r"^((?:down|up)_modules\.\d+\.2)\.conv\.(weight|bias)$")
+
+
+def lerobot_unet_key(k: str) -> str:
+    """One of our U-Net parameter names (after ``model.``) → LeRobot's (the inverse of ``lerobot.unet_key``)."""
+    k = _BLOCK.sub(lambda m: f"{m.group(1)}.conv{int(m.group(2)) + 1}.", k)
+    return _SAMPLE.sub(r"\1.\2", k)
+
+
+def check_expressible(policy) -> None:
+    """``UnsupportedCheckpoint`` naming the first thing of ``policy`` a LeRobot diffusion policy cannot hold."""
+    cfg = policy.config
+    if cfg.prefix_input:
+        raise UnsupportedCheckpoint("prefix_input=true (the committed-prefix channels of training-time action conditioning): "
+                                    "LeRobot's diffusion U-Net has no such input; export the policy it was fine-tuned from")
+    if cfg.executed_start != cfg.n_obs_steps - 1:
+        raise UnsupportedCheckpoint(f"action_start={cfg.action_start}: LeRobot executes the chunk from n_obs_steps - 1 = {cfg.n_obs_steps - 1}")
+    s = cfg.scheduler
+    if s.name not in ("ddpm", "ddim"):
+        raise UnsupportedCheckpoint(f"scheduler {s.name!r}: LeRobot's noise_scheduler_type is DDPM or DDIM")
+    if s.timestep_spacing not in (None, "leading") or s.steps_offset != 0 or (s.name == "ddim" and not s.set_alpha_to_one):
+        raise UnsupportedCheckpoint(f"scheduler timestep_spacing={s.timestep_spacing!r}, steps_offset={s.steps_offset}, "
+                                    f"set_alpha_to_one={s.set_alpha_to_one}: LeRobot builds diffusers' defaults ('leading', 0, true)")
+    feats = cfg.features()
+    kinds = [f.kind for f in feats]
+    if kinds != sorted(kinds, key=["state", "image", "env_state"].index):
+        raise UnsupportedCheckpoint(f"features in the order {[f.name for f in feats]}: LeRobot conditions on observation.state, "
+                                    "the cameras, then observation.environment_state")
+    for f in feats:
+        ok = {"state": f.name == "observation.state", "env_state": f.name == "observation.environment_state",
+              "image": f.name == "observation.image" or f.name.startswith("observation.images.")}[f.kind]
+        if not ok:
+            raise UnsupportedCheckpoint(f"feature {f.name!r} ({f.kind}): LeRobot's diffusion policy names it observation.state, "
+                                        "observation.image(s.<camera>) or observation.environment_state")
+        if f.normalization not in MODES:
+            raise UnsupportedCheckpoint(f"feature {f.name!r}: normalization {f.normalization!r} has no LeRobot processor rule")
+    if kinds.count("state") != 1:
+        raise UnsupportedCheckpoint(f"{kinds.count('state')} state features: LeRobot's diffusion policy reads exactly one observation.state")
+    for kind in set(kinds):
+        modes = {MODES[f.normalization] for f in feats if f.kind == kind}
+        if len(modes) > 1:
+            raise UnsupportedCheckpoint(f"{TYPES[kind]} features normalised as {sorted(modes)}: LeRobot has one mode per feature type")
+    if "image" in kinds:
+        v = cfg.vision
+        if v.backbone_width != 64 or v.backbone_stages != 4:
+            raise UnsupportedCheckpoint(f"vision.backbone_width={v.backbone_width}, backbone_stages={v.backbone_stages}: LeRobot builds "
+                                        f"torchvision's {v.vision_backbone} trunk (width 64, 4 stages)")
+        if v.pool != "spatial_softmax" or v.imagenet_norm:
+            raise UnsupportedCheckpoint(f"vision.pool={v.pool!r}, imagenet_norm={v.imagenet_norm}: LeRobot's encoder is "
+                                        "SpatialSoftmax + Linear + ReLU on the feature's own normalisation")
+
+
+def lerobot_config(policy) -> dict:
+    """LeRobot's ``DiffusionConfig`` as ``save_pretrained`` writes it, for ``policy``."""
+    cfg, s, v = policy.config, policy.config.scheduler, policy.config.vision
+    feats = cfg.features()
+    mapping = {"VISUAL": "MEAN_STD", "STATE": "MIN_MAX", "ACTION": MODES[cfg.action_normalization]}  # LeRobot's default, then ours
+    mapping.update({TYPES[f.kind]: MODES[f.normalization] for f in feats})
+    return {
+        "type": "diffusion", "n_obs_steps": cfg.n_obs_steps,
+        "input_features": {f.name: {"type": TYPES[f.kind], "shape": list(f.shape)} for f in feats},
+        "output_features": {"action": {"type": "ACTION", "shape": [cfg.action_dim]}},
+        **{k: TRAINING_DEFAULTS[k] for k in ("device", "use_amp", "use_peft", "push_to_hub", "repo_id", "private", "tags",
+                                             "license", "pretrained_path", "pretrained_revision")},
+        "horizon": cfg.horizon, "n_action_steps": cfg.n_action_steps, "normalization_mapping": mapping,
+        "drop_n_last_frames": cfg.horizon - cfg.n_action_steps - cfg.n_obs_steps + 1,
+        "vision_backbone": v.vision_backbone, "resize_shape": None, "crop_ratio": 1.0,
+        "crop_shape": None if v.crop_shape is None else list(v.crop_shape), "crop_is_random": v.crop_is_random,
+        "pretrained_backbone_weights": None, "use_group_norm": v.use_group_norm,
+        "spatial_softmax_num_keypoints": v.spatial_softmax_num_keypoints,
+        "use_separate_rgb_encoder_per_camera": v.use_separate_rgb_encoder_per_camera,
+        "down_dims": list(cfg.down_dims), "kernel_size": cfg.kernel_size, "n_groups": cfg.n_groups,
+        "diffusion_step_embed_dim": cfg.diffusion_step_embed_dim, "use_film_scale_modulation": cfg.cond_predict_scale,
+        "gradient_checkpointing": False, "noise_scheduler_type": s.name.upper(), "num_train_timesteps": s.num_train_timesteps,
+        "beta_schedule": s.beta_schedule, "beta_start": s.beta_start, "beta_end": s.beta_end,
+        "prediction_type": s.prediction_type, "clip_sample": s.clip_sample, "clip_sample_range": s.clip_sample_range,
+        "num_inference_steps": None if s.num_inference_steps == s.num_train_timesteps else s.num_inference_steps,
+        **{k: TRAINING_DEFAULTS[k] for k in ("compile_model", "compile_mode", "do_mask_loss_for_padding", "optimizer_lr",
+                                             "optimizer_betas", "optimizer_eps", "optimizer_weight_decay", "scheduler_name",
+                                             "scheduler_warmup_steps")},
+    }
+
+
+def lerobot_weights(policy) -> dict[str, torch.Tensor]:
+    """``model.safetensors``: the U-Net and the camera encoders under LeRobot's names, float32."""
+    separate = policy.config.vision.use_separate_rgb_encoder_per_camera
+    out = {}
+    for k, t in policy.state_dict().items():
+        t = t.detach().cpu().float().contiguous()
+        if k.startswith("model."):
+            out["diffusion.unet." + lerobot_unet_key(k[len("model."):])] = t
+        elif k.startswith("obs_encoder.rgb_encoders."):
+            index, rest = k[len("obs_encoder.rgb_encoders."):].split(".", 1)
+            out["diffusion.rgb_encoder." + (f"{index}.{rest}" if separate else rest)] = t
+    return out
+
+
+def lerobot_stats(policy) -> dict[str, torch.Tensor]:
+    """``<feature>.<stat>`` for every feature and the action, in LeRobot's shapes (images (3, 1, 1))."""
+    out = {}
+    norms = [(f.name, n) for f, n in zip(policy.features, policy.obs_encoder.normalizers)] + [("action", policy.action_normalizer)]
+    for name, norm in norms:
+        if norm.mode == "affine":  # the MIN_MAX range that gives y = x·scale + offset
+            lo = -(1.0 + norm.offset) / norm.scale
+            stats = {"min": lo, "max": lo + 2.0 / norm.scale}
+        else:
+            stats = {stat: getattr(norm, stat) for stat in {"min_max": ("min", "max"), "mean_std": ("mean", "std")}.get(norm.mode, ())}
+        out.update({f"{name}.{stat}": t.detach().cpu().float().contiguous() for stat, t in stats.items()})
+    return out
+
+
+def processor_docs(config: dict) -> tuple[dict, dict]:
+    """``policy_preprocessor.json`` and ``policy_postprocessor.json``: LeRobot's pipelines for a diffusion policy."""
+    features = {**config["input_features"], **config["output_features"]}
+    norm = {"eps": 1e-8, "norm_map": config["normalization_mapping"]}
+    pre = {"name": "policy_preprocessor", "steps": [
+        {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
+        {"registry_name": "to_batch_processor", "config": {}},
+        {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
+        {"registry_name": "normalizer_processor", "config": {"eps": norm["eps"], "features": features, "norm_map": norm["norm_map"]},
+         "state_file": PRE_STATS}]}
+    post = {"name": "policy_postprocessor", "steps": [
+        {"registry_name": "unnormalizer_processor", "config": {"eps": norm["eps"], "features": config["output_features"],
+                                                                "norm_map": norm["norm_map"]}, "state_file": POST_STATS},
+        {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}]}
+    return pre, post
+
+
+def export_lerobot(policy, directory: str | os.PathLike) -> Path:
+    """Write ``policy`` as a LeRobot diffusion folder (files written to temporaries, then renamed)."""
+    check_expressible(policy)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    config = lerobot_config(policy)
+    pre, post = processor_docs(config)
+    stats = lerobot_stats(policy)
+    files = {"model.safetensors": lerobot_weights(policy), PRE_STATS: stats, POST_STATS: stats,
+             "config.json": config, PREPROCESSOR: pre, POSTPROCESSOR: post}
+    for name, content in files.items():
+        tmp = out / (name + ".tmp")
+        if name.endswith(".safetensors"):
+            save_file(content, str(tmp))
+        else:
+            tmp.write_text(json.dumps(content, indent=4))
+    for name in files:
+        os.replace(out / (name + ".tmp"), out / name)
+    return out
