@@ -437,8 +437,8 @@ def test_export_of_a_lerobot_folder_writes_it_back(name, tmp_path):
     assert torch.equal(info.action_pred_normalized, direct.action_pred_normalized)
 
 
-@pytest.mark.parametrize("task", ["lift", pytest.param("pusht_keypoints", marks=pytest.mark.slow),
-                                  pytest.param("stack", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["lift", "pusht_keypoints", "stack"])
 def test_export_of_our_policy_round_trips(task, tmp_path):
     """Ours → LeRobot → ours: every network weight bitwise; the affine statistics become LeRobot's
     MIN_MAX range, the same map up to float rounding, so the sample agrees within 1e-5 (normalised)."""
