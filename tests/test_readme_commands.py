@@ -8,6 +8,7 @@ command cannot go untested. None of them may print robosuite's start-up noise.
 
 from __future__ import annotations
 
+import lzma
 import os
 import re
 import shlex
@@ -41,6 +42,7 @@ TINY = {
     "python -m paradiffpolicy.eval -m": {**SHORT, "task.max_steps": "8", "sampler.window": "8,16",
                                          "sampler.tol": "0.1", "hydra.sweep.dir": "{tmp}/sweep"},
     "python -m paradiffpolicy.convert": {},
+    "python -m paradiffpolicy.eval checkpoint=/tmp/latest.ckpt": {**SHORT, "sampler.scheduler": "ddim", "sampler.num_inference_steps": "4"},
     "python -m paradiffpolicy.tune": {"checkpoint": "{tmp}/lift_copy", "windows": "[8]", "inits": "[rollout]",
                                       "updates": "[picard]", "tols": "[0.1]", "tune_samples": "4", "batch_sizes": "[1,8]",
                                       "verify_top": "1", "trials": "2", "backends": "[jit]", "progress": "false",
@@ -55,6 +57,8 @@ FILL = {
     "path/to/lerobot_folder": str(LEROBOT_FIXTURE),
     "checkpoints/mine": "{tmp}/mine",
     "multirun/eval/lift/<date>": "{tmp}/sweep",
+    "/tmp/latest.ckpt": "{tmp}/dp_hybrid/latest.ckpt",  # the README's xz line, done by the test
+    "/tmp/lift_lerobot": "{tmp}/lift_lerobot",
 }
 
 
@@ -75,8 +79,8 @@ def tiny(command: str, tmp: Path, port: int) -> list[str]:
     key = max((k for k in TINY if command.startswith(k)), key=len, default=None)
     assert key is not None, f"README command without tiny settings in tests/test_readme_commands.py: {command}"
     for placeholder, value in FILL.items():
-        command = command.replace(placeholder, value)
-    argv = shlex.split(command.format(tmp=tmp, port=port))
+        command = command.replace(placeholder, value.format(tmp=tmp, port=port))
+    argv = shlex.split(command)
     settings = {k: v.format(tmp=tmp, port=port) for k, v in TINY[key].items()}
     out = []
     for a in argv:
@@ -97,6 +101,10 @@ def test_every_readme_command_runs_with_tiny_settings(tmp_path):
     commands = readme_commands()
     assert len(commands) >= 12 and any("serve" in c for c in commands)
     shutil.copytree(ROOT / "checkpoints" / "lift", tmp_path / "lift_copy")  # tune writes beside its checkpoint
+    (tmp_path / "dp_hybrid").mkdir()
+    with lzma.open(LEROBOT_FIXTURE.parent / "dp_hybrid_image_small" / "latest.ckpt.xz") as f, \
+            open(tmp_path / "dp_hybrid" / "latest.ckpt", "wb") as g:
+        shutil.copyfileobj(f, g)
     port = free_port()
     env = {**os.environ, "PARADIFFPOLICY_TOKEN": "readme-test-token", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     server = None
@@ -124,5 +132,5 @@ def test_every_readme_command_runs_with_tiny_settings(tmp_path):
             server.terminate()
             server.wait(timeout=60)
     assert (tmp_path / "lift_ck" / "model.safetensors").exists() and (tmp_path / "mine" / "config.json").exists()
-    assert (tmp_path / "lift_copy" / "sampler_tuned.json").exists()
+    assert (tmp_path / "lift_copy" / "sampler_tuned.json").exists() and (tmp_path / "lift_lerobot" / "policy_preprocessor.json").exists()
     assert list((tmp_path / "sweep").glob("sweep.*"))
