@@ -141,6 +141,29 @@ def test_holm_adjusts_for_the_number_of_pairs():
     assert holm([0.5]) == [0.5] and holm([0.6, 0.7]) == [1.0, 1.0]
 
 
+def test_delay_points_pool_disjoint_seed_sets_and_pair_within_each():
+    """Two seed sets of one point are joined; a comparison pairs episodes only within a set both ran,
+    on that set's shared first seeds; a set run twice is refused."""
+    from paradiffpolicy.bench.delay import aligned, pool_seed_sets
+
+    def point(method, first, flags):
+        return {"sampler": "picard", "method": method, "delay": 4, "seeds": [first, first + len(flags) - 1], "source": f"{first}",
+                "success_per_seed": flags, "iterations_mean": 10.0, "avg_max_reward": float(sum(flags)) / len(flags)}
+
+    set1 = [point("naive", 10, [True, False, True, True]), point("hard", 10, [True, True])]
+    set2 = [point("naive", 20, [False, False]), point("hard", 20, [True, True, False])]
+    pooled = {p["method"]: p for p in pool_seed_sets([set1, set2])}
+    naive, hard = pooled["naive"], pooled["hard"]
+    assert naive["n_episodes"] == 6 and naive["success_per_seed"] == [True, False, True, True, False, False]
+    assert hard["avg_max_reward"] == pytest.approx(4 / 5) and [s["first_seed"] for s in hard["seed_sets"]] == [10, 20]
+    a, b = aligned(hard, naive)  # set 10: the first 2 of naive's 4; set 20: the first 2 of hard's 3
+    assert (a, b) == ([True, True, True, True], [True, False, False, False])
+    a, b = aligned(hard, point("naive", 30, [True]))  # no set in common: nothing to pair
+    assert a == b == []
+    with pytest.raises(SystemExit, match="disjoint seed sets"):
+        pool_seed_sets([set1, set1])
+
+
 @pytest.mark.slow
 def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
     """python -m paradiffpolicy.bench.delay on the shipped PushT keypoints policy, short episodes:
@@ -210,6 +233,14 @@ def test_delay_benchmark_runs_resumes_reports_and_times_the_joins(tmp_path):
     grown = {(p["method"], p["delay"]): p for p in bench_delay.main(["phase=report", *common])["points"]}[("soft", 3)]
     assert grown["n_episodes"] == 5 and grown["seeds"] == [10_000_000, 10_000_004]
     assert grown["success_per_seed"][:3] == points[("soft", 3)]["success_per_seed"] and grown["vs_naive"]["episodes"] == 3
+    # a second, disjoint seed set in its own runs folder: pooled point by point, paired within each set
+    runs2 = [c for c in grow if not c.startswith("runs=")] + [f"runs={tmp_path / 'runs2'}", "seed=20000000"]
+    bench_delay.main(["phase=success", "methods=[naive,soft]", "delays=[3]", "n_episodes=2", *runs2])
+    both_sets = {(p["method"], p["delay"]): p for p in bench_delay.main(
+        ["phase=report", *common, f"more_runs=[{tmp_path / 'runs2'}]"])["points"]}
+    soft3, naive3 = both_sets[("soft", 3)], both_sets[("naive", 3)]
+    assert [x["first_seed"] for x in soft3["seed_sets"]] == [10_000_000, 20_000_000] and soft3["n_episodes"] == 7
+    assert soft3["vs_naive"]["episodes"] == 3 + 2 and naive3["n_episodes"] == 5
     cost = bench_delay.main(["phase=cost", "methods=[naive,hard,guided]", "trials=2", "warmup=1", *common[2:]])
     assert set(cost["methods"]) == {"naive", "hard", "guided"} and cost["observations"]["held_out"] is True
     with pytest.raises(SystemExit, match="methods"):

@@ -75,6 +75,9 @@ class DelayBenchConfig:
     backend: str = "jit"
     threads: int = 2
     runs: str = "outputs/delay"
+    # report: further runs folders holding the same points on other, disjoint seed sets (e.g. one run
+    # with seed=20000000): pooled point by point, each comparison paired within its seed set
+    more_runs: List[str] = field(default_factory=list)
     out: str = "benchmarks/results"
     max_steps: int = 0  # 0: the task's episode length (smoke tests shorten it)
     # report only: a fast-mode eval_info.json on the same seeds (e.g. the frontier's run of this
@@ -250,20 +253,16 @@ def report_phase(cfg: DelayBenchConfig) -> dict:
     """Every complete point under ``<runs>/<task>``; points of one sampler must share their seeds
     where they share an episode count (a 50-episode point is paired on its first 50 seeds)."""
     base = Path(cfg.runs) / cfg.task
-    points = []
-    for info_path in sorted(base.glob("*/*/d*/eval_info.json")):
-        parts = point_parts(info_path.parent)
-        if parts:
-            sampler_label, method, dname = info_path.parts[-4:-1]
-            points.append(_point(merged_point(parts), sampler_label, method, int(dname[1:]), str(info_path.parent)))
-    if not points:
+    sets = [collect_points(Path(runs) / cfg.task) for runs in (cfg.runs, *cfg.more_runs)]
+    if not sets[0]:
         raise SystemExit(f"no complete point under {base}; run phase=success first")
     fast_label = cfg.fast_run_label or cfg.sampler_label
-    if cfg.fast_run and not any((p["sampler"], p["method"], p["delay"]) == (fast_label, "naive", 0) for p in points):
+    if cfg.fast_run and not any((p["sampler"], p["method"], p["delay"]) == (fast_label, "naive", 0) for p in sets[0]):
         info = json.loads(Path(cfg.fast_run).read_text())
         if info["controller"]["mode"] != "fast":
             raise SystemExit(f"fast_run={cfg.fast_run} is a controller.mode={info['controller']['mode']} run, not fast")
-        points.append(_point(info, fast_label, "naive", 0, cfg.fast_run))
+        sets[0].append(_point(info, fast_label, "naive", 0, cfg.fast_run))
+    points = pool_seed_sets(sets)
     by_key = {(p["sampler"], p["method"], p["delay"]): p for p in points}
     for p in points:
         # against the method's own d = 0, or fast mode (naive d = 0) for a schedule without one
@@ -275,16 +274,64 @@ def report_phase(cfg: DelayBenchConfig) -> dict:
         if cfg.baseline and p["sampler"] == cfg.sampler_label:
             refs += [(f"vs_baseline_{m}", by_key.get((cfg.baseline, m, p["delay"]))) for m in ("naive", "hard")]
         for ref_name, ref in refs:
-            n = None if ref is None else min(p["n_episodes"], ref["n_episodes"])
-            p[ref_name] = None if ref is None or ref is p else {
-                "reference": f"{ref['sampler']} {ref['method']} d={ref['delay']}", "episodes": n,
-                **paired(p["success_per_seed"][:n], ref["success_per_seed"][:n])}
+            mine, theirs = ([], []) if ref is None else aligned(p, ref)
+            p[ref_name] = None if ref is None or ref is p or not mine else {
+                "reference": f"{ref['sampler']} {ref['method']} d={ref['delay']}", "episodes": len(mine), **paired(mine, theirs)}
     result = {"task": cfg.task, "mode": "controller=delay: simulated delay, deterministic given the seeds (no wall clock)",
               "points": sorted(points, key=lambda p: (p["sampler"], _join_order(p["method"]), p["method"], p["delay"])),
               "pooled_vs_naive": pooled_vs_naive(points)}
     if cfg.baseline:
         result["baseline"] = {"label": cfg.baseline, "policy": cfg.sampler_label}
     return write_report(Path(cfg.out) / f"delay-{cfg.task}", result, markdown, plot)
+
+
+def collect_points(base: Path) -> list[dict]:
+    """Every complete point under ``<runs>/<task>`` (``<sampler label>/<join>/d<d>``)."""
+    points = []
+    for info_path in sorted(base.glob("*/*/d*/eval_info.json")):
+        parts = point_parts(info_path.parent)
+        if parts:
+            sampler_label, method, dname = info_path.parts[-4:-1]
+            points.append(_point(merged_point(parts), sampler_label, method, int(dname[1:]), str(info_path.parent)))
+    return points
+
+
+def pool_seed_sets(sets: list[list[dict]]) -> list[dict]:
+    """One point per (sampler, join, d) over disjoint seed sets: episodes joined, each set kept in
+    ``seed_sets`` (its first seed names it) so comparisons pair only within a set."""
+    pooled: dict = {}
+    for points in sets:
+        for p in points:
+            key = (p["sampler"], p["method"], p["delay"])
+            part = {"first_seed": p["seeds"][0], "seeds": p["seeds"], "source": p["source"],
+                    "success_per_seed": p["success_per_seed"]}
+            if key not in pooled:
+                pooled[key] = {**p, "seed_sets": [part]}
+                continue
+            q = pooled[key]
+            if any(s["first_seed"] == part["first_seed"] for s in q["seed_sets"]):
+                raise SystemExit(f"{key}: two runs folders hold seeds from {part['first_seed']}; more_runs must be disjoint seed sets")
+            n_before, n_new = len(q["success_per_seed"]), len(p["success_per_seed"])
+            flags = q["success_per_seed"] + p["success_per_seed"]
+            q["seed_sets"].append(part)
+            q.update(success_summary(flags), success_per_seed=flags, source=[s["source"] for s in q["seed_sets"]],
+                     **{k: (q[k] * n_before + p[k] * n_new) / len(flags) for k in ("iterations_mean", "avg_max_reward")})
+    return list(pooled.values())
+
+
+def aligned(p: dict, q: dict) -> tuple[list[bool], list[bool]]:
+    """Two points' episodes paired seed for seed: within each seed set both ran, on its shared first
+    seeds (a 50-episode point pairs with the first 50 of a 100-episode one)."""
+    def sets(x):
+        return {s["first_seed"]: s["success_per_seed"] for s in x.get("seed_sets") or
+                [{"first_seed": x["seeds"][0], "success_per_seed": x["success_per_seed"]}]}
+    a, b = [], []
+    theirs = sets(q)
+    for first, mine in sets(p).items():
+        if first in theirs:
+            n = min(len(mine), len(theirs[first]))
+            a, b = a + mine[:n], b + theirs[first][:n]
+    return a, b
 
 
 def pooled_vs_naive(points: list[dict]) -> list[dict]:
@@ -320,8 +367,9 @@ def markdown(result: dict) -> str:
     p0 = result["points"][0]
     lines = [f"# Success against inference delay: {result['task']}\n",
              f"`{result['mode']}`. A call every s = Ta ticks from that tick's observation; for its first d ticks "
-             "the previous chunk executes, then the new chunk from index d (s: ticks between calls; `-sd`: s = d). Seeds from "
-             f"{p0['seeds'][0]}; every point of a sampler on the same seeds. Success ± SE and the 95% Wilson "
+             "the previous chunk executes, then the new chunk from index d (s: ticks between calls; `-sd`: s = d). Seed sets "
+             f"from {', '.join(f'{x:,}' for x in sorted({s['first_seed'] for p in result['points'] for s in p.get('seed_sets', [])}) or [p0['seeds'][0]])}"
+             " (a point pools those it ran on); every point of a sampler on the same seeds. Success ± SE and the 95% Wilson "
              "interval; paired on the seeds: episodes won / lost against `naive` at the same d and against "
              "the method's own d = 0 (fast mode, i.e. naive d = 0, where it has none), with the exact McNemar p-value. Jumps: the "
              "L2 norm of the change between consecutive executed actions, at chunk seams and within chunks (environment "
@@ -377,10 +425,9 @@ def summary_phase(cfg: DelayBenchConfig) -> dict:
             for t, ps in points.items():
                 for (m, d), p in ps.items():
                     if m == a and d > 0 and (b, d) in ps:
-                        q = ps[b, d]
-                        n = min(p["n_episodes"], q["n_episodes"])
-                        test = paired(p["success_per_seed"][:n], q["success_per_seed"][:n])
-                        won, lost, episodes = won + test["won"], lost + test["lost"], episodes + n
+                        mine, theirs = aligned(p, ps[b, d])
+                        test = paired(mine, theirs)
+                        won, lost, episodes = won + test["won"], lost + test["lost"], episodes + len(mine)
                         where.append(f"{t} d={d}")
             if where:
                 pairs.append({"a": a, "b": b, "points": where, "episodes": episodes, "won": won, "lost": lost,
@@ -421,9 +468,9 @@ def policies_phase(cfg: DelayBenchConfig) -> dict:
                     q = theirs[t].get((b, d))
                     if method != m or d == 0 or q is None:
                         continue
-                    n = min(p["n_episodes"], q["n_episodes"])
-                    test = paired(p["success_per_seed"][:n], q["success_per_seed"][:n])
-                    won, lost, episodes = won + test["won"], lost + test["lost"], episodes + n
+                    a, b_ = aligned(p, q)
+                    test = paired(a, b_)
+                    won, lost, episodes = won + test["won"], lost + test["lost"], episodes + len(a)
                     where.append(f"{t} d={d}")
             if where:
                 pairs.append({"a": f"{label} {m}", "b": f"{base} {b}", "points": where, "episodes": episodes, "won": won,
@@ -431,12 +478,11 @@ def policies_phase(cfg: DelayBenchConfig) -> dict:
         zero = [(t, mine[t].get((m, 0)), theirs[t].get(("naive", 0))) for t in cfg.tasks]
         zero = [(t, p, q) for t, p, q in zero if p is not None and q is not None]
         if zero:  # d = 0: does conditioning cost anything without delay?
-            tests = [paired(p["success_per_seed"][:min(p["n_episodes"], q["n_episodes"])],
-                            q["success_per_seed"][:min(p["n_episodes"], q["n_episodes"])]) for _, p, q in zero]
+            both = [aligned(p, q) for _, p, q in zero]
+            tests = [paired(a, b_) for a, b_ in both]
             won, lost = sum(x["won"] for x in tests), sum(x["lost"] for x in tests)
             pairs.append({"a": f"{label} {m}", "b": f"{base} naive", "points": [f"{t} d=0" for t, _, _ in zero],
-                          "episodes": sum(min(p["n_episodes"], q["n_episodes"]) for _, p, q in zero), "won": won, "lost": lost,
-                          "p_value": sign_test(won, lost)})
+                          "episodes": sum(len(a) for a, _ in both), "won": won, "lost": lost, "p_value": sign_test(won, lost)})
     for pair, p_holm in zip(pairs, holm([p["p_value"] for p in pairs])):
         pair["p_holm"] = p_holm
     result = {"policy": label, "baseline": base, "tasks": list(cfg.tasks), "rows": rows, "pairs": pairs}
