@@ -146,3 +146,26 @@ def test_documented_hydra_overrides_compose(command):
                 pytest.fail(f"{where}: {e}")
         checked += 1
     assert checked or command in ("collect",), f"no documented {command} command was checked"
+
+
+def test_documented_overrides_of_argv_commands_name_their_config_keys():
+    """The benchmark and data commands parse ``key=value`` into a dataclass (``from_argv``): every
+    documented key is one of its fields."""
+    import dataclasses
+
+    checked = 0
+    for where, argv in documented_commands():
+        if argv[0] != "-m" or argv[1] in {f"paradiffpolicy.{c}" for c in (*HYDRA_COMMANDS, "convert")}:
+            continue
+        module = importlib.import_module(argv[1])
+        calls = [n for n in ast.walk(ast.parse(Path(module.__file__).read_text())) if isinstance(n, ast.Call)
+                 and getattr(n.func, "id", None) in ("from_argv", "script_arguments") and n.args and isinstance(n.args[0], ast.Name)]
+        if not calls:
+            continue
+        fields = {f.name for f in dataclasses.fields(getattr(module, calls[0].args[0].id))}
+        for arg in argv[2:]:
+            key = arg.split("=", 1)[0].split(".")[0]
+            if "=" in arg and calls[0].func.id == "from_argv":
+                assert key in fields, f"{where}: {key!r} is not a key of {argv[1]} ({sorted(fields)})"
+                checked += 1
+    assert checked >= 2
