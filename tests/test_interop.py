@@ -310,6 +310,46 @@ def _dp_image_payload(name):
     return resolve_interpolations(to_plain(src["cfg"])), src["state_dicts"]["ema_model" if name == "dp_image_small" else "model"]
 
 
+@pytest.mark.slow
+@needs_dp_images
+@pytest.mark.parametrize("name", DP_IMAGES)
+def test_dp_second_camera_gets_its_own_encoder_in_upstream_order(name, tmp_path):
+    """A second camera (here a copy of the first under the key ``a_cam``, weights and statistics
+    included): hybrid keeps shape_meta order (image, agent_pos, a_cam), the image policy sorts camera
+    keys first (a_cam, image, agent_pos); each camera has its own encoder, equal to the original's."""
+    from omegaconf import OmegaConf
+
+    cfg, state = _dp_image_payload(name)
+    meta = cfg["policy"]["shape_meta"]["obs"]
+    meta["a_cam"] = dict(meta["image"])
+    if "obs_encoder" in cfg["policy"]:
+        cfg["policy"]["obs_encoder"]["shape_meta"]["obs"]["a_cam"] = dict(meta["image"])
+    extra = {}
+    for k, v in state.items():
+        for old, new in (("obs_nets.image.", "obs_nets.a_cam."), ("key_model_map.image.", "key_model_map.a_cam."),
+                         ("params_dict.image.", "params_dict.a_cam.")):
+            if old in k:
+                extra[k.replace(old, new)] = v
+    wider = 2 * (64 if name == "dp_hybrid_image_small" else 512)  # To x the new camera's features
+    for k, v in state.items():  # the U-Net's conditioning grows by them (its values do not matter here)
+        if k.endswith("cond_encoder.1.weight"):
+            extra[k] = torch.zeros(v.shape[0], v.shape[1] + wider)
+    torch.save({"cfg": OmegaConf.create(cfg), "state_dicts": {"ema_model" if name == "dp_image_small" else "model": {**state, **extra}}},
+               tmp_path / "latest.ckpt")
+    two = load_policy(tmp_path / "latest.ckpt")
+    one = load_policy(FIXTURES[name][0])
+    expected = ["image", "agent_pos", "a_cam"] if name == "dp_hybrid_image_small" else ["a_cam", "image", "agent_pos"]
+    assert [f.name for f in two.features] == expected and two.config.vision.use_separate_rgb_encoder_per_camera
+    ref = reference(name)
+    obs = {"image": ref["obs.image"], "agent_pos": ref["obs.agent_pos"]}
+    with torch.no_grad():
+        single = one.obs_encoder(one.validate_obs(obs)).reshape(3, 2, -1)
+        double = two.obs_encoder(two.validate_obs({**obs, "a_cam": ref["obs.image"]})).reshape(3, 2, -1)
+    cam = one.config.vision.feature_dim
+    img, pos = single[..., :cam], single[..., cam:]
+    torch.testing.assert_close(double, torch.cat([img, pos, img] if name == "dp_hybrid_image_small" else [img, img, pos], -1))
+
+
 @needs_dp_images
 @pytest.mark.parametrize("name,edit,match", [
     ("dp_image_small", lambda c, s: c["policy"].update(_target_="x.DiffusionTransformerHybridImagePolicy"),
