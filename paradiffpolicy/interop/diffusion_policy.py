@@ -11,7 +11,7 @@ Supported, with ``obs_as_global_cond=True``, DDPM or DDIM, EMA weights when the 
   global average pool, optional ImageNet normalisation), camera keys sorted, then low-dim keys sorted.
 
 Features keep the checkpoint's ``shape_meta`` keys as names (``image``, ``agent_pos``): an
-environment's features are renamed to them (``eval rename_map=...``). The file is read by
+environment's features are renamed to them (``eval +rename_map=...``). The file is read by
 :mod:`~paradiffpolicy.interop.safe_pickle` (nothing in it is executed); its resolved OmegaConf
 config becomes plain data; leftover ``${...}`` interpolations are resolved by lookup and arithmetic
 only. Anything else (another backbone, a transformer policy, a resize, a shared camera model) is
@@ -138,7 +138,8 @@ def policy_kind(cfg: dict, where: str) -> str:
     if kind not in POLICIES:
         raise UnsupportedCheckpoint(f"{where}: policy {target!r} is not supported; this runtime reads diffusion_policy's "
                                     f"{', '.join(POLICIES)} (transformer and BET policies are not implemented)")
-    if not pol.get("obs_as_global_cond", True) or pol.get("obs_as_local_cond", False):
+    # the lowdim policy's default is inpainting (obs_as_global_cond=False); the image policies' is True
+    if not pol.get("obs_as_global_cond", kind != LOWDIM_POLICY) or pol.get("obs_as_local_cond", False):
         raise UnsupportedCheckpoint(f"{where}: only obs_as_global_cond=true is supported (inpainting and local conditioning are not)")
     if pol.get("pred_action_steps_only", False):
         raise UnsupportedCheckpoint(f"{where}: pred_action_steps_only=true is not supported")
@@ -219,7 +220,7 @@ def policy_config(cfg: dict, where: str, state: dict | None = None) -> PolicyCon
     to = int(pol["n_obs_steps"])
     common = dict(n_obs_steps=to, horizon=int(pol["horizon"]), n_action_steps=int(pol["n_action_steps"]),
                   scheduler=_scheduler(pol.get("noise_scheduler", {}), pol.get("num_inference_steps"), where),
-                  action_normalization="affine", action_start=to - 1 if pol.get("oa_step_convention", True) else to)
+                  action_normalization="affine", action_start=to - 1)  # the image policies execute from To - 1
     if kind == LOWDIM_POLICY:
         model = pol.get("model", {})
         if not str(model.get("_target_", "")).endswith("ConditionalUnet1D") or model.get("local_cond_dim"):
