@@ -8,6 +8,8 @@
     python -m paradiffpolicy.bench.delay task=pusht_keypoints checkpoint=<trained with the prefix> \
         label=picard-trained methods=[trained,naive] baseline=picard             # another policy, paired against picard's
     python -m paradiffpolicy.bench.delay phase=policies label=picard-trained baseline=picard tasks=[lift,pusht_keypoints]
+    python -m paradiffpolicy.bench.delay task=lift seed=20000000 runs=<another folder>        # a second seed set ...
+    python -m paradiffpolicy.bench.delay phase=report task=lift "more_runs=[<that folder>]"  # ... pooled with the first
 
 ``success`` runs ``paradiffpolicy.eval controller=delay`` once per (join method, delay d) on the
 same ``n_episodes`` seeds, into ``<runs>/<task>/<sampler label>/<method>/d<d>/``, skipping points
@@ -32,6 +34,10 @@ seed, against the ``naive`` and ``hard`` points of the ``baseline`` label at the
 the cost of delay (d against the same policy's d = 0), and the policy's join against each of the
 baseline's joins pooled over every (task, d > 0) both ran, Holm-adjusted
 (``delay-policies-<label>.{json,md,png}``).
+
+``more_runs`` pools disjoint seed sets: a point's episodes from every runs folder are joined (each
+set kept in ``seed_sets``, named by its first seed), and every comparison pairs episodes within a
+set both ran, on that set's shared seeds; summary and policies read the pooled reports.
 """
 
 from __future__ import annotations
