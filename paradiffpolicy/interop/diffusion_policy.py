@@ -362,6 +362,16 @@ def map_state_dict(source: dict, where: str, pcfg: PolicyConfig | None = None) -
     return out
 
 
+def check_complete(mapped: dict, pcfg: PolicyConfig, kind: str, where: str) -> None:
+    """Every parameter the policy needs is in ``mapped``; the missing ones named as upstream names them."""
+    from paradiffpolicy.policy import DiffusionPolicy
+
+    missing = sorted(set(DiffusionPolicy(pcfg).state_dict()) - set(mapped))
+    if missing:
+        names = [upstream_name(k, pcfg, kind) for k in missing]
+        raise UnsupportedCheckpoint(f"{where} lacks {names[:8]}{' ...' if len(names) > 8 else ''} (needed by {kind})")
+
+
 def load(path: Path):
     """(PolicyConfig, state dict, metadata) of a workspace ``.ckpt``."""
     where = str(path)
@@ -377,13 +387,7 @@ def load(path: Path):
         raise UnsupportedCheckpoint(f"{where}: training.use_ema={use_ema} but state_dicts has no {key!r} (has {sorted(states)})")
     pcfg = policy_config(cfg, where, states[key])
     mapped = map_state_dict(states[key], where, pcfg)
-    from paradiffpolicy.policy import DiffusionPolicy
-
-    missing = sorted(set(DiffusionPolicy(pcfg).state_dict()) - set(mapped))
-    if missing:
-        names = [upstream_name(k, pcfg, kind) for k in missing]
-        raise UnsupportedCheckpoint(f"{where}: state_dicts.{key} lacks {names[:8]}{' ...' if len(names) > 8 else ''} "
-                                    f"(needed by {cfg['policy']['_target_'].rsplit('.', 1)[-1]})")
+    check_complete(mapped, pcfg, kind, f"{where}: state_dicts.{key}")
     metadata = {"source_format": "diffusion_policy", "source": where, "source_workspace": cfg.get("_target_"),
                 "source_policy": cfg["policy"]["_target_"], "weights": key,
                 "source_obs_keys": ["obs"] if kind == LOWDIM_POLICY else [f.name for f in pcfg.features()],
