@@ -39,6 +39,14 @@ def check_destination(dst: str | Path, overwrite: bool = False) -> Path:
     return dst
 
 
+def chunk_difference(a, b, batch: int, field: str) -> float:
+    """Largest |difference| between two policies' ``PolicyOutput.<field>`` for one fixed observation
+    batch and noise: how a written checkpoint is checked against its source."""
+    obs = a.dummy_observation(batch)
+    noise = a.draw_noise(batch, torch.Generator().manual_seed(0))
+    return float((getattr(a.predict_action(obs, noise=noise), field) - getattr(b.predict_action(obs, noise=noise), field)).abs().max())
+
+
 def convert(src: str | Path, dst: str | Path, weights_dtype: str = "float32", overwrite: bool = False) -> dict:
     """Write ``src`` (any supported format) to ``dst`` in ours; returns a summary."""
     from paradiffpolicy import __version__
@@ -50,12 +58,7 @@ def convert(src: str | Path, dst: str | Path, weights_dtype: str = "float32", ov
     meta = {**policy.metadata, "converted_from": str(src), "converted_from_format": fmt,
             "converted_by": f"paradiffpolicy {__version__}"}
     save_policy(policy, dst, metadata=meta, weights_dtype=weights_dtype)
-    reloaded = load_policy(dst, sampler=seq)
-    obs = policy.dummy_observation(1)
-    noise = policy.draw_noise(1, torch.Generator().manual_seed(0))
-    a = policy.predict_action(obs, noise=noise).action_pred
-    b = reloaded.predict_action(obs, noise=noise).action_pred
-    dev = float((a - b).abs().max())
+    dev = chunk_difference(policy, load_policy(dst, sampler=seq), batch=1, field="action_pred")
     if weights_dtype == "float32" and dev != 0.0:
         raise CheckpointError(f"conversion check failed: {dst} gives a chunk {dev:.3g} away from {src}")
     return {"source": str(src), "format": fmt, "destination": str(dst), "check_max_abs_diff": dev,
@@ -78,12 +81,7 @@ def export(src: str | Path, dst: str | Path, overwrite: bool = False) -> dict:
         export_lerobot(policy, dst)
     except UnsupportedCheckpoint as e:
         raise CheckpointError(f"{src} cannot be written as a LeRobot diffusion policy: {e}") from None
-    reloaded = load_policy(dst, sampler=seq)
-    obs = policy.dummy_observation(2)
-    noise = policy.draw_noise(2, torch.Generator().manual_seed(0))
-    a = policy.predict_action(obs, noise=noise)
-    b = reloaded.predict_action(obs, noise=noise)
-    dev = float((a.action_pred_normalized - b.action_pred_normalized).abs().max())
+    dev = chunk_difference(policy, load_policy(dst, sampler=seq), batch=2, field="action_pred_normalized")
     if dev > LEROBOT_CHECK_TOL:
         raise CheckpointError(f"export check failed: {dst} gives a chunk {dev:.3g} (normalised) away from {src}")
     return {"source": str(src), "format": fmt, "destination": str(dst), "check_max_abs_diff": dev, "to": "lerobot",

@@ -409,6 +409,33 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled_pair(a: str, b: str, compared: dict[str, tuple[dict, dict]]) -> dict | None:
+    """Points of ``a`` against those of ``b`` ({where: (a's point, b's point)}), each pair's
+    episodes aligned within its seed sets, pooled into one paired comparison with its exact
+    McNemar p-value; None when nothing was compared."""
+    if not compared:
+        return None
+    both = [aligned(p, q) for p, q in compared.values()]
+    tests = [paired(x, y) for x, y in both]
+    won, lost = sum(t["won"] for t in tests), sum(t["lost"] for t in tests)
+    return {"a": a, "b": b, "points": list(compared), "episodes": sum(len(x) for x, _ in both), "won": won, "lost": lost,
+            "p_value": sign_test(won, lost)}
+
+
+def with_holm(pairs: list[dict]) -> list[dict]:
+    """``pairs`` with each p-value also Holm-adjusted over all of them (``p_holm``)."""
+    for pair, p_holm in zip(pairs, holm([p["p_value"] for p in pairs])):
+        pair["p_holm"] = p_holm
+    return pairs
+
+
+def pairs_table(pairs: list[dict], where) -> list[str]:
+    """The Markdown rows of pooled pairs; ``where(pair)`` fills the points column."""
+    return ["", "| pair | points | episodes | won / lost | p | p (Holm) |", "|---|---|---|---|---|---|"] + [
+        f"| {p['a']} vs {p['b']} | {where(p)} | {p['episodes']} | +{p['won']} / −{p['lost']} | {p['p_value']:.3f} | "
+        f"{p['p_holm']:.3f} |" for p in pairs]
+
+
 def summary_phase(cfg: DelayBenchConfig) -> dict:
     """The ``report`` JSONs of ``tasks`` for the sampler ``label`` (or preset): success per join and
     d on each task, and every two joins compared over all tasks and delays d > 0 at once."""
@@ -423,23 +450,10 @@ def summary_phase(cfg: DelayBenchConfig) -> dict:
                                                 {"pc_success": points[t][m, d]["pc_success"], "n_episodes": points[t][m, d]["n_episodes"]}
                                                 for t in cfg.tasks}} for m, d in keys]
     methods = [m for m in JOIN_METHODS if any(k[0] == m for k in keys)]  # the plain joins, at s = Ta
-    pairs = []
-    for i, a in enumerate(methods):
-        for b in methods[i + 1:]:
-            won = lost = episodes = 0
-            where = []
-            for t, ps in points.items():
-                for (m, d), p in ps.items():
-                    if m == a and d > 0 and (b, d) in ps:
-                        mine, theirs = aligned(p, ps[b, d])
-                        test = paired(mine, theirs)
-                        won, lost, episodes = won + test["won"], lost + test["lost"], episodes + len(mine)
-                        where.append(f"{t} d={d}")
-            if where:
-                pairs.append({"a": a, "b": b, "points": where, "episodes": episodes, "won": won, "lost": lost,
-                              "p_value": sign_test(won, lost)})
-    for pair, p_holm in zip(pairs, holm([p["p_value"] for p in pairs])):
-        pair["p_holm"] = p_holm
+    pairs = [pooled_pair(a, b, {f"{t} d={d}": (p, ps[b, d]) for t, ps in points.items() for (m, d), p in ps.items()
+                                 if m == a and d > 0 and (b, d) in ps})
+             for i, a in enumerate(methods) for b in methods[i + 1:]]
+    pairs = with_holm([p for p in pairs if p is not None])
     result = {"sampler": cfg.sampler_label, "tasks": list(cfg.tasks), "rows": rows, "pairs": pairs}
     suffix = "" if cfg.sampler_label == "picard" else f"-{cfg.sampler_label}"  # the preset the README quotes: no suffix
     return write_report(out / f"delay-summary{suffix}", result, summary_markdown, None)
@@ -467,30 +481,13 @@ def policies_phase(cfg: DelayBenchConfig) -> dict:
     pairs = []
     for m in sorted({m for t in mine for m, _ in mine[t]}, key=_join_order):
         for b in ("naive", "hard"):
-            won = lost = episodes = 0
-            where = []
-            for t in cfg.tasks:
-                for (method, d), p in mine[t].items():
-                    q = theirs[t].get((b, d))
-                    if method != m or d == 0 or q is None:
-                        continue
-                    a, b_ = aligned(p, q)
-                    test = paired(a, b_)
-                    won, lost, episodes = won + test["won"], lost + test["lost"], episodes + len(a)
-                    where.append(f"{t} d={d}")
-            if where:
-                pairs.append({"a": f"{label} {m}", "b": f"{base} {b}", "points": where, "episodes": episodes, "won": won,
-                              "lost": lost, "p_value": sign_test(won, lost)})
-        zero = [(t, mine[t].get((m, 0)), theirs[t].get(("naive", 0))) for t in cfg.tasks]
-        zero = [(t, p, q) for t, p, q in zero if p is not None and q is not None]
-        if zero:  # d = 0: does conditioning cost anything without delay?
-            both = [aligned(p, q) for _, p, q in zero]
-            tests = [paired(a, b_) for a, b_ in both]
-            won, lost = sum(x["won"] for x in tests), sum(x["lost"] for x in tests)
-            pairs.append({"a": f"{label} {m}", "b": f"{base} naive", "points": [f"{t} d=0" for t, _, _ in zero],
-                          "episodes": sum(len(a) for a, _ in both), "won": won, "lost": lost, "p_value": sign_test(won, lost)})
-    for pair, p_holm in zip(pairs, holm([p["p_value"] for p in pairs])):
-        pair["p_holm"] = p_holm
+            pairs.append(pooled_pair(f"{label} {m}", f"{base} {b}", {
+                f"{t} d={d}": (p, theirs[t][b, d]) for t in cfg.tasks for (method, d), p in mine[t].items()
+                if method == m and d > 0 and (b, d) in theirs[t]}))
+        # d = 0: does conditioning cost anything without delay?
+        pairs.append(pooled_pair(f"{label} {m}", f"{base} naive", {
+            f"{t} d=0": (mine[t][m, 0], theirs[t]["naive", 0]) for t in cfg.tasks if (m, 0) in mine[t] and ("naive", 0) in theirs[t]}))
+    pairs = with_holm([p for p in pairs if p is not None])
     result = {"policy": label, "baseline": base, "tasks": list(cfg.tasks), "rows": rows, "pairs": pairs}
     return write_report(out / f"delay-policies-{label}", result, policies_markdown, policies_plot)
 
@@ -506,10 +503,7 @@ def policies_markdown(result: dict) -> str:
         delta = "" if r["minus_d0"] is None else f"{r['minus_d0']:+.0f}"
         lines.append(f"| {r['task']} | {r['policy']} | {r['method']} | {r['delay']} | {r['n_episodes']} | "
                      f"{r['pc_success']:.0f} ± {r['pc_success_se']:.0f} | {delta} |")
-    lines += ["", "| pair | points | episodes | won / lost | p | p (Holm) |", "|---|---|---|---|---|---|"]
-    for p in result["pairs"]:
-        lines.append(f"| {p['a']} vs {p['b']} | {', '.join(p['points'])} | {p['episodes']} | +{p['won']} / −{p['lost']} | "
-                     f"{p['p_value']:.3f} | {p['p_holm']:.3f} |")
+    lines += pairs_table(result["pairs"], lambda p: ", ".join(p["points"]))
     return "\n".join(lines) + "\n"
 
 
@@ -556,10 +550,7 @@ def summary_markdown(result: dict) -> str:
     for r in result["rows"]:
         cells = ["" if c is None else f"{c['pc_success']:.0f} ({c['n_episodes']})" for c in (r["tasks"][t] for t in tasks)]
         lines.append(f"| {r['method']} | {r['delay']} | " + " | ".join(cells) + " |")
-    lines += ["", "| pair | points | episodes | won / lost | p | p (Holm) |", "|---|---|---|---|---|---|"]
-    for p in result["pairs"]:
-        lines.append(f"| {p['a']} vs {p['b']} | {len(p['points'])} | {p['episodes']} | +{p['won']} / −{p['lost']} | "
-                     f"{p['p_value']:.3f} | {p['p_holm']:.3f} |")
+    lines += pairs_table(result["pairs"], lambda p: len(p["points"]))
     return "\n".join(lines) + "\n"
 
 

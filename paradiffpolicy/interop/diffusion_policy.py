@@ -279,6 +279,7 @@ def _hybrid_encoder_key(rest: str, prefix: str) -> str | None:
 
 
 _TORCHVISION_TRUNK = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
+_TRUNK_LAYERS = {index: name for name, index in _TORCHVISION_TRUNK.items()}
 
 
 def upstream_name(key: str, pcfg: PolicyConfig, kind: str) -> str:
@@ -293,7 +294,7 @@ def upstream_name(key: str, pcfg: PolicyConfig, kind: str) -> str:
                         return f"obs_encoder.obs_nets.{cam}.{theirs}{rest[len(ours):]}"
             elif rest.startswith("backbone."):
                 index, tail = rest[len("backbone."):].split(".", 1)
-                layer = {v: k for k, v in _TORCHVISION_TRUNK.items()}.get(index, index)
+                layer = _TRUNK_LAYERS.get(index, index)
                 return f"obs_encoder.key_model_map.{cam}.{layer}.{tail}"
     return key
 

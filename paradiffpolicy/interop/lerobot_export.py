@@ -31,11 +31,13 @@ import torch
 from safetensors.torch import save_file
 
 from paradiffpolicy.interop.diffusion_policy import UnsupportedCheckpoint
-from paradiffpolicy.interop.lerobot import POSTPROCESSOR, PREPROCESSOR
+from paradiffpolicy.interop.lerobot import KINDS, MODES as READ_MODES, POSTPROCESSOR, PREPROCESSOR, STATS
+from paradiffpolicy.normalizer import LEROBOT_EPS
 
 LEROBOT_VERSION = "0.6"
-TYPES = {"state": "STATE", "image": "VISUAL", "env_state": "ENV"}
-MODES = {"affine": "MIN_MAX", "min_max": "MIN_MAX", "mean_std": "MEAN_STD", "identity": "IDENTITY"}
+TYPES = {ours: theirs for theirs, ours in KINDS.items()}  # our feature kind → LeRobot's feature type
+# our normalisation → LeRobot's mode (the reader's, inverted), our affine statistics written as MIN_MAX
+MODES = {**{ours: theirs for theirs, ours in READ_MODES.items()}, "affine": "MIN_MAX"}
 PRE_STATS = "policy_preprocessor_step_3_normalizer_processor.safetensors"
 POST_STATS = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
 # what LeRobot's trainer reads and inference never does: its DiffusionConfig defaults
@@ -153,25 +155,26 @@ def lerobot_stats(policy) -> dict[str, torch.Tensor]:
             lo = -(1.0 + norm.offset) / norm.scale
             stats = {"min": lo, "max": lo + 2.0 / norm.scale}
         else:
-            stats = {stat: getattr(norm, stat) for stat in {"min_max": ("min", "max"), "mean_std": ("mean", "std")}.get(norm.mode, ())}
+            stats = {stat: getattr(norm, stat) for stat in STATS[norm.mode]}
         out.update({f"{name}.{stat}": t.detach().cpu().float().contiguous() for stat, t in stats.items()})
     return out
 
 
 def processor_docs(config: dict) -> tuple[dict, dict]:
     """``policy_preprocessor.json`` and ``policy_postprocessor.json``: LeRobot's pipelines for a diffusion policy."""
-    features = {**config["input_features"], **config["output_features"]}
-    norm = {"eps": 1e-8, "norm_map": config["normalization_mapping"]}
+    norm_map = config["normalization_mapping"]
+    device = {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}
     pre = {"name": "policy_preprocessor", "steps": [
         {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
         {"registry_name": "to_batch_processor", "config": {}},
-        {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
-        {"registry_name": "normalizer_processor", "config": {"eps": norm["eps"], "features": features, "norm_map": norm["norm_map"]},
+        device,
+        {"registry_name": "normalizer_processor", "config": {
+            "eps": LEROBOT_EPS, "features": {**config["input_features"], **config["output_features"]}, "norm_map": norm_map},
          "state_file": PRE_STATS}]}
     post = {"name": "policy_postprocessor", "steps": [
-        {"registry_name": "unnormalizer_processor", "config": {"eps": norm["eps"], "features": config["output_features"],
-                                                                "norm_map": norm["norm_map"]}, "state_file": POST_STATS},
-        {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}]}
+        {"registry_name": "unnormalizer_processor", "config": {
+            "eps": LEROBOT_EPS, "features": config["output_features"], "norm_map": norm_map}, "state_file": POST_STATS},
+        device]}
     return pre, post
 
 
