@@ -489,10 +489,12 @@ def test_export_of_a_lerobot_folder_writes_it_back(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["lift", "pusht_keypoints", "stack"])
+@pytest.mark.parametrize("task", ["lift", "pusht_keypoints", "stack", "pusht_image"])
 def test_export_of_our_policy_round_trips(task, tmp_path):
-    """Ours → LeRobot → ours: every network weight bitwise; the affine statistics become LeRobot's
-    MIN_MAX range, the same map up to float rounding, so the sample agrees within 1e-5 (normalised)."""
+    """Ours → LeRobot → ours: every U-Net weight bitwise (the camera policy's: those that do not read
+    the conditioning, whose columns move to LeRobot's feature order); the affine statistics become
+    LeRobot's MIN_MAX range, the same map up to float rounding, so the sample on the shipped
+    observations agrees within 1e-5 (normalised), the camera policy's with its trunk widened too."""
     from paradiffpolicy.convert import export
     from paradiffpolicy.data.obs_sample import load_observation_sample
 
@@ -502,7 +504,8 @@ def test_export_of_our_policy_round_trips(task, tmp_path):
     a, b = load_policy(src, sampler=seq), load_policy(tmp_path / "lr", sampler=seq)
     assert b.metadata["source_format"] == "lerobot"
     sa, sb = a.state_dict(), b.state_dict()
-    assert all(torch.equal(sa[k].float(), sb[k]) for k in sa if k.startswith("model."))
+    moved = {k for k in sa if k.endswith("cond_encoder.1.weight")} if a.obs_encoder.has_images else set()
+    assert all(torch.equal(sa[k].float(), sb[k]) for k in sa if k.startswith("model.") and k not in moved)
     windows, _ = load_observation_sample(src)
     obs = {k: v[:8] for k, v in windows.items()}
     noise = a.draw_noise(8, torch.Generator().manual_seed(0))
@@ -510,16 +513,69 @@ def test_export_of_our_policy_round_trips(task, tmp_path):
     assert float(dev.abs().max()) < 1e-5 and out["check_max_abs_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("src,match", [
-    ("checkpoints/lift_prefix", "prefix_input=true"),
-    ("checkpoints/pusht_image", "LeRobot conditions on observation.state, the cameras"),
-])
-def test_export_refuses_what_lerobot_cannot_express(src, match, tmp_path):
-    from paradiffpolicy.convert import export
+def camera_policy(**vision):
+    """A small camera policy with random weights everywhere (norm scales and biases included), its
+    features in an order LeRobot does not use: camera a, the state, camera b (own encoders)."""
+    from paradiffpolicy import DiffusionPolicy, PolicyConfig, SchedulerConfig
+    from paradiffpolicy.features import FeatureSpec
+    from paradiffpolicy.models.vision import VisionConfig
 
-    with pytest.raises(CheckpointError, match=match):
-        export(ROOT / src, tmp_path / "x")
+    feats = [FeatureSpec("observation.images.a", "image", [3, 24, 24], "mean_std"),
+             FeatureSpec("observation.state", "state", [3], "affine"),
+             FeatureSpec("observation.images.b", "image", [3, 24, 28], "mean_std")]
+    vision = {"backbone_width": 16, "spatial_softmax_num_keypoints": 4, "crop_shape": [20, 20],
+              "use_separate_rgb_encoder_per_camera": True, **vision}
+    cfg = PolicyConfig(input_features=feats, action_dim=2, down_dims=[16, 32], diffusion_step_embed_dim=16,
+                       scheduler=SchedulerConfig(num_train_timesteps=10, num_inference_steps=10), vision=VisionConfig(**vision))
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg, SamplerConfig(name="sequential"))
+    with torch.no_grad():
+        for name, t in policy.obs_encoder.rgb_encoders.named_parameters():
+            t.copy_(torch.randn_like(t) * (0.3 if name.endswith("weight") and t.dim() > 1 else 1.0))
+        images_a, state, images_b = policy.obs_encoder.normalizers
+        state.fit(torch.randn(100, 3))
+        for norm in (images_a, images_b):
+            norm.mean.copy_(torch.rand(3, 1, 1)), norm.std.copy_(0.2 + torch.rand(3, 1, 1))
+        policy.action_normalizer.fit(torch.randn(100, 2))
+    return policy.eval()
+
+
+@pytest.mark.parametrize("width", [16, 48])
+def test_export_reorders_the_features_and_widens_a_narrow_trunk_to_the_same_function(width, tmp_path):
+    """State first and torchvision's width 64 in the folder; ours read back samples the same chunk."""
+    from paradiffpolicy.interop.lerobot_export import export_lerobot
+
+    source = camera_policy(backbone_width=width)
+    export_lerobot(source, tmp_path / "lr")
+    config = json.loads((tmp_path / "lr" / "config.json").read_text())
+    assert list(config["input_features"]) == ["observation.state", "observation.images.a", "observation.images.b"]
+    weights = load_file(str(tmp_path / "lr" / "model.safetensors"))
+    stem = weights["diffusion.rgb_encoder.1.backbone.0.weight"]
+    assert stem.shape == (64, 3, 7, 7) and not stem[width:].any()
+    assert torch.equal(stem[:width], source.state_dict()["obs_encoder.rgb_encoders.1.backbone.0.weight"])
+    again = load_policy(tmp_path / "lr", sampler=SamplerConfig(name="sequential"))
+    assert [f.name for f in again.features] == list(config["input_features"])
+    gen = torch.Generator().manual_seed(1)
+    obs = {"observation.images.a": torch.rand(3, 2, 3, 24, 24, generator=gen),
+           "observation.state": torch.randn(3, 2, 3, generator=gen),
+           "observation.images.b": torch.rand(3, 2, 3, 24, 28, generator=gen)}
+    noise = source.draw_noise(3, gen)
+    a, b = source.predict_action(obs, noise=noise), again.predict_action(obs, noise=noise)
+    assert float(a.action_pred_normalized.abs().max()) > 0.1
+    assert float((a.action_pred_normalized - b.action_pred_normalized).abs().max()) < 1e-5
+
+
+def test_export_refuses_what_lerobot_cannot_express(tmp_path):
+    from paradiffpolicy.convert import export
+    from paradiffpolicy.interop.diffusion_policy import UnsupportedCheckpoint
+    from paradiffpolicy.interop.lerobot_export import check_expressible
+
+    with pytest.raises(CheckpointError, match="prefix_input=true"):
+        export(ROOT / "checkpoints" / "lift_prefix", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    for vision, match in (({"backbone_stages": 3}, "backbone_stages=3"), ({"backbone_width": 80}, "backbone_width=80")):
+        with pytest.raises(UnsupportedCheckpoint, match=match):
+            check_expressible(camera_policy(**vision))
 
 
 @pytest.mark.slow

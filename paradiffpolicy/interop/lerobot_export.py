@@ -9,10 +9,19 @@ The inverse of :mod:`paradiffpolicy.interop.lerobot`, field by field (``docs/ler
 * ``policy_preprocessor.json`` / ``policy_postprocessor.json`` and their normaliser statistics
   (``<feature>.<stat>``), the pipelines LeRobot's ``make_pre_post_processors`` builds.
 
-What LeRobot cannot express is refused, naming it: our committed-prefix input, a narrower or shorter
-ResNet trunk, diffusion_policy's average-pool encoder and ImageNet normalisation, features that are
-not LeRobot's (``observation.state``, cameras, ``observation.environment_state``, in that order), a
-chunk that does not start at ``n_obs_steps - 1``, a scheduler setting diffusers' defaults do not give.
+Two rewrites give LeRobot's layout the same function. Features are written in LeRobot's conditioning
+order (``observation.state``, the cameras, ``observation.environment_state``), and the columns of
+every FiLM ``cond_encoder`` Linear that read the global conditioning are permuted to match. A trunk
+narrower than torchvision's (``backbone_width`` 16, 32 or 48) is written inside the width-64 ResNet,
+ours the leading channels of every layer and zeros elsewhere: no weight leads from an added channel
+into one of ours, GroupNorm's groups hold 16 channels at every width (so ours fill whole groups and
+their statistics are unchanged), and the SpatialSoftmax's 1x1 conv weights the added channels by 0
+(which, with zero weights and biases, stay zero anyway).
+
+What LeRobot cannot express is refused, naming it: our committed-prefix input, a shorter or wider
+ResNet trunk, diffusion_policy's average-pool encoder and ImageNet normalisation, feature names that
+are not LeRobot's, a chunk that does not start at ``n_obs_steps - 1``, a scheduler setting diffusers'
+defaults do not give.
 
 Normalisation: LeRobot normalises per feature *type*. Our ``affine`` statistics (diffusion_policy's
 ``limits`` fit, ``y = x·scale + offset``) are written as the MIN_MAX range that gives the same map,
@@ -22,6 +31,7 @@ computes ``2(x - min)/(max - min) - 1``). Statistics a mode does not use are not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -32,10 +42,13 @@ from safetensors.torch import save_file
 
 from paradiffpolicy.interop.diffusion_policy import UnsupportedCheckpoint
 from paradiffpolicy.interop.lerobot import KINDS, MODES as READ_MODES, POSTPROCESSOR, PREPROCESSOR, STATS
+from paradiffpolicy.models.vision import RgbEncoder
 from paradiffpolicy.normalizer import LEROBOT_EPS
 
 LEROBOT_VERSION = "0.6"
 TYPES = {ours: theirs for theirs, ours in KINDS.items()}  # our feature kind → LeRobot's feature type
+KIND_ORDER = ("state", "image", "env_state")  # LeRobot's conditioning order
+TORCHVISION_WIDTH = 64
 # our normalisation → LeRobot's mode (the reader's, inverted), our affine statistics written as MIN_MAX
 MODES = {**{ours: theirs for theirs, ours in READ_MODES.items()}, "affine": "MIN_MAX"}
 PRE_STATS = "policy_preprocessor_step_3_normalizer_processor.safetensors"
@@ -74,9 +87,6 @@ def check_expressible(policy) -> None:
                                     f"set_alpha_to_one={s.set_alpha_to_one}: LeRobot builds diffusers' defaults ('leading', 0, true)")
     feats = cfg.features()
     kinds = [f.kind for f in feats]
-    if kinds != sorted(kinds, key=["state", "image", "env_state"].index):
-        raise UnsupportedCheckpoint(f"features in the order {[f.name for f in feats]}: LeRobot conditions on observation.state, "
-                                    "the cameras, then observation.environment_state")
     for f in feats:
         ok = {"state": f.name == "observation.state", "env_state": f.name == "observation.environment_state",
               "image": f.name == "observation.image" or f.name.startswith("observation.images.")}[f.kind]
@@ -93,9 +103,10 @@ def check_expressible(policy) -> None:
             raise UnsupportedCheckpoint(f"{TYPES[kind]} features normalised as {sorted(modes)}: LeRobot has one mode per feature type")
     if "image" in kinds:
         v = cfg.vision
-        if v.backbone_width != 64 or v.backbone_stages != 4:
+        if v.backbone_width > TORCHVISION_WIDTH or v.backbone_stages != 4:
             raise UnsupportedCheckpoint(f"vision.backbone_width={v.backbone_width}, backbone_stages={v.backbone_stages}: LeRobot builds "
-                                        f"torchvision's {v.vision_backbone} trunk (width 64, 4 stages)")
+                                        f"torchvision's {v.vision_backbone} trunk (width {TORCHVISION_WIDTH}, 4 stages; a narrower "
+                                        "trunk is written inside it)")
         if v.pool != "spatial_softmax" or v.imagenet_norm:
             raise UnsupportedCheckpoint(f"vision.pool={v.pool!r}, imagenet_norm={v.imagenet_norm}: LeRobot's encoder is "
                                         "SpatialSoftmax + Linear + ReLU on the feature's own normalisation")
@@ -104,7 +115,7 @@ def check_expressible(policy) -> None:
 def lerobot_config(policy) -> dict:
     """LeRobot's ``DiffusionConfig`` as ``save_pretrained`` writes it, for ``policy``."""
     cfg, s, v = policy.config, policy.config.scheduler, policy.config.vision
-    feats = cfg.features()
+    feats = [cfg.features()[i] for i in lerobot_feature_order(cfg.features())]
     mapping = {"VISUAL": "MEAN_STD", "STATE": "MIN_MAX", "ACTION": MODES[cfg.action_normalization]}  # LeRobot's default, then ours
     mapping.update({TYPES[f.kind]: MODES[f.normalization] for f in feats})
     return {
@@ -132,17 +143,55 @@ def lerobot_config(policy) -> dict:
     }
 
 
+def lerobot_feature_order(features) -> list[int]:
+    """Indices of ``features`` in LeRobot's conditioning order (state, cameras, environment state; stable)."""
+    return sorted(range(len(features)), key=lambda i: KIND_ORDER.index(features[i].kind))
+
+
+def conditioning_permutation(policy) -> torch.Tensor:
+    """``perm`` with LeRobot's global conditioning ``= ours[perm]``: per observation step the features'
+    columns in LeRobot's order, the steps flattened oldest first (as ``ObservationEncoder`` lays ours out)."""
+    cfg, feats = policy.config, policy.features
+    widths = [cfg.vision.feature_dim if f.is_image else f.dim for f in feats]
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    step_dim = sum(widths)
+    if step_dim != policy.obs_encoder.step_dim:
+        raise AssertionError(f"conditioning layout {widths} does not add up to the encoder's {policy.obs_encoder.step_dim}")
+    step = [starts[i] + j for i in lerobot_feature_order(feats) for j in range(widths[i])]
+    return torch.tensor([s * step_dim + j for s in range(cfg.n_obs_steps) for j in step])
+
+
+def widened(tensor: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
+    """``tensor`` in the leading corner of a ``shape`` tensor; the added entries 0, or 1 for norm scales
+    and BatchNorm running variances (so an added channel normalises to its zero bias)."""
+    if tensor.shape == shape:
+        return tensor
+    fill = 1.0 if name.endswith("running_var") or (name.endswith(".weight") and tensor.dim() == 1) else 0.0
+    out = torch.full(shape, fill, dtype=tensor.dtype)
+    out[tuple(slice(0, n) for n in tensor.shape)] = tensor
+    return out
+
+
 def lerobot_weights(policy) -> dict[str, torch.Tensor]:
-    """``model.safetensors``: the U-Net and the camera encoders under LeRobot's names, float32."""
-    separate = policy.config.vision.use_separate_rgb_encoder_per_camera
+    """``model.safetensors``: the U-Net and the camera encoders under LeRobot's names, float32, the
+    conditioning columns in LeRobot's feature order and the trunk at torchvision's width."""
+    cfg = policy.config
+    separate = cfg.vision.use_separate_rgb_encoder_per_camera
+    columns = cfg.diffusion_step_embed_dim + conditioning_permutation(policy)
+    vision = dataclasses.replace(cfg.vision, backbone_width=TORCHVISION_WIDTH)
+    images = [f for f in policy.features if f.is_image]  # encoder j reads camera j (or all, shared)
+    wide = [{k: t.shape for k, t in RgbEncoder(vision, tuple(images[j].shape)).state_dict().items()}
+            for j in range(len(policy.obs_encoder.rgb_encoders))]
     out = {}
     for k, t in policy.state_dict().items():
-        t = t.detach().cpu().float().contiguous()
+        t = t.detach().cpu().float()
         if k.startswith("model."):
-            out["diffusion.unet." + lerobot_unet_key(k[len("model."):])] = t
+            if k.endswith(".cond_encoder.1.weight"):
+                t = torch.cat([t[:, : cfg.diffusion_step_embed_dim], t[:, columns]], dim=1)
+            out["diffusion.unet." + lerobot_unet_key(k[len("model."):])] = t.contiguous()
         elif k.startswith("obs_encoder.rgb_encoders."):
             index, rest = k[len("obs_encoder.rgb_encoders."):].split(".", 1)
-            out["diffusion.rgb_encoder." + (f"{index}.{rest}" if separate else rest)] = t
+            out["diffusion.rgb_encoder." + (f"{index}.{rest}" if separate else rest)] = widened(t, wide[int(index)][rest], rest).contiguous()
     return out
 
 
