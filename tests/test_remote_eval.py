@@ -227,10 +227,20 @@ def test_serve_benchmark_runs_end_to_end(tmp_path):
     save_policy(tiny_policy(steps=10), tmp_path / "ck")
     save_observation_sample(tmp_path / "ck", {"observation.state": torch.rand(4, 2, 5)}, {"task": "test"})
     result = bench_serve.main([f"checkpoint={tmp_path / 'ck'}", "task=tiny", "samplers=[ddim8]", "clients=[1,3]", "calls=4",
-                               "max_batches=[4,1]", "tls=[false,true]", "backend=eager", "local_calls=2", f"out={tmp_path}"])
+                               "max_batches=[4,1]", "tls=[false,true]", "backend=eager", "local_calls=2", "rounds=2", f"out={tmp_path}"])
     points = result["points"]
-    assert len(points) == 2 * 2 * 2 and all(p["answered"] == p["calls"] and p["lost"] == 0 for p in points)
+    assert len(points) == 2 * 2 * 2 * 2 and all(p["answered"] == p["calls"] and p["lost"] == 0 for p in points)
     assert all(p["batch_rows_mean"] == 1.0 for p in points if p["max_batch"] == 1)
+    # round 1 runs the settings in another order than round 0; each round's batched point has its unbatched twin
+    order = [(p["tls"], p["max_batch"]) for p in points if p["clients"] == 1]
+    assert order[:4] != order[4:] and sorted(order[:4]) == sorted(order[4:])
+    ratios = {(b["tls"], b["clients"]): b for b in result["batching"]}
+    assert set(ratios) == {(t, n) for t in (False, True) for n in (1, 3)} and all(b["rounds"] == 2 for b in ratios.values())
+    b = ratios[False, 3]
+    twins = [(p["throughput"], q["throughput"]) for p in points for q in points
+             if p["round"] == q["round"] and not p["tls"] and not q["tls"] and p["clients"] == q["clients"] == 3
+             and p["max_batch"] == 4 and q["max_batch"] == 1]
+    assert sorted(b["ratios"]) == sorted(x / y for x, y in twins) and b["ratio_min"] <= b["ratio_median"] <= b["ratio_max"]
     assert result["local"]["ddim8"]["n"] == 2
     for suffix in ("json", "md", "png"):
         assert (tmp_path / f"serve-tiny.{suffix}").is_file()

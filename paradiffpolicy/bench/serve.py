@@ -5,12 +5,16 @@
 
 For each server setting (``max_batches``: batched, and 1 = one request per network call; ``tls``:
 plaintext and TLS with a certificate made for the run) a ``python -m paradiffpolicy.serve``
-subprocess serves the checkpoint with every sampler of ``samplers``, and ``clients`` threads of this
-process each make ``calls`` batch-1 calls on the checkpoint's shipped observations, every call with
-its own seed. Per (setting, sampler, clients): p50 / p99 latency, throughput, the server's mean
-batch, and every call's fate (answered, refused with a status, lost: none may be lost). The same
-calls made locally in this process (same backend and threads, batch 1, one at a time) are the
-reference, measured in the same run. ``benchmarks/results/serve-<task>[-<label>].{json,md,png}``.
+subprocess serves the checkpoint with every sampler of ``samplers`` (all of them started at once),
+and ``clients`` threads of this process each make ``calls`` batch-1 calls on the checkpoint's
+shipped observations, every call with its own seed. Per (setting, sampler, clients, round): p50 /
+p99 latency, throughput, the server's mean batch, and every call's fate (answered, refused with a
+status, lost: none may be lost). With ``rounds`` > 1 the settings take turns within each round (the
+order rotating from round to round), so a batched point and its unbatched twin share the machine's
+state; the report gives each round's throughput ratio, batched against ``max_batch=1``, as a median
+with its range. The same calls made locally in this process (same backend and threads, batch 1, one
+at a time) are the reference, measured in the same run.
+``benchmarks/results/serve-<task>[-<label>].{json,md,png}``.
 
 The clients share the machine with the server: on a 2-core CPU their gRPC work competes with the
 network calls, so the numbers are what one machine serving itself gives, a floor for a GPU box.
@@ -48,6 +52,7 @@ class ServeBenchConfig:
     samplers: List[str] = field(default_factory=lambda: ["picard-p16-tol0.1", "ddim8"])  # presets.SETTINGS
     clients: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     calls: int = 50  # per client
+    rounds: int = 1  # every point measured this often, the settings interleaved within a round
     max_batches: List[int] = field(default_factory=lambda: [16, 1])  # the server's limits.max_batch
     tls: List[bool] = field(default_factory=lambda: [False, True])
     max_wait_ms: float = 2.0
@@ -64,7 +69,7 @@ class ServeBenchConfig:
             named_sampler(name, key="samplers")
         require_list(self, "clients", 1)
         require_list(self, "max_batches", 1)
-        for key in ("calls", "threads", "local_calls"):
+        for key in ("calls", "rounds", "threads", "local_calls"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
 
@@ -153,41 +158,67 @@ def local_reference(cfg: ServeBenchConfig, observations: list[dict]) -> dict[str
     return {name: {**percentiles(ms[name]), "throughput": 1e3 / float(np.median(ms[name]))} for name in samplers}
 
 
+def measure_point(client, observations: list[dict], cfg: ServeBenchConfig, sampler: str, n: int) -> dict:
+    """One load point against one server, with the server's mean batch over it."""
+    before = client.stats()
+    point = load_client(client, observations, sampler, n, cfg.calls, cfg.seed, cfg.timeout_s)
+    after = client.stats()
+    batches = after.batches - before.batches
+    return {**point, "batch_rows_mean": (after.rows - before.rows) / batches if batches else 0.0}
+
+
+def batching_ratios(points: list[dict]) -> list[dict]:
+    """Per (sampler, tls, clients, batched max_batch): throughput against the ``max_batch=1`` point of
+    the same round, median and range over the rounds."""
+    unbatched = {(p["sampler"], p["tls"], p["clients"], p["round"]): p["throughput"] for p in points if p["max_batch"] == 1}
+    groups: dict = {}
+    for p in points:
+        key = (p["sampler"], p["tls"], p["clients"], p["round"])
+        if p["max_batch"] > 1 and key in unbatched:
+            groups.setdefault((p["sampler"], p["tls"], p["clients"], p["max_batch"]), []).append(p["throughput"] / unbatched[key])
+    return [{"sampler": s, "tls": t, "clients": n, "max_batch": mb, "rounds": len(r), "ratio_median": float(np.median(r)),
+             "ratio_min": float(min(r)), "ratio_max": float(max(r)), "ratios": r} for (s, t, n, mb), r in groups.items()]
+
+
 def run(cfg: ServeBenchConfig) -> dict:
     from paradiffpolicy.remote.client import RemotePolicy
     from paradiffpolicy.serve import free_port
 
     observations = load_observations(cfg.checkpoint_path)
     result = {"task": cfg.task, "checkpoint": cfg.checkpoint or f"checkpoints/{cfg.task}", "backend": cfg.backend, "server_threads": cfg.threads,
-              "calls_per_client": cfg.calls, "max_wait_ms": cfg.max_wait_ms, "local": local_reference(cfg, observations),
-              "points": [], "provenance": provenance(cfg.threads, "cpu", [cfg.backend])}
+              "calls_per_client": cfg.calls, "rounds": cfg.rounds, "max_wait_ms": cfg.max_wait_ms,
+              "local": local_reference(cfg, observations), "points": [], "provenance": provenance(cfg.threads, "cpu", [cfg.backend])}
     token = secrets.token_hex(16)
+    settings = [(tls, max_batch) for tls in cfg.tls for max_batch in cfg.max_batches]
+    servers, clients = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         certs = make_certificates(tmp) if any(cfg.tls) else None
-        for tls in cfg.tls:
-            for max_batch in cfg.max_batches:
+        try:
+            for tls, max_batch in settings:
                 port = free_port()
-                proc = start_server(cfg, max_batch, certs if tls else None, token, port)
-                try:
-                    with RemotePolicy(f"localhost:{port}", token=token, tls_ca=str(certs.ca) if tls else None) as client:
-                        for sampler in cfg.samplers:
-                            load_client(client, observations, sampler, 1, 2, cfg.seed, cfg.timeout_s)  # warm the path
-                            for n in cfg.clients:
-                                before = client.stats()
-                                point = load_client(client, observations, sampler, n, cfg.calls, cfg.seed, cfg.timeout_s)
-                                after = client.stats()
-                                batches = after.batches - before.batches
-                                point.update(sampler=sampler, label=LABELS[sampler], max_batch=max_batch, tls=tls,
-                                             batch_rows_mean=(after.rows - before.rows) / batches if batches else 0.0,
-                                             vs_local=point["throughput"] / result["local"][sampler]["throughput"])
-                                result["points"].append(point)
-                                print(f"{cfg.task} {sampler} max_batch={max_batch} tls={tls} clients={n}: "
-                                      f"{point['throughput']:.1f} calls/s, p50 {point['latency_ms']['p50']:.1f} ms, "
-                                      f"p99 {point['latency_ms']['p99']:.1f} ms, batch {point['batch_rows_mean']:.2f}, "
-                                      f"refused {point['refused']}, lost {point['lost']}", flush=True)
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=30)
+                servers.append(start_server(cfg, max_batch, certs if tls else None, token, port))
+                clients[tls, max_batch] = RemotePolicy(f"localhost:{port}", token=token, tls_ca=str(certs.ca) if tls else None)
+                for sampler in cfg.samplers:
+                    load_client(clients[tls, max_batch], observations, sampler, 1, 2, cfg.seed, cfg.timeout_s)  # warm the path
+            for r in range(cfg.rounds):
+                for sampler in cfg.samplers:
+                    for n in cfg.clients:
+                        for tls, max_batch in settings[r % len(settings):] + settings[: r % len(settings)]:
+                            point = measure_point(clients[tls, max_batch], observations, cfg, sampler, n)
+                            point.update(sampler=sampler, label=LABELS[sampler], max_batch=max_batch, tls=tls, round=r,
+                                         vs_local=point["throughput"] / result["local"][sampler]["throughput"])
+                            result["points"].append(point)
+                            print(f"{cfg.task} {sampler} max_batch={max_batch} tls={tls} clients={n} round {r}: "
+                                  f"{point['throughput']:.1f} calls/s, p50 {point['latency_ms']['p50']:.1f} ms, "
+                                  f"p99 {point['latency_ms']['p99']:.1f} ms, batch {point['batch_rows_mean']:.2f}, "
+                                  f"refused {point['refused']}, lost {point['lost']}", flush=True)
+        finally:
+            for client in clients.values():
+                client.close()
+            for proc in servers:
+                proc.terminate()
+                proc.wait(timeout=30)
+    result["batching"] = batching_ratios(result["points"])
     return write_report(Path(cfg.out) / f"serve-{cfg.task}{'-' + cfg.label if cfg.label else ''}", result, markdown, plot)
 
 
@@ -201,11 +232,18 @@ def markdown(result: dict) -> str:
              "| sampler | local p50 ms | local calls/s |", "|---|---|---|"]
     for name, ref in result["local"].items():
         lines.append(f"| {name} | {ref['p50']:.1f} | {ref['throughput']:.1f} |")
-    lines += ["", "| sampler | TLS | max_batch | clients | calls/s | vs local | p50 ms | p99 ms | mean batch | refused | lost |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if result.get("batching"):
+        lines += ["", f"Batched against unbatched (`max_batch=1`), answered calls per second, each round's ratio "
+                  f"({result['rounds']} rounds, the settings interleaved):", "",
+                  "| sampler | TLS | clients | max_batch | ratio median | min | max | rounds |", "|---|---|---|---|---|---|---|---|"]
+        for b in result["batching"]:
+            lines.append(f"| {b['sampler']} | {'yes' if b['tls'] else 'no'} | {b['clients']} | {b['max_batch']} | "
+                         f"{b['ratio_median']:.2f}x | {b['ratio_min']:.2f}x | {b['ratio_max']:.2f}x | {b['rounds']} |")
+    lines += ["", "| sampler | TLS | max_batch | clients | round | calls/s | vs local | p50 ms | p99 ms | mean batch | refused | lost |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
-        lines.append(f"| {p['sampler']} | {'yes' if p['tls'] else 'no'} | {p['max_batch']} | {p['clients']} | {p['throughput']:.1f} | "
-                     f"{p['vs_local']:.2f}x | {p['latency_ms']['p50']:.1f} | {p['latency_ms']['p99']:.1f} | "
+        lines.append(f"| {p['sampler']} | {'yes' if p['tls'] else 'no'} | {p['max_batch']} | {p['clients']} | {p.get('round', 0)} | "
+                     f"{p['throughput']:.1f} | {p['vs_local']:.2f}x | {p['latency_ms']['p50']:.1f} | {p['latency_ms']['p99']:.1f} | "
                      f"{p['batch_rows_mean']:.2f} | {sum(p['refused'].values())} | {p['lost']} |")
     return "\n".join(lines) + "\n"
 
@@ -219,10 +257,10 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     curves: dict = {}
     for p in result["points"]:
-        curves.setdefault((p["sampler"], p["max_batch"], p["tls"]), []).append(p)
-    for (sampler, mb, tls), pts in curves.items():
-        ax.plot([p["clients"] for p in pts], [p["throughput"] for p in pts], marker="o",
-                label=f"{sampler}, max_batch={mb}{', TLS' if tls else ''}")
+        curves.setdefault((p["sampler"], p["max_batch"], p["tls"]), {}).setdefault(p["clients"], []).append(p["throughput"])
+    for (sampler, mb, tls), by_clients in curves.items():
+        n = sorted(by_clients)
+        ax.plot(n, [np.median(by_clients[k]) for k in n], marker="o", label=f"{sampler}, max_batch={mb}{', TLS' if tls else ''}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("answered calls per second")
