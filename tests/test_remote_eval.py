@@ -241,7 +241,8 @@ def test_serve_benchmark_runs_end_to_end(tmp_path):
              if p["round"] == q["round"] and not p["tls"] and not q["tls"] and p["clients"] == q["clients"] == 3
              and p["max_batch"] == 4 and q["max_batch"] == 1]
     assert sorted(b["ratios"]) == sorted(x / y for x, y in twins) and b["ratio_min"] <= b["ratio_median"] <= b["ratio_max"]
-    assert result["local"]["ddim8"]["n"] == 2
+    local = result["local"]["ddim8"]
+    assert local["n"] == 2 and local["rows"] == 3 and local["batching_ceiling"] == 3 * local["p50"] / local["rows_p50"]
     for suffix in ("json", "md", "png"):
         assert (tmp_path / f"serve-tiny.{suffix}").is_file()
 

@@ -141,21 +141,33 @@ def load_client(client, observations: list[dict], sampler: str, n_clients: int, 
 
 
 def local_reference(cfg: ServeBenchConfig, observations: list[dict]) -> dict[str, dict]:
-    """The same batch-1 calls in this process, one at a time, on the server's backend and threads."""
+    """The same batch-1 calls in this process, one at a time, on the server's backend and threads;
+    interleaved with them, calls of ``rows`` = the most clients at once (what a full batch costs): the
+    throughput a batched server could reach over an unbatched one is at most ``rows · t(1) / t(rows)``."""
     from paradiffpolicy.checkpoint import load_policy
 
     torch.set_num_threads(cfg.threads)
+    rows = min(max(cfg.clients), max(cfg.max_batches))
     policy = load_policy(cfg.checkpoint_path, backend=cfg.backend)
     samplers = {name: policy.make_sampler(named_sampler(name)) for name in cfg.samplers}
     for sampler in samplers.values():
         policy.warm_up(1, sampler)
+        policy.warm_up(rows, sampler)
     obs = [{k: torch.from_numpy(v) for k, v in o.items()} for o in observations]
-    noise = {name: [policy.draw_noise(1, torch.Generator().manual_seed(cfg.seed + i), s) for i in range(cfg.local_calls)]
-             for name, s in samplers.items()}
-    calls = {name: (lambda i, name=name, s=s: policy.predict_action(obs[i % len(obs)], noise=noise[name][i], sampler=s))
-             for name, s in samplers.items()}
+    full = {k: torch.cat([o[k] for o in (obs * rows)[:rows]]) for k in obs[0]}
+    calls = {}
+    for name, s in samplers.items():
+        one = [policy.draw_noise(1, torch.Generator().manual_seed(cfg.seed + i), s) for i in range(cfg.local_calls)]
+        many = policy.draw_noise(rows, torch.Generator().manual_seed(cfg.seed), s)
+        calls[name] = lambda i, s=s, one=one: policy.predict_action(obs[i % len(obs)], noise=one[i], sampler=s)
+        calls[f"{name}@{rows}"] = lambda i, s=s, many=many: policy.predict_action(full, noise=many, sampler=s)
     ms = interleaved(calls, trials=cfg.local_calls, warmup=0)
-    return {name: {**percentiles(ms[name]), "throughput": 1e3 / float(np.median(ms[name]))} for name in samplers}
+    out = {}
+    for name in samplers:
+        t1, tn = float(np.median(ms[name])), float(np.median(ms[f"{name}@{rows}"]))
+        out[name] = {**percentiles(ms[name]), "throughput": 1e3 / t1, "rows": rows, "rows_p50": tn,
+                     "batching_ceiling": rows * t1 / tn}
+    return out
 
 
 def measure_point(client, observations: list[dict], cfg: ServeBenchConfig, sampler: str, n: int) -> dict:
@@ -229,9 +241,13 @@ def markdown(result: dict) -> str:
              f"process of the same machine ({prov['cpu']}); {result['calls_per_client']} batch-1 calls per client, each with its "
              f"own seed, on the checkpoint's shipped observations. Batching: requests within {result['max_wait_ms']} ms share "
              "a network call, up to `max_batch` rows (1: unbatched). Local: the same calls in-process, one at a time.\n",
-             "| sampler | local p50 ms | local calls/s |", "|---|---|---|"]
+             "| sampler | local p50 ms | local calls/s | rows in a full batch | its p50 ms | batching ceiling |",
+             "|---|---|---|---|---|---|"]
     for name, ref in result["local"].items():
-        lines.append(f"| {name} | {ref['p50']:.1f} | {ref['throughput']:.1f} |")
+        lines.append(f"| {name} | {ref['p50']:.1f} | {ref['throughput']:.1f} | {ref['rows']} | {ref['rows_p50']:.1f} | "
+                     f"{ref['batching_ceiling']:.2f}x |")
+    lines += ["", "Batching ceiling: rows · t(1 row) / t(rows), the most a batched server can gain over an unbatched "
+              "one with the network call as the only cost."]
     if result.get("batching"):
         lines += ["", f"Batched against unbatched (`max_batch=1`), answered calls per second, each round's ratio "
                   f"({result['rounds']} rounds, the settings interleaved):", "",
