@@ -258,7 +258,7 @@ def markdown(result: dict) -> str:
     lines += ["", "| sampler | TLS | max_batch | clients | round | calls/s | vs local | p50 ms | p99 ms | mean batch | refused | lost |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
-        lines.append(f"| {p['sampler']} | {'yes' if p['tls'] else 'no'} | {p['max_batch']} | {p['clients']} | {p.get('round', 0)} | "
+        lines.append(f"| {p['sampler']} | {'yes' if p['tls'] else 'no'} | {p['max_batch']} | {p['clients']} | {p['round']} | "
                      f"{p['throughput']:.1f} | {p['vs_local']:.2f}x | {p['latency_ms']['p50']:.1f} | {p['latency_ms']['p99']:.1f} | "
                      f"{p['batch_rows_mean']:.2f} | {sum(p['refused'].values())} | {p['lost']} |")
     return "\n".join(lines) + "\n"

@@ -41,13 +41,12 @@ import torch
 from safetensors.torch import save_file
 
 from paradiffpolicy.interop.diffusion_policy import UnsupportedCheckpoint
-from paradiffpolicy.interop.lerobot import KINDS, MODES as READ_MODES, POSTPROCESSOR, PREPROCESSOR, STATS
+from paradiffpolicy.interop.lerobot import KINDS, MODES as READ_MODES, ORDER, POSTPROCESSOR, PREPROCESSOR, STATS
 from paradiffpolicy.models.vision import RgbEncoder
 from paradiffpolicy.normalizer import LEROBOT_EPS
 
 LEROBOT_VERSION = "0.6"
 TYPES = {ours: theirs for theirs, ours in KINDS.items()}  # our feature kind → LeRobot's feature type
-KIND_ORDER = ("state", "image", "env_state")  # LeRobot's conditioning order
 TORCHVISION_WIDTH = 64
 # our normalisation → LeRobot's mode (the reader's, inverted), our affine statistics written as MIN_MAX
 MODES = {**{ours: theirs for theirs, ours in READ_MODES.items()}, "affine": "MIN_MAX"}
@@ -145,20 +144,16 @@ def lerobot_config(policy) -> dict:
 
 def lerobot_feature_order(features) -> list[int]:
     """Indices of ``features`` in LeRobot's conditioning order (state, cameras, environment state; stable)."""
-    return sorted(range(len(features)), key=lambda i: KIND_ORDER.index(features[i].kind))
+    return sorted(range(len(features)), key=lambda i: ORDER[features[i].kind])
 
 
 def conditioning_permutation(policy) -> torch.Tensor:
     """``perm`` with LeRobot's global conditioning ``= ours[perm]``: per observation step the features'
     columns in LeRobot's order, the steps flattened oldest first (as ``ObservationEncoder`` lays ours out)."""
-    cfg, feats = policy.config, policy.features
-    widths = [cfg.vision.feature_dim if f.is_image else f.dim for f in feats]
+    widths, step_dim = policy.obs_encoder.widths, policy.obs_encoder.step_dim
     starts = [sum(widths[:i]) for i in range(len(widths))]
-    step_dim = sum(widths)
-    if step_dim != policy.obs_encoder.step_dim:
-        raise AssertionError(f"conditioning layout {widths} does not add up to the encoder's {policy.obs_encoder.step_dim}")
-    step = [starts[i] + j for i in lerobot_feature_order(feats) for j in range(widths[i])]
-    return torch.tensor([s * step_dim + j for s in range(cfg.n_obs_steps) for j in step])
+    step = [starts[i] + j for i in lerobot_feature_order(policy.features) for j in range(widths[i])]
+    return torch.tensor([s * step_dim + j for s in range(policy.config.n_obs_steps) for j in step])
 
 
 def widened(tensor: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:

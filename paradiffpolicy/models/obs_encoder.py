@@ -35,7 +35,9 @@ class ObservationEncoder(nn.Module):
         n_enc = len(images) if vision.use_separate_rgb_encoder_per_camera else min(1, len(images))
         self.rgb_encoders = nn.ModuleList([RgbEncoder(vision, tuple(images[i].shape)) for i in range(n_enc)])
         self._camera_index = {f.name: (i if vision.use_separate_rgb_encoder_per_camera else 0) for i, f in enumerate(images)}
-        self.step_dim = sum(f.dim for f in self.features) + len(images) * vision.feature_dim
+        # each feature's columns in one step of the conditioning: low-dim as they are, a camera its encoder's output
+        self.widths = [vision.feature_dim if f.is_image else f.dim for f in self.features]
+        self.step_dim = sum(self.widths)
 
     @property
     def has_images(self) -> bool:
