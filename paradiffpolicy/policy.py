@@ -344,14 +344,17 @@ class DiffusionPolicy(nn.Module):
         return self.denoising_loss(self.encode_observation(obs), action, generator)
 
     def denoising_loss(self, cond: Tensor, action: Tensor, generator: torch.Generator | None = None,
-                       committed: Tensor | None = None) -> Tensor:
+                       committed: Tensor | None = None, prefix_offset: float = 0.0) -> Tensor:
         """:meth:`compute_loss` from the encoded observation ``cond`` (B, To·D), for a trainer that
         also uses the encoding (an auxiliary target).
 
         ``committed`` (B,) int, only for a ``prefix_input`` policy: row ``i``'s first
         ``committed[i]`` actions are given to the network clean, as committed actions are at
         inference (:func:`~paradiffpolicy.models.unet1d.prefix_channels`), and the loss is the mean
-        over the other positions only (training-time action conditioning; 0: nothing committed)."""
+        over the other positions only (training-time action conditioning; 0: nothing committed).
+        ``prefix_offset`` > 0 moves each row's committed actions by ``σ·z`` (one offset per action
+        dimension, ``σ ~ U(0, prefix_offset)``) before the network sees them; the target is unchanged
+        (``PrefixTrainingConfig.offset``)."""
         sch = self.config.scheduler
         bsz = cond.shape[0]
         x0 = self.action_normalizer.normalize(action)
@@ -365,6 +368,10 @@ class DiffusionPolicy(nn.Module):
         if not self.config.prefix_input:
             raise ValueError("committed= trains the prefix input; this policy has none (policy.prefix_input=false)")
         mask = (torch.arange(x0.shape[1], device=x0.device)[None] < committed.to(x0.device)[:, None]).float()
-        pred = self.model(noisy, t, global_cond=cond, prefix=prefix_channels(x0, mask))
+        given = x0
+        if prefix_offset > 0:
+            sigma = prefix_offset * torch.rand((bsz, 1, 1), generator=generator, device=x0.device)
+            given = x0 + sigma * torch.randn((bsz, 1, x0.shape[2]), generator=generator, device=x0.device)
+        pred = self.model(noisy, t, global_cond=cond, prefix=prefix_channels(given, mask))
         free = (1.0 - mask).unsqueeze(-1).expand_as(x0)
         return (((pred - target) ** 2) * free).sum() / free.sum().clamp(min=1.0)

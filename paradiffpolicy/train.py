@@ -55,12 +55,19 @@ class PrefixTrainingConfig:
     exp(-d / ``exp_scale``)), and the positions a real call with that delay would have committed
     (those before the executed chunk's start, plus ``d``) are given to the network clean and left
     out of the loss; with probability ``p_none`` nothing is committed, so the policy still works
-    unconditioned (``join.method=naive``). ``max_delay=0`` turns it off."""
+    unconditioned (``join.method=naive``). ``max_delay=0`` turns it off.
+
+    ``offset`` > 0 moves each window's committed actions by a constant random offset (per action
+    dimension, ``σ·z`` with ``σ ~ U(0, offset)`` in normalised units; the loss's target is
+    unchanged). At inference the committed actions come from an older chunk, planned from an older
+    observation, not from the expert that produced the rest of the window; the offset stands in for
+    that disagreement, so the network learns to follow the observation where the two differ."""
 
     max_delay: int = 0
     distribution: str = "uniform"
     exp_scale: float = 3.0
     p_none: float = 0.2
+    offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_delay < 0:
@@ -71,6 +78,8 @@ class PrefixTrainingConfig:
             raise ValueError(f"prefix.exp_scale={self.exp_scale} must be > 0")
         if not 0 <= self.p_none <= 1:
             raise ValueError(f"prefix.p_none={self.p_none} must lie in [0, 1]")
+        if not 0 <= self.offset <= 1:
+            raise ValueError(f"prefix.offset={self.offset} must lie in [0, 1] (normalised action units)")
 
     @property
     def enabled(self) -> bool:
@@ -308,7 +317,7 @@ class Trainer:
     def _load_state(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
         saved = {**state["config"], "policy": policy_with_defaults(state["config"].get("policy", {})),
-                 "prefix": state["config"].get("prefix", to_dict(PrefixTrainingConfig()))}
+                 "prefix": {**to_dict(PrefixTrainingConfig()), **state["config"].get("prefix", {})}}  # keys added since
         for key in ("dataset", "batch_size", "seed", "policy", "init_from", "aux_state", "prefix"):
             now = OmegaConf.to_container(OmegaConf.structured(self.cfg))[key]
             if saved.get(key) != now:
@@ -407,7 +416,7 @@ class Trainer:
                     obs, action, aux = self.batch()
                     cond = self.policy.encode_observation(obs)
                     loss = self.policy.denoising_loss(cond, action, generator=self.gen if self.device.type == "cpu" else None,
-                                                      committed=self.committed())
+                                                      committed=self.committed(), prefix_offset=cfg.prefix.offset)
                     aux_loss = None if aux is None else self.aux_head.loss(cond, aux)
                     self.opt.zero_grad(set_to_none=True)
                     (loss if aux_loss is None else loss + cfg.aux_weight * aux_loss).backward()

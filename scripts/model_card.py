@@ -71,7 +71,9 @@ def main() -> None:
         *([f"- Training-time action conditioning: the U-Net reads the committed action prefix (`prefix_conv`, "
            f"zero-initialised from the source); per window a delay d in 0..{pf['max_delay']} ({pf['distribution']}), "
            f"the first start + d actions given clean and left out of the loss, nothing committed with probability "
-           f"{pf['p_none']}. Its join is `trained` (the default for it)."] if (pf := tr.get("prefix")) else []),
+           f"{pf['p_none']}"
+           + (f", the given actions moved by one random offset per window (σ up to {pf['offset']}, normalised)"
+              if pf.get("offset") else "") + ". Its join is `trained` (the default for it)."] if (pf := tr.get("prefix")) else []),
         f"- Versions: torch {meta['versions'].get('torch')}, mujoco {meta['versions'].get('mujoco')}, "
         f"robosuite {meta['versions'].get('robosuite')}, gymnasium {meta['versions'].get('gymnasium')}.",
         "",

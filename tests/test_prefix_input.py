@@ -142,6 +142,31 @@ def test_the_loss_ignores_the_committed_positions():
         tiny_policy().denoising_loss(cond, action, committed=committed)
 
 
+def test_the_prefix_offset_moves_each_rows_committed_actions_by_one_constant():
+    """``prefix_offset`` shifts what the network reads at the committed positions by one offset per
+    row and action dimension, leaves the free positions unread, and its size follows the bound."""
+    policy = conditioned_policy()
+    obs, _ = inputs(policy)
+    cond = policy.encode_observation(obs).detach()
+    action = torch.rand(B, T, DA) * 2 - 1
+    committed = torch.tensor([4, 0, 9])
+    seen = []
+    hook = policy.model.prefix_conv.register_forward_hook(lambda m, args, out: seen.append(args[0].transpose(1, 2)))
+    policy.denoising_loss(cond, action, torch.Generator().manual_seed(0), committed=committed)
+    policy.denoising_loss(cond, action, torch.Generator().manual_seed(0), committed=committed, prefix_offset=0.3)
+    hook.remove()
+    x0 = policy.action_normalizer.normalize(action)
+    plain, moved = seen
+    assert torch.allclose(plain[0, :4, :DA], x0[0, :4]) and plain[1].abs().max() == 0
+    shift = moved[..., :DA] - plain[..., :DA]
+    for row, n in enumerate(committed.tolist()):
+        assert torch.equal(moved[row, :, DA], plain[row, :, DA])  # the mask is unchanged
+        assert shift[row, n:].abs().max() == 0
+        if n:
+            assert (shift[row, :n] - shift[row, :1]).abs().max() < 1e-6  # one offset over the positions
+            assert 0 < shift[row, 0].abs().max() < 0.3 * 5
+
+
 def test_committed_draws_follow_the_configuration():
     rng = np.random.default_rng(0)
     cfg = PrefixTrainingConfig(max_delay=6, p_none=0.25)
@@ -155,7 +180,7 @@ def test_committed_draws_follow_the_configuration():
     p = np.exp(-np.arange(7) / 2.0)
     assert np.abs(np.bincount(n, minlength=7) / len(n) - p / p.sum()).max() < 0.02
     for bad, key in ((dict(max_delay=-1), "max_delay"), (dict(distribution="beta"), "distribution"),
-                     (dict(p_none=1.5), "p_none"), (dict(exp_scale=0.0), "exp_scale")):
+                     (dict(p_none=1.5), "p_none"), (dict(exp_scale=0.0), "exp_scale"), (dict(offset=-0.1), "offset")):
         with pytest.raises(ValueError, match=f"prefix.{key}"):
             PrefixTrainingConfig(**bad)
 
