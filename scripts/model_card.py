@@ -27,6 +27,27 @@ def controller_text(info: dict) -> str:
     return ", ".join(parts + [f"n_envs={info.get('n_envs', 1)}"])
 
 
+def init_from_text(train: dict) -> str:
+    """Where a fine-tune started, and how that source was trained when its metadata says."""
+    text = f"- Initialised from `{train['init_from']}`"
+    if src := train.get("init_from_train"):
+        text += f", itself trained {src['steps']} steps in {src['train_time_s'] / 60:.1f} min"
+        if src.get("dataset"):
+            text += f" on `{src['dataset']}`"
+    return text + "."
+
+
+def prefix_text(prefix: dict) -> str:
+    """How the policy was trained to read committed actions (``train prefix.*``)."""
+    text = (f"- Training-time action conditioning: the U-Net reads the committed action prefix (`prefix_conv`, "
+            f"zero-initialised from the source); per window a delay d in 0..{prefix['max_delay']} "
+            f"({prefix['distribution']}), the first start + d actions given clean and left out of the loss, "
+            f"nothing committed with probability {prefix['p_none']}")
+    if prefix.get("offset"):
+        text += f", the given actions moved by one random offset per window (σ up to {prefix['offset']}, normalised)"
+    return text + ". Its join is `trained` (the default for it)."
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
@@ -61,19 +82,11 @@ def main() -> None:
         f"- Training: `{meta['command']}` ({tr['steps']} steps, batch {tr['batch_size']}, seed {tr['seed']}, lr {tr['lr']}),"
         f" {tr['train_time_s'] / 60:.1f} min on {tr['device']} ({tr['machine']}, {tr['threads']} torch thread(s), "
         f"{'nothing else running' if a.trained_alone else 'other jobs sharing the CPU'}).",
-        *([f"- Initialised from `{tr['init_from']}`"
-           + (f", itself trained {src['steps']} steps in {src['train_time_s'] / 60:.1f} min"
-              + (f" on `{src['dataset']}`" if src.get("dataset") else "")
-              if (src := tr.get("init_from_train")) else "") + "."] if tr.get("init_from") else []),
+        *([init_from_text(tr)] if tr.get("init_from") else []),
         *([f"- Auxiliary training target: the encoded observation also predicts `{tr['aux_state']}` (simulator "
            f"state, weight {tr['aux_weight']}) through a linear head that is not part of the checkpoint; the "
            "policy sees only its declared inputs."] if tr.get("aux_state") else []),
-        *([f"- Training-time action conditioning: the U-Net reads the committed action prefix (`prefix_conv`, "
-           f"zero-initialised from the source); per window a delay d in 0..{pf['max_delay']} ({pf['distribution']}), "
-           f"the first start + d actions given clean and left out of the loss, nothing committed with probability "
-           f"{pf['p_none']}"
-           + (f", the given actions moved by one random offset per window (σ up to {pf['offset']}, normalised)"
-              if pf.get("offset") else "") + ". Its join is `trained` (the default for it)."] if (pf := tr.get("prefix")) else []),
+        *([prefix_text(tr["prefix"])] if tr.get("prefix") else []),
         f"- Versions: torch {meta['versions'].get('torch')}, mujoco {meta['versions'].get('mujoco')}, "
         f"robosuite {meta['versions'].get('robosuite')}, gymnasium {meta['versions'].get('gymnasium')}.",
         "",
