@@ -27,6 +27,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -37,9 +38,9 @@ from paradiffpolicy.config import PolicyConfig, from_dict, to_dict
 from paradiffpolicy.data.replay_buffer import ReplayBuffer
 from paradiffpolicy.data.sequence import SequenceSampler
 from paradiffpolicy.envs import TaskConfig
-from paradiffpolicy.features import FeatureSpec
+from paradiffpolicy.features import STATE, FeatureSpec
 from paradiffpolicy.normalizer import Normalizer
-from paradiffpolicy.policy import DiffusionPolicy, with_prefix_input
+from paradiffpolicy.policy import DiffusionPolicy
 from paradiffpolicy.runtime import cpu_model, exit_on_bad_input, resolve_device, seed_everything, sigterm_as_keyboard_interrupt, versions
 
 log = logging.getLogger(__name__)
@@ -146,15 +147,22 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 def dataset_observations(buf: ReplayBuffer, policy: PolicyConfig):
     """The store's observations and the policy config that reads them: ``data/obs`` (one flat
-    feature of ``obs_dim``), or one array per named feature (``data/observation.*``; (N, H, W, 3)
-    uint8 arrays are cameras: identity-normalised [0, 1] images through the RGB encoder; the rest
-    low-dim, affine-normalised). Declared ``policy.input_features`` must match the store."""
+    feature of ``obs_dim``), or one array per named feature (``data/observation.*``, or arrays named
+    as the declared ``policy.input_features``, e.g. a diffusion_policy source's ``image`` and
+    ``agent_pos``; (N, H, W, 3) uint8 arrays are cameras: identity-normalised [0, 1] images through
+    the RGB encoder; the rest low-dim, affine-normalised). Declared features must match the store."""
     if "obs" in buf.keys:
         obs = torch.from_numpy(np.asarray(buf["obs"], dtype=np.float32))
+        flat = FeatureSpec(STATE, "state", [obs.shape[1]], "affine")
+        if policy.input_features and [(f.name, f.kind, list(f.shape)) for f in policy.input_features] != [(flat.name, flat.kind, flat.shape)]:
+            raise ValueError(f"policy.input_features {[(f.name, list(f.shape)) for f in policy.input_features]} do not match dataset "
+                             f"{buf.path}: its data/obs is one flat feature {flat.name!r} of {obs.shape[1]}")
         return obs, dataclasses.replace(policy, obs_dim=obs.shape[1])
-    names = [k for k in buf.keys if k.startswith("observation.")]
+    wanted = [f.name for f in policy.input_features]
+    names = wanted if wanted and all(n in buf.keys for n in wanted) else [k for k in buf.keys if k.startswith("observation.")]
     if not names:
-        raise ValueError(f"dataset {buf.path} has neither data/obs nor data/observation.* arrays (keys {buf.keys})")
+        raise ValueError(f"dataset {buf.path} has neither data/obs nor data/observation.* arrays"
+                         f"{f' nor the policy inputs {wanted}' if wanted else ''} (keys {buf.keys})")
     obs, found = {}, []
     for name in names:
         arr = np.asarray(buf[name])
@@ -208,6 +216,49 @@ def policy_with_defaults(saved: dict) -> dict:
     return to_dict(from_dict(PolicyConfig, saved, name="saved policy config"))
 
 
+@dataclass
+class FineTuneSource:
+    """The weights a fine-tune starts from (``init_from``) and the policy config they fix."""
+
+    config: PolicyConfig
+    model: dict
+    ema: dict
+
+
+def read_source(path: Path) -> FineTuneSource:
+    """``init_from``: a run's state directory (its float32 weights and EMA), one of our checkpoints,
+    or anything :func:`load_policy` reads (a LeRobot folder, a diffusion_policy ``.ckpt``, read as
+    data); a checkpoint's weights (EMA where it has them) start both the model and the EMA."""
+    if (path / "state.json").exists():
+        saved = json.loads((path / "state.json").read_text())["config"]["policy"]
+        config = from_dict(PolicyConfig, saved, name=f"init_from={path} policy config")
+        return FineTuneSource(config, load_file(str(path / "model.safetensors")), load_file(str(path / "ema.safetensors")))
+    policy = load_policy(path)
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in policy.state_dict().items()}
+    return FineTuneSource(policy.config, weights, weights)
+
+
+def fine_tune_policy(given: PolicyConfig, source: PolicyConfig, init_from: str, explicit: tuple[str, ...] = ()) -> PolicyConfig:
+    """The policy config of a fine-tune: its source's (the weights fix the architecture, inputs and
+    scheduler). ``explicit``: ``policy.*`` keys the user set on the command line; one whose value
+    differs from the source's is an error naming both. Other differences from ``given`` (a task
+    preset's values) are logged and the source's kept."""
+    mine, theirs = OmegaConf.structured(given), OmegaConf.structured(source)
+    for key in explicit:
+        sub = key.split(".", 1)[1]
+        if sub == "prefix_input":  # set by ``prefix.*``, not by the source
+            continue
+        if OmegaConf.select(mine, sub) != OmegaConf.select(theirs, sub):
+            raise ValueError(f"{key}={OmegaConf.select(mine, sub)} conflicts with init_from={init_from}, whose policy has "
+                             f"{OmegaConf.select(theirs, sub)}; a fine-tune keeps its source's policy config (drop the override)")
+    mine_d, theirs_d = to_dict(given), to_dict(source)
+    differ = sorted(k for k in mine_d if k != "prefix_input" and mine_d[k] != theirs_d.get(k))
+    if differ:
+        log.info("init_from=%s fixes the policy config; the source's %s kept over this run's %s", init_from,
+                 {k: theirs_d.get(k) for k in differ}, {k: mine_d[k] for k in differ})
+    return source
+
+
 def source_training(init_from: Optional[str]) -> Optional[dict]:
     """Steps and training time of the weights a fine-tune started from (a run state or an export),
     so a checkpoint's metadata accounts for all the training behind it."""
@@ -217,8 +268,8 @@ def source_training(init_from: Optional[str]) -> Optional[dict]:
     if (path / "state.json").exists():
         state = json.loads((path / "state.json").read_text())
         return {"steps": state["step"], "train_time_s": round(state["elapsed_s"], 1), "dataset": state["config"].get("dataset")}
-    if (path / "config.json").exists():
-        train = json.loads((path / "config.json").read_text()).get("metadata", {}).get("train", {})
+    train = json.loads((path / "config.json").read_text()).get("metadata", {}).get("train") if (path / "config.json").exists() else None
+    if train:  # ours, trained here (a foreign checkpoint's history is not in it)
         return {"steps": train.get("steps"), "train_time_s": train.get("train_time_s"), "init_from_train": train.get("init_from_train")}
     return None
 
@@ -233,7 +284,18 @@ def _logged_step(line: str) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, explicit_policy_keys: tuple[str, ...] = ()):
+        """``explicit_policy_keys``: the ``policy.*`` keys set on the command line (a fine-tune
+        refuses those that contradict its source)."""
+        out = Path(cfg.output_dir)
+        resuming = cfg.resume and (out / "last" / "state.json").exists()
+        source = None
+        if cfg.init_from and resuming:  # the run already holds its source's policy config
+            saved = json.loads((out / "last" / "state.json").read_text())["config"].get("policy", {})
+            cfg = dataclasses.replace(cfg, policy=from_dict(PolicyConfig, saved, name="saved policy config"))
+        elif cfg.init_from:
+            source = read_source(Path(cfg.init_from))
+            cfg = dataclasses.replace(cfg, policy=fine_tune_policy(cfg.policy, source.config, cfg.init_from, explicit_policy_keys))
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -244,16 +306,20 @@ class Trainer:
             raise ValueError(f"dataset {cfg.dataset} has no episodes")
         self.n_episodes, self.n_steps = buf.n_episodes, buf.n_steps
         self.action = torch.from_numpy(np.asarray(buf["action"], dtype=np.float32))
+        if source is not None and source.config.action_dim not in (0, self.action.shape[1]):  # 0: a run's, sized by its data
+            raise ValueError(f"init_from={cfg.init_from} predicts {source.config.action_dim}-dimensional actions; "
+                             f"dataset {cfg.dataset} holds {self.action.shape[1]}-dimensional ones")
         self.obs, pcfg = dataset_observations(buf, dataclasses.replace(
             cfg.policy, action_dim=self.action.shape[1], prefix_input=cfg.policy.prefix_input or cfg.prefix.enabled))
         if cfg.prefix.enabled and pcfg.executed_start + cfg.prefix.max_delay >= pcfg.horizon:
             raise ValueError(f"prefix.max_delay={cfg.prefix.max_delay} must leave a position to predict: "
                              f"executed start {pcfg.executed_start} + max_delay < horizon {pcfg.horizon}")
         self.policy = DiffusionPolicy(pcfg)
-        for spec, norm in zip(self.policy.features, self.policy.obs_encoder.normalizers):
-            if norm.mode == "affine":
-                norm.fit(self.obs[spec.name] if isinstance(self.obs, dict) else self.obs)
-        self.policy.action_normalizer.fit(self.action)
+        if source is None:  # a fine-tune keeps its source's normalisers (loaded below)
+            for spec, norm in zip(self.policy.features, self.policy.obs_encoder.normalizers):
+                if norm.mode == "affine":
+                    norm.fit(self.obs[spec.name] if isinstance(self.obs, dict) else self.obs)
+            self.policy.action_normalizer.fit(self.action)
         self.policy.to(self.device)
         self.ema = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.sampler = SequenceSampler(buf.episode_ends, pcfg.horizon, pcfg.n_obs_steps - 1, pcfg.n_action_steps - 1)
@@ -268,11 +334,11 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.elapsed = 0.0
-        self.out = Path(cfg.output_dir)
-        if cfg.resume and (self.out / "last" / "state.json").exists():
+        self.out = out
+        if resuming:
             self._load_state(self.out / "last")
-        elif cfg.init_from:
-            self._init_weights(Path(cfg.init_from))
+        elif source is not None:
+            self._init_weights(source)
 
     def _auxiliary_target(self, buf: ReplayBuffer):
         """(state (N, S), head) for ``aux_state``, or (None, None)."""
@@ -340,31 +406,22 @@ class Trainer:
         self._truncate_log()
         log.info("resumed from %s at step %d", path, self.step)
 
-    def _init_weights(self, path: Path) -> None:
-        """Model and EMA weights, normalisers included, from ``path``: a run's state directory (float32
-        weights and EMA) or an exported checkpoint (its EMA weights for both). The source's normalisers
-        replace the ones fit on this dataset, so the weights see inputs scaled as in their training."""
-        adds_prefix = False  # the source lacks the prefix input this run trains: it starts at zero
-        if (path / "state.json").exists():
-            saved = policy_with_defaults(json.loads((path / "state.json").read_text())["config"]["policy"])
-            now = OmegaConf.to_container(OmegaConf.structured(self.cfg))["policy"]
-            adds_prefix = self.policy.config.prefix_input and not saved["prefix_input"]
-            if {**saved, "prefix_input": now["prefix_input"]} != now:
-                raise ValueError(f"init_from={path}: its policy config {saved} differs from this run's {now}")
-            model, ema = load_file(str(path / "model.safetensors")), load_file(str(path / "ema.safetensors"))
-            if adds_prefix:
-                zero = {k: v for k, v in self.policy.state_dict().items() if k.startswith("model.prefix_conv.")}
-                model, ema = {**model, **zero}, {**ema, **zero}
-        else:
-            source = load_policy(path)
-            if self.policy.config.prefix_input and not source.config.prefix_input:
-                source, adds_prefix = with_prefix_input(source), True
-            if source.config != self.policy.config:
-                raise ValueError(f"init_from={path}: its policy config {source.config} differs from this run's {self.policy.config}")
-            model = ema = {k: v.float() if v.is_floating_point() else v for k, v in source.state_dict().items()}
-        self.policy.load_state_dict(model)
-        self.ema.load_state_dict(ema)
-        log.info("initialised from %s%s", path, " (prefix input added, zero-initialised)" if adds_prefix else "")
+    def _init_weights(self, source: FineTuneSource) -> None:
+        """Model and EMA weights, normalisers included, from the fine-tune's source. The source's
+        normalisers replace the ones fit on this dataset, so the weights see inputs scaled as in
+        their training. A source without the prefix input this run trains gets it zero-initialised:
+        the run starts from exactly the source's function."""
+        model, ema = source.model, source.ema
+        adds_prefix = self.policy.config.prefix_input and not source.config.prefix_input
+        if adds_prefix:
+            zero = {k: torch.zeros_like(v) for k, v in self.policy.state_dict().items() if k.startswith("model.prefix_conv.")}
+            model, ema = {**model, **zero}, {**ema, **zero}
+        try:
+            self.policy.load_state_dict(model)
+            self.ema.load_state_dict(ema)
+        except RuntimeError as e:  # a run state's sizes come from its dataset, which may differ from this one
+            raise ValueError(f"init_from={self.cfg.init_from}: its weights do not fit a policy for dataset {self.cfg.dataset}: {e}") from None
+        log.info("initialised from %s%s", self.cfg.init_from, " (prefix input added, zero-initialised)" if adds_prefix else "")
 
     def _truncate_log(self) -> None:
         """Drop log lines written after the saved step (the run died before its next checkpoint); those
@@ -468,8 +525,9 @@ class Trainer:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg) -> None:
+    explicit = tuple(o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("policy."))
     with exit_on_bad_input():
-        Trainer(OmegaConf.to_object(cfg)).train()
+        Trainer(OmegaConf.to_object(cfg), explicit_policy_keys=explicit).train()
 
 
 if __name__ == "__main__":

@@ -152,10 +152,13 @@ def test_collect_train_load_end_to_end(tmp_path):
     card = subprocess.run([sys.executable, str(ROOT / "scripts" / "model_card.py"), str(tmp_path / "ck2"), "--collect", "collect ..."],
                           capture_output=True, text=True, check=True).stdout
     assert f"Initialised from `{tmp_path / 'run' / 'last'}`, itself trained 8 steps" in card
-    other = PolicyConfig(down_dims=[16, 16], diffusion_step_embed_dim=16)
-    with pytest.raises(ValueError, match="init_from=.*policy config"):
-        Trainer(TrainConfig(task=task, policy=other, dataset=str(store), output_dir=str(tmp_path / "tune_other"),
-                            init_from=str(tmp_path / "ck"), progress=False))
+    # the source fixes the policy config: a preset's other values give way, an explicit override that
+    # contradicts the source is refused by name
+    other = TrainConfig(task=task, policy=PolicyConfig(down_dims=[16, 16], diffusion_step_embed_dim=16), dataset=str(store),
+                        output_dir=str(tmp_path / "tune_other"), init_from=str(tmp_path / "ck"), progress=False)
+    assert Trainer(other).policy.config == load_policy(tmp_path / "ck").config
+    with pytest.raises(ValueError, match=r"policy.down_dims=\[16, 16\] conflicts with init_from=.*drop the override"):
+        Trainer(other, explicit_policy_keys=("policy.down_dims",))
 
 
 @pytest.mark.slow

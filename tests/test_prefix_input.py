@@ -5,6 +5,8 @@ A policy converted to take the prefix computes the original function until it is
 sequential sample) and every backend; the training loss ignores the committed positions; the
 ``trained`` join is the default for such a policy and refused for the others."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -201,8 +203,6 @@ def test_training_with_the_prefix_fine_tunes_a_checkpoint_and_records_how(tmp_pa
     from the converted weights (zero prefix convolution), trains the prefix convolution, exports a
     policy that reads the prefix and says how it was trained; resuming with other prefix settings
     is refused by name."""
-    import json
-
     from paradiffpolicy import load_policy, save_policy
     from paradiffpolicy.config import PolicyConfig
     from paradiffpolicy.data.replay_buffer import ReplayBuffer
@@ -232,3 +232,78 @@ def test_training_with_the_prefix_fine_tunes_a_checkpoint_and_records_how(tmp_pa
         Trainer(other)
     with pytest.raises(ValueError, match="prefix.max_delay=20 must leave a position"):
         Trainer(TrainConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "r2"), "prefix": PrefixTrainingConfig(max_delay=20)}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dp_lowdim_tiny", "lerobot_lowdim_tiny"])
+def test_a_foreign_checkpoint_fine_tunes_into_a_conditioned_policy(name, tmp_path):
+    """train init_from=<diffusion_policy .ckpt or LeRobot folder> prefix.max_delay=... on a zarr store
+    with the source's inputs: the run takes the source's policy config (the task preset's gives way),
+    and after a step too small to move the weights the exported policy reads the prefix and, with
+    nothing committed, still reproduces the upstream reference sample. A store with other inputs is
+    refused by name."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_interop import FIXTURES, TOL, observations, reference
+
+    from paradiffpolicy import SamplerConfig, load_policy
+    from paradiffpolicy.config import PolicyConfig
+    from paradiffpolicy.data.replay_buffer import ReplayBuffer
+    from paradiffpolicy.envs import TaskConfig
+    from paradiffpolicy.sampling import SamplerNoise
+    from paradiffpolicy.train import TrainConfig, Trainer
+
+    source = load_policy(FIXTURES[name][0])
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer.create(tmp_path / "d.zarr")
+    for length in (40, 30):
+        obs = {"obs": rng.random((length, 20), dtype=np.float32)} if name.startswith("dp") else \
+            {f.name: rng.random((length, f.dim), dtype=np.float32) for f in source.features}
+        buf.add_episode({**obs, "action": rng.uniform(-1, 1, (length, 2)).astype(np.float32)})
+    cfg = TrainConfig(task=TaskConfig(), policy=PolicyConfig(down_dims=[16, 32]), dataset=str(tmp_path / "d.zarr"),
+                      output_dir=str(tmp_path / "run"), steps=1, lr=1e-12, batch_size=8, warmup_steps=1,
+                      init_from=str(FIXTURES[name][0]), export=str(tmp_path / "out"), export_dtype="float32",
+                      progress=False, prefix=PrefixTrainingConfig(max_delay=4))
+    Trainer(cfg).train()
+    out = load_policy(tmp_path / "out", sampler=SamplerConfig(name="sequential"))
+    assert out.config.prefix_input and out.config.down_dims == source.config.down_dims
+    assert out.metadata["train"]["init_from"] == str(FIXTURES[name][0])
+    ref = reference(name)
+    info = out.predict_action(observations(name, ref), noise=SamplerNoise(ref["noise.x_T"], ref["noise.z"]))
+    assert (info.action_pred_normalized - ref["sample"]).abs().max() < TOL
+    card = subprocess.run([sys.executable, "scripts/model_card.py", str(tmp_path / "out"), "--collect", "collect ..."],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True).stdout
+    assert f"Initialised from `{FIXTURES[name][0]}`." in card and "committed action prefix" in card
+
+    other = ReplayBuffer.create(tmp_path / "other.zarr")
+    other.add_episode({"obs": rng.random((30, 18), dtype=np.float32), "action": rng.uniform(-1, 1, (30, 2)).astype(np.float32)})
+    with pytest.raises(ValueError, match="input_features .* do not match dataset"):
+        Trainer(TrainConfig(**{**cfg.__dict__, "dataset": str(tmp_path / "other.zarr"), "output_dir": str(tmp_path / "r2")}))
+
+
+@pytest.mark.slow
+def test_train_cli_refuses_a_policy_override_that_contradicts_the_source(tmp_path):
+    """``python -m paradiffpolicy.train init_from=<ckpt> policy.down_dims=...``: the fine-tune keeps its
+    source's architecture, so an override that differs ends the command with an error naming both
+    values; the task preset's own differing values do not."""
+    import subprocess
+    import sys
+
+    from test_interop import FIXTURES
+
+    from paradiffpolicy.data.replay_buffer import ReplayBuffer
+
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer.create(tmp_path / "d.zarr")
+    buf.add_episode({"obs": rng.random((30, 20), dtype=np.float32), "action": rng.uniform(-1, 1, (30, 2)).astype(np.float32)})
+    common = [sys.executable, "-m", "paradiffpolicy.train", f"dataset={tmp_path / 'd.zarr'}", f"init_from={FIXTURES['dp_lowdim_tiny'][0]}",
+              "prefix.max_delay=4", "steps=1", "batch_size=8", "warmup_steps=1", "progress=false", f"hydra.run.dir={tmp_path / 'h'}"]
+    bad = subprocess.run(common + [f"output_dir={tmp_path / 'r1'}", "policy.down_dims=[16,32]"], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "policy.down_dims=[16, 32] conflicts with init_from=" in bad.stderr and "[32, 64, 128]" in bad.stderr
+    ok = subprocess.run(common + [f"output_dir={tmp_path / 'r2'}", "policy.down_dims=[32,64,128]", f"export={tmp_path / 'out'}"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["policy"]["prefix_input"] is True

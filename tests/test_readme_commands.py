@@ -8,6 +8,7 @@ command cannot go untested. None of them may print robosuite's start-up noise.
 
 from __future__ import annotations
 
+import json
 import lzma
 import os
 import re
@@ -17,8 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from paradiffpolicy.data.replay_buffer import ReplayBuffer
 from paradiffpolicy.envs.robosuite_env import STARTUP_NOISE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +46,8 @@ TINY = {
                                          "sampler.tol": "0.1", "hydra.sweep.dir": "{tmp}/sweep"},
     "python -m paradiffpolicy.convert": {},
     "python -m paradiffpolicy.eval checkpoint=/tmp/latest.ckpt": {**SHORT, "sampler.scheduler": "ddim", "sampler.num_inference_steps": "4"},
+    "python -m paradiffpolicy.train task=pusht_image dataset=": {"steps": "1", "batch_size": "4", "output_dir": "{tmp}/tune_dp",
+                                                                "progress": "false", "threads": "1", "hydra.run.dir": "{tmp}/tune_dp/hydra"},
     "python -m paradiffpolicy.tune": {"checkpoint": "{tmp}/lift_copy", "windows": "[8]", "inits": "[rollout]",
                                       "updates": "[picard]", "tols": "[0.1]", "tune_samples": "4", "batch_sizes": "[1,8]",
                                       "verify_top": "1", "trials": "2", "backends": "[jit]", "progress": "false",
@@ -58,6 +63,7 @@ FILL = {
     "checkpoints/mine": "{tmp}/mine",
     "multirun/eval/lift/<date>": "{tmp}/sweep",
     "/tmp/latest.ckpt": "{tmp}/dp_hybrid/latest.ckpt",  # the README's xz line, done by the test
+    "path/to/your.zarr": "{tmp}/dp_hybrid/data.zarr",  # arrays named as that policy's inputs, made by the test
     "/tmp/lift_lerobot": "{tmp}/lift_lerobot",
 }
 
@@ -105,6 +111,10 @@ def test_every_readme_command_runs_with_tiny_settings(tmp_path):
     with lzma.open(LEROBOT_FIXTURE.parent / "dp_hybrid_image_small" / "latest.ckpt.xz") as f, \
             open(tmp_path / "dp_hybrid" / "latest.ckpt", "wb") as g:
         shutil.copyfileobj(f, g)
+    rng = np.random.default_rng(0)
+    ReplayBuffer.create(tmp_path / "dp_hybrid" / "data.zarr").add_episode(
+        {"image": rng.integers(0, 256, (24, 96, 96, 3), dtype=np.uint8), "agent_pos": rng.random((24, 2), dtype=np.float32),
+         "action": rng.random((24, 2), dtype=np.float32)})
     port = free_port()
     env = {**os.environ, "PARADIFFPOLICY_TOKEN": "readme-test-token", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     server = None
@@ -132,5 +142,6 @@ def test_every_readme_command_runs_with_tiny_settings(tmp_path):
             server.terminate()
             server.wait(timeout=60)
     assert (tmp_path / "lift_ck" / "model.safetensors").exists() and (tmp_path / "mine" / "config.json").exists()
+    assert json.loads((tmp_path / "mine_prefix" / "config.json").read_text())["policy"]["prefix_input"] is True
     assert (tmp_path / "lift_copy" / "sampler_tuned.json").exists() and (tmp_path / "lift_lerobot" / "policy_preprocessor.json").exists()
     assert list((tmp_path / "sweep").glob("sweep.*"))
