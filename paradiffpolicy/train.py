@@ -209,11 +209,12 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def policy_with_defaults(saved: dict) -> dict:
-    """A run state's policy section with the fields added to ``PolicyConfig`` since it was written
-    at their defaults (a default reproduces the network the state was trained as), so an older run
+def saved_policy_config(state_dir: Path) -> PolicyConfig:
+    """A run state's policy config, with the fields added to ``PolicyConfig`` since it was written at
+    their defaults (a default reproduces the network the state was trained as), so an older run
     still resumes and initialises fine-tunes."""
-    return to_dict(from_dict(PolicyConfig, saved, name="saved policy config"))
+    saved = json.loads((state_dir / "state.json").read_text())["config"].get("policy", {})
+    return from_dict(PolicyConfig, saved, name=f"{state_dir} policy config")
 
 
 @dataclass
@@ -230,9 +231,7 @@ def read_source(path: Path) -> FineTuneSource:
     or anything :func:`load_policy` reads (a LeRobot folder, a diffusion_policy ``.ckpt``, read as
     data); a checkpoint's weights (EMA where it has them) start both the model and the EMA."""
     if (path / "state.json").exists():
-        saved = json.loads((path / "state.json").read_text())["config"]["policy"]
-        config = from_dict(PolicyConfig, saved, name=f"init_from={path} policy config")
-        return FineTuneSource(config, load_file(str(path / "model.safetensors")), load_file(str(path / "ema.safetensors")))
+        return FineTuneSource(saved_policy_config(path), load_file(str(path / "model.safetensors")), load_file(str(path / "ema.safetensors")))
     policy = load_policy(path)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in policy.state_dict().items()}
     return FineTuneSource(policy.config, weights, weights)
@@ -243,19 +242,16 @@ def fine_tune_policy(given: PolicyConfig, source: PolicyConfig, init_from: str, 
     scheduler). ``explicit``: ``policy.*`` keys the user set on the command line; one whose value
     differs from the source's is an error naming both. Other differences from ``given`` (a task
     preset's values) are logged and the source's kept."""
-    mine, theirs = OmegaConf.structured(given), OmegaConf.structured(source)
+    mine, theirs = OmegaConf.create(to_dict(given)), OmegaConf.create(to_dict(source))
     for key in explicit:
         sub = key.split(".", 1)[1]
-        if sub == "prefix_input":  # set by ``prefix.*``, not by the source
-            continue
-        if OmegaConf.select(mine, sub) != OmegaConf.select(theirs, sub):
+        if sub != "prefix_input" and OmegaConf.select(mine, sub) != OmegaConf.select(theirs, sub):  # prefix_input: set by prefix.*
             raise ValueError(f"{key}={OmegaConf.select(mine, sub)} conflicts with init_from={init_from}, whose policy has "
                              f"{OmegaConf.select(theirs, sub)}; a fine-tune keeps its source's policy config (drop the override)")
-    mine_d, theirs_d = to_dict(given), to_dict(source)
-    differ = sorted(k for k in mine_d if k != "prefix_input" and mine_d[k] != theirs_d.get(k))
+    differ = sorted(k for k in mine if k != "prefix_input" and mine[k] != theirs[k])
     if differ:
         log.info("init_from=%s fixes the policy config; the source's %s kept over this run's %s", init_from,
-                 {k: theirs_d.get(k) for k in differ}, {k: mine_d[k] for k in differ})
+                 {k: theirs[k] for k in differ}, {k: mine[k] for k in differ})
     return source
 
 
@@ -291,8 +287,7 @@ class Trainer:
         resuming = cfg.resume and (out / "last" / "state.json").exists()
         source = None
         if cfg.init_from and resuming:  # the run already holds its source's policy config
-            saved = json.loads((out / "last" / "state.json").read_text())["config"].get("policy", {})
-            cfg = dataclasses.replace(cfg, policy=from_dict(PolicyConfig, saved, name="saved policy config"))
+            cfg = dataclasses.replace(cfg, policy=saved_policy_config(out / "last"))
         elif cfg.init_from:
             source = read_source(Path(cfg.init_from))
             cfg = dataclasses.replace(cfg, policy=fine_tune_policy(cfg.policy, source.config, cfg.init_from, explicit_policy_keys))
@@ -382,7 +377,7 @@ class Trainer:
 
     def _load_state(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
-        saved = {**state["config"], "policy": policy_with_defaults(state["config"].get("policy", {})),
+        saved = {**state["config"], "policy": to_dict(saved_policy_config(path)),
                  "prefix": {**to_dict(PrefixTrainingConfig()), **state["config"].get("prefix", {})}}  # keys added since
         for key in ("dataset", "batch_size", "seed", "policy", "init_from", "aux_state", "prefix"):
             now = OmegaConf.to_container(OmegaConf.structured(self.cfg))[key]

@@ -6,18 +6,26 @@ sequential sample) and every backend; the training loss ignores the committed po
 ``trained`` join is the default for such a policy and refused for the others."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import needs_backend, tiny_policy
-from paradiffpolicy import SamplerConfig
+from paradiffpolicy import SamplerConfig, load_policy, save_policy
+from paradiffpolicy.config import PolicyConfig
 from paradiffpolicy.control.join import JoinConfig
+from paradiffpolicy.data.replay_buffer import ReplayBuffer
+from paradiffpolicy.envs import TaskConfig
 from paradiffpolicy.policy import with_prefix_input
+from paradiffpolicy.sampling import SamplerNoise
 from paradiffpolicy.sampling.prefix import ActionPrefix, prefix_weights
 from paradiffpolicy.schedulers import SchedulerConfig
-from paradiffpolicy.train import PrefixTrainingConfig
+from paradiffpolicy.train import PrefixTrainingConfig, TrainConfig, Trainer
+from test_interop import FIXTURES, TOL, observations, reference
 
 B, T, DA = 3, 16, 2
 SCHEDULERS = {
@@ -203,12 +211,6 @@ def test_training_with_the_prefix_fine_tunes_a_checkpoint_and_records_how(tmp_pa
     from the converted weights (zero prefix convolution), trains the prefix convolution, exports a
     policy that reads the prefix and says how it was trained; resuming with other prefix settings
     is refused by name."""
-    from paradiffpolicy import load_policy, save_policy
-    from paradiffpolicy.config import PolicyConfig
-    from paradiffpolicy.data.replay_buffer import ReplayBuffer
-    from paradiffpolicy.envs import TaskConfig
-    from paradiffpolicy.train import TrainConfig, Trainer
-
     rng = np.random.default_rng(0)
     buf = ReplayBuffer.create(tmp_path / "d.zarr")
     for length in (40, 30):
@@ -242,19 +244,6 @@ def test_a_foreign_checkpoint_fine_tunes_into_a_conditioned_policy(name, tmp_pat
     and after a step too small to move the weights the exported policy reads the prefix and, with
     nothing committed, still reproduces the upstream reference sample. A store with other inputs is
     refused by name."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from test_interop import FIXTURES, TOL, observations, reference
-
-    from paradiffpolicy import SamplerConfig, load_policy
-    from paradiffpolicy.config import PolicyConfig
-    from paradiffpolicy.data.replay_buffer import ReplayBuffer
-    from paradiffpolicy.envs import TaskConfig
-    from paradiffpolicy.sampling import SamplerNoise
-    from paradiffpolicy.train import TrainConfig, Trainer
-
     source = load_policy(FIXTURES[name][0])
     rng = np.random.default_rng(0)
     buf = ReplayBuffer.create(tmp_path / "d.zarr")
@@ -288,13 +277,6 @@ def test_train_cli_refuses_a_policy_override_that_contradicts_the_source(tmp_pat
     """``python -m paradiffpolicy.train init_from=<ckpt> policy.down_dims=...``: the fine-tune keeps its
     source's architecture, so an override that differs ends the command with an error naming both
     values; the task preset's own differing values do not."""
-    import subprocess
-    import sys
-
-    from test_interop import FIXTURES
-
-    from paradiffpolicy.data.replay_buffer import ReplayBuffer
-
     rng = np.random.default_rng(0)
     buf = ReplayBuffer.create(tmp_path / "d.zarr")
     buf.add_episode({"obs": rng.random((30, 20), dtype=np.float32), "action": rng.uniform(-1, 1, (30, 2)).astype(np.float32)})
